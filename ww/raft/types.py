@@ -133,9 +133,8 @@ class ConfChange:
     context: bytes = b""
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            [[[c.type, c.node_id] for c in self.changes], self.transition, self.context]
-        )
+        wire = [[[int(c.type), c.node_id] for c in self.changes], self.transition, self.context]
+        return bytes(msgpack.packb(wire, use_bin_type=True))
 
     @staticmethod
     def decode(data: bytes) -> ConfChange:
@@ -169,7 +168,7 @@ class Message:
     context: bytes = b""
 
     def encode(self) -> bytes:
-        return msgpack.packb(_message_to_wire(self), use_bin_type=True)
+        return bytes(msgpack.packb(_message_to_wire(self), use_bin_type=True))
 
     @staticmethod
     def decode(data: bytes) -> Message:
