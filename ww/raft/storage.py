@@ -8,6 +8,7 @@ term, so `first_index()` is one past the last compacted index.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from ww.raft.types import ConfState, Entry, HardState, Snapshot
@@ -48,3 +49,33 @@ class Storage(Protocol):
     def last_index(self) -> int: ...
 
     def snapshot(self) -> Snapshot: ...
+
+
+class LogStorage(Storage, Protocol):
+    """A storage the driver can also write: what a Ready asks to persist, and compaction.
+
+    `MemoryStorage` and the durable `DiskStorage` both implement it, so the same driver runs
+    over either.
+    """
+
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+    ) -> None:
+        """Persist what one Ready requires, in order: the snapshot (if any), then the entries
+        (replacing any stored suffix they conflict with), then the hard state. A durable
+        storage has fsynced all of it when this returns."""
+        ...
+
+    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
+        """Record the application's state `data` as of applied `index` as the snapshot."""
+        ...
+
+    def compact(self, index: int) -> None:
+        """Discard the log up to and including `index` (which must be <= the snapshot index
+        or the applied index the application has snapshotted)."""
+        ...
+
+    def close(self) -> None: ...
