@@ -1,0 +1,382 @@
+"""Throughput and round-trip latency through a ww channel, against a bare trio TCP echo.
+
+    python benchmarks/ww_rpc.py [--count 20000] [--rtt-count 2000] [--inflight 64] [--repeat 3]
+
+ww: two hosts (`ww start`, two processes on loopback, joined into one cluster). A ROM process
+spawned on host B makes two channels, hangs them at `/<B>/bench/{in,out}` and serves them: it
+counts what arrives on `in` and, when asked, echoes to `out`. A second ROM process spawned on
+host A finds them through the anchor tree, so every message goes ROM A -> host A -> host B ->
+ROM B (and back for a round trip).
+
+  - one way: `--count` messages of 100 bytes (then 10 KB) sent with `--inflight` concurrent
+    senders; then a flush that the server answers with the count it saw. msgs/s is `--count`
+    over the time from the first send to the answer.
+  - round trip: `--rtt-count` echoes one at a time (unloaded); p50 and p99.
+
+Bare TCP: the same measurements, same framing tags, against a trio TCP server in a child process
+(a 4-byte length prefix per message, one `send_all` per message, from one task).
+
+Medians of `--repeat` runs are printed with the ratio ww / TCP. Everything is started and stopped
+by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import trio
+
+HOST = "127.0.0.1"
+SIZES = (100, 10_000)
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+# Tags: the first byte of a message says what the server does with it.
+SINK, ECHO, FLUSH = b"S", b"E", b"F"
+
+# -- the ROM that runs on both hosts ------------------------------------------------------------
+
+ROM_TOML = """\
+name = "bench-rpc"
+version = "0.1.0"
+entry = "bench:main"
+requires = ["trio"]
+"""
+
+ROM_SOURCE = r'''
+"""serve: make channels at /<me>/bench/{in,out} and serve them. drive PEER ...: measure."""
+
+import json
+import statistics
+from time import perf_counter
+
+import trio
+
+SINK, ECHO, FLUSH = b"S", b"E", b"F"
+
+
+async def main(host, args):
+    if args[0] == "serve":
+        await serve(host, int(args[1]))
+    else:
+        await drive(host, args[1], int(args[2]), int(args[3]), int(args[4]), int(args[5]))
+
+
+async def serve(host, capacity):
+    me = await host.id()
+    root = await host.root()
+    inbox = await host.channel(capacity)
+    outbox = await host.channel(capacity)
+    await (await root.walk(f"/{me}/bench/out")).store(outbox)
+    await (await root.walk(f"/{me}/bench/in")).store(inbox)
+    seen = 0
+    async with inbox.stream("recv_stream") as messages:
+        async for message in messages:
+            tag = message[:1]
+            if tag == SINK:
+                seen += 1
+            elif tag == ECHO:
+                await outbox.send(message)
+            elif tag == FLUSH:
+                await outbox.send(str(seen).encode())
+                seen = 0
+
+
+async def drive(host, peer, size, count, inflight, rtt_count):
+    root = await host.root()
+    inbox = await (await root.walk(f"/{peer}/bench/in")).load()
+    outbox = await (await root.walk(f"/{peer}/bench/out")).load()
+    async with outbox.stream("recv_stream") as replies:
+        replies = replies.__aiter__()
+        # one way, pipelined
+        payload = SINK + bytes(size - 1)
+        start = perf_counter()
+        remaining = count
+
+        async def sender():
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await inbox.send(payload)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(inflight):
+                nursery.start_soon(sender)
+        await inbox.send(FLUSH)
+        seen = int(await replies.__anext__())
+        elapsed = perf_counter() - start
+        assert seen == count, (seen, count)
+        # round trips, one at a time
+        echo = ECHO + bytes(size - 1)
+        rtts = []
+        for _ in range(rtt_count):
+            t0 = perf_counter()
+            await inbox.send(echo)
+            reply = await replies.__anext__()
+            rtts.append(perf_counter() - t0)
+            assert len(reply) == size
+    rtts.sort()
+    print(json.dumps({
+        "size": size,
+        "msgs_per_s": count / elapsed,
+        "p50_ms": statistics.median(rtts) * 1e3,
+        "p99_ms": rtts[int(len(rtts) * 0.99) - 1] * 1e3,
+    }))
+'''
+
+
+# -- ww: two hosts, two ROM processes -----------------------------------------------------------
+
+
+@asynccontextmanager
+async def host_process(tmp: Path, name: str, peers: list[str]) -> AsyncIterator[tuple[str, int]]:
+    """A `ww start` child process on a free port; yields its address once it is listening."""
+    log_path = tmp / f"{name}.log"
+    argv = [sys.executable, "-m", "ww", "start", "--listen", f"{HOST}:0"]
+    argv += ["--data-dir", str(tmp / name)]
+    for peer in peers:
+        argv += ["--peer", peer]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        with trio.fail_after(20):
+            while (match := LISTENING.search(log_path.read_text(errors="replace"))) is None:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"host {name} exited:\n{log_path.read_text()}")
+                await trio.sleep(0.05)
+        yield match.group(1), int(match.group(2))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@asynccontextmanager
+async def client(address: tuple[str, int]) -> AsyncIterator[Any]:
+    from ww.auth import open_client_stream
+    from ww.rpc import Connection
+
+    stream = await open_client_stream(*address)
+    async with stream, Connection.open(stream) as conn:
+        yield conn.bootstrap()
+
+
+async def wait_until(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.05)
+
+
+async def bench_ww(args: argparse.Namespace) -> dict[int, list[dict[str, float]]]:
+    from ww.rom import build_rom
+
+    results: dict[int, list[dict[str, float]]] = {size: [] for size in SIZES}
+    with tempfile.TemporaryDirectory(prefix="ww-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        src = tmp / "rom"
+        src.mkdir()
+        (src / "rom.toml").write_text(ROM_TOML)
+        (src / "bench.py").write_text(ROM_SOURCE)
+        rom = build_rom(src)
+        async with (
+            host_process(tmp, "a", []) as addr_a,
+            host_process(tmp, "b", [f"{addr_a[0]}:{addr_a[1]}"]) as addr_b,
+            client(addr_a) as host_a,
+            client(addr_b) as host_b,
+        ):
+            peer_b = await host_b.id()
+            view_a = await host_a.view()
+
+            async def joined() -> bool:
+                return len(await view_a.hosts()) == 2
+
+            await wait_until(joined, "host A sees host B")
+            for _ in range(args.repeat):
+                for size in SIZES:
+                    results[size].append(await one_ww_run(host_a, host_b, peer_b, rom, size, args))
+                    print(f"  ww  {size:>6} B: {fmt(results[size][-1])}", flush=True)
+    return results
+
+
+async def one_ww_run(
+    host_a: Any, host_b: Any, peer_b: str, rom: bytes, size: int, args: argparse.Namespace
+) -> dict[str, float]:
+    server = await host_b.spawn(rom, ["serve", str(args.capacity)])
+    root_b = await host_b.root()
+
+    async def ready() -> bool:
+        try:
+            bench = await root_b.walk(f"/{peer_b}/bench")
+            return {"in", "out"} <= {name.strip("/") for name in await bench.ls()}
+        except Exception:
+            return False
+
+    await wait_until(ready, "the server ROM's channels")
+    count = args.count if size < 1000 else max(args.count // 10, 1000)
+    driver = await host_a.spawn(
+        rom,
+        ["drive", peer_b, str(size), str(count), str(args.inflight), str(args.rtt_count)],
+    )
+    code = await driver.wait()
+    info = await driver.info()
+    out = (await host_a.logs(info["pid"])).decode(errors="replace")
+    await server.kill()
+    await server.wait()
+    if code != 0:
+        raise RuntimeError(f"driver ROM exited with {code}:\n{out}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- bare trio TCP ------------------------------------------------------------------------------
+
+LEN = struct.Struct(">I")
+
+
+async def read_frames(stream: trio.SocketStream) -> AsyncIterator[bytes]:
+    buf = bytearray()
+    while True:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while len(buf) >= 4:
+            (n,) = LEN.unpack_from(buf)
+            if len(buf) < 4 + n:
+                break
+            yield bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+
+
+async def tcp_server() -> None:
+    """The baseline peer (a child process): sink, echo or flush each framed message."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        seen = 0
+        async for message in read_frames(stream):
+            tag = message[:1]
+            if tag == SINK:
+                seen += 1
+            elif tag == ECHO:
+                await stream.send_all(LEN.pack(len(message)) + message)
+            elif tag == FLUSH:
+                reply = str(seen).encode()
+                await stream.send_all(LEN.pack(len(reply)) + reply)
+                seen = 0
+
+    listeners = await trio.open_tcp_listeners(0, host=HOST)
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(handle, listeners)
+
+
+async def one_tcp_run(port: int, size: int, args: argparse.Namespace) -> dict[str, float]:
+    count = args.count if size < 1000 else max(args.count // 10, 1000)
+    stream = await trio.open_tcp_stream(HOST, port)
+    async with stream:
+        replies = read_frames(stream).__aiter__()
+        payload = SINK + bytes(size - 1)
+        frame = LEN.pack(len(payload)) + payload
+        start = perf_counter()
+        for _ in range(count):
+            await stream.send_all(frame)
+        await stream.send_all(LEN.pack(1) + FLUSH)
+        seen = int(await replies.__anext__())
+        elapsed = perf_counter() - start
+        assert seen == count, (seen, count)
+        echo = ECHO + bytes(size - 1)
+        echo_frame = LEN.pack(len(echo)) + echo
+        rtts = []
+        for _ in range(args.rtt_count):
+            t0 = perf_counter()
+            await stream.send_all(echo_frame)
+            await replies.__anext__()
+            rtts.append(perf_counter() - t0)
+    rtts.sort()
+    return {
+        "size": size,
+        "msgs_per_s": count / elapsed,
+        "p50_ms": statistics.median(rtts) * 1e3,
+        "p99_ms": rtts[int(len(rtts) * 0.99) - 1] * 1e3,
+    }
+
+
+async def bench_tcp(args: argparse.Namespace) -> dict[int, list[dict[str, float]]]:
+    results: dict[int, list[dict[str, float]]] = {size: [] for size in SIZES}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--tcp-server"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(args.repeat):
+            for size in SIZES:
+                results[size].append(await one_tcp_run(port, size, args))
+                print(f"  tcp {size:>6} B: {fmt(results[size][-1])}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+    return results
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def fmt(r: dict[str, float]) -> str:
+    return (
+        f"{r['msgs_per_s']:>9,.0f} msgs/s one way   "
+        f"rtt p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+    )
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+async def run(args: argparse.Namespace) -> None:
+    print(
+        f"ww_rpc: {os.cpu_count()} cpus, python {sys.version.split()[0]}, trio {trio.__version__}"
+    )
+    tcp = await bench_tcp(args)
+    ww = await bench_ww(args)
+    print(f"\nmedians of {args.repeat} runs (ww / tcp):")
+    for size in SIZES:
+        w, t = median_of(ww[size]), median_of(tcp[size])
+        print(f"{size:>6} B  ww  {fmt(w)}")
+        print(f"{size:>6} B  tcp {fmt(t)}")
+        print(
+            f"{size:>6} B  ratio: throughput {w['msgs_per_s'] / t['msgs_per_s']:.3f}, "
+            f"rtt p50 {w['p50_ms'] / t['p50_ms']:.1f}x"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=20_000, help="small messages per one-way run")
+    parser.add_argument("--rtt-count", type=int, default=2_000, help="round trips per run")
+    parser.add_argument("--inflight", type=int, default=64, help="concurrent senders")
+    parser.add_argument("--capacity", type=int, default=1024, help="channel buffer")
+    parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
+    parser.add_argument("--tcp-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tcp_server:
+        trio.run(tcp_server)
+    else:
+        trio.run(run, args)
+
+
+if __name__ == "__main__":
+    main()
