@@ -405,12 +405,17 @@ class Help(argparse.RawDescriptionHelpFormatter):
 
 
 def setup_logging(verbosity: int) -> None:
-    from rich.console import Console
-    from rich.logging import RichHandler
+    """Logs go to stderr: through rich on a terminal, as plain lines to a file or a pipe."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
 
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-    handler = RichHandler(console=console, show_path=verbosity > 0, rich_tracebacks=True)
-    handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+        handler = RichHandler(console=Console(stderr=True), show_path=verbosity > 0)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
