@@ -1,0 +1,791 @@
+"""The trio shell of the RPC: a `Connection` over one stream, and `Ref`, a remote capability.
+
+One connection runs two tasks: a reader that turns frames into messages and dispatches them
+(each incoming call or stream runs in its own task of the connection's nursery), and a writer
+that sends whatever frames queued up while it was busy in one ``send_all``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import msgpack
+import outcome
+import trio
+
+from ww.rpc.capability import Capability, method_table
+from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, RemoteError
+from ww.rpc.tables import BOOTSTRAP_ID, Exports, Holders, Imports
+from ww.rpc.wire import (
+    EXT_RECEIVER_CAP,
+    EXT_SENDER_CAP,
+    MAX_FRAME,
+    Call,
+    Cancel,
+    Credit,
+    End,
+    Error,
+    FrameDecoder,
+    Item,
+    Message,
+    Release,
+    Return,
+    StreamStart,
+    decode_message,
+    encode_frame,
+    message_fields,
+    pack_cap_id,
+    unpack_cap_id,
+)
+
+log = logging.getLogger("ww.rpc")
+
+DEFAULT_WINDOW = 16
+"""Stream items a producer may send ahead of its consumer."""
+
+RECEIVE_SIZE = 256 * 1024
+HIGH_WATER = 4 * 1024 * 1024
+"""Queued outgoing bytes above which senders wait for the writer."""
+
+RELEASE_TIMEOUT = 5.0
+"""Seconds `_on_release` callbacks get when a connection closes."""
+
+_HOLDERS = Holders()
+
+
+class Ref:
+    """A reference to a remote capability.
+
+    ``await ref.call("m", *args)`` calls it (``await ref.m(*args)`` is the same);
+    ``async with ref.stream("m", *args) as items`` iterates a remote generator with
+    backpressure; ``await ref.release()`` (or leaving ``async with ref``, or dropping the last
+    Python reference) tells the owner this handle is done.
+    """
+
+    __slots__ = ("__weakref__", "_conn", "_finalizer", "_id", "_released")
+
+    def __init__(self, conn: Connection, cap_id: int, *, tracked: bool = True) -> None:
+        self._conn = conn
+        self._id = cap_id
+        self._released = False
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if tracked:
+            fin = weakref.finalize(self, conn._drop_collected, cap_id)
+            fin.atexit = False
+            self._finalizer = fin
+
+    @property
+    def connection(self) -> Connection:
+        """The connection this reference travels over."""
+        return self._conn
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Call `method` remotely; raises RemoteError when it raises, ConnectionLost."""
+        return await self._conn._call(self, method, args)
+
+    def stream(
+        self, method: str, *args: Any, window: int = DEFAULT_WINDOW
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """Iterate the remote async generator `method(*args)`.
+
+        The producer runs at most `window` items ahead of the consumer; leaving the block
+        cancels the remote generator.
+        """
+        return self._conn._stream(self, method, args, window)
+
+    async def release(self) -> None:
+        """Tell the owner this handle is done with the capability. Idempotent."""
+        self._release_now()
+
+    def _release_now(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        fin = self._finalizer
+        if fin is not None and fin.detach() is not None:
+            self._conn._drop_import(self._id)
+
+    async def __aenter__(self) -> Ref:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release_now()
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return functools.partial(self.call, name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other._conn is self._conn and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash((id(self._conn), self._id))
+
+    def __repr__(self) -> str:
+        state = " released" if self._released else ""
+        return f"<Ref {self._id} on {self._conn.name}{state}>"
+
+
+class _Forwarder(Capability):
+    """Re-exports a `Ref` of another connection: relays calls, streams and the release."""
+
+    def __init__(self, ref: Ref, key: tuple[int, int]) -> None:
+        self.ref = ref
+        self.key = key
+
+    async def _relay(self, method: str, args: list[Any]) -> Any:
+        return await self.ref.call(method, *args)
+
+    async def _relay_stream(self, method: str, args: list[Any], window: int) -> AsyncIterator[Any]:
+        async with self.ref.stream(method, *args, window=window) as items:
+            async for item in items:
+                yield item
+
+
+class _Inbound:
+    """Client side of one stream: received items and the credit owed to the producer."""
+
+    __slots__ = ("consumed", "grant_every", "recv", "send")
+
+    def __init__(self, window: int) -> None:
+        self.send, self.recv = trio.open_memory_channel[tuple[int, Any]](math.inf)
+        self.consumed = 0
+        self.grant_every = max(1, (window + 1) // 2)
+
+
+_ITEM, _END, _FAIL = range(3)
+
+
+class _Outbound:
+    """Server side of one stream: its cancel scope and the credit the consumer granted."""
+
+    __slots__ = ("credit", "lot", "scope")
+
+    def __init__(self, credit: int) -> None:
+        self.scope = trio.CancelScope()
+        self.credit = credit
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+
+class RefStream:
+    """The items of a remote stream (an async iterator); grants credit as it is consumed."""
+
+    __slots__ = ("_conn", "_qid", "_state")
+
+    def __init__(self, conn: Connection, qid: int, state: _Inbound) -> None:
+        self._conn = conn
+        self._qid = qid
+        self._state = state
+
+    def __aiter__(self) -> RefStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        st = self._state
+        kind, value = await st.recv.receive()
+        if kind == _ITEM:
+            st.consumed += 1
+            if st.consumed >= st.grant_every:
+                self._conn._send_control(Credit(self._qid, st.consumed))
+                st.consumed = 0
+            return value
+        # Keep the terminal marker for further calls.
+        st.send.send_nowait((kind, value))
+        if kind == _END:
+            raise StopAsyncIteration
+        raise value
+
+
+class Connection:
+    """One RPC connection over a trio stream. Make it with `Connection.open`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        bootstrap: Capability | None = None,
+        *,
+        max_frame: int = MAX_FRAME,
+        name: str | None = None,
+    ) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self.name = name or f"conn-{id(self):x}"
+        self.closed = trio.Event()
+        self.close_reason: str | None = None
+        self._closing = False
+        self._nursery: trio.Nursery | None = None
+        self._token = trio.lowlevel.current_trio_token()
+        self._frames = FrameDecoder(max_frame)
+        self._packer = msgpack.Packer(default=self._encode_special, use_bin_type=True)
+        self._exports = Exports()
+        self._imports = Imports()
+        self._forwarders: dict[tuple[int, int], _Forwarder] = {}
+        self._bootstrap = bootstrap
+        if bootstrap is not None:
+            self._exports.set_bootstrap(bootstrap)
+            _HOLDERS.acquire(bootstrap)
+        # questions we asked: qid -> waiting task (calls) or _Inbound (streams)
+        self._next_qid = 1
+        self._questions: dict[int, trio.lowlevel.Task] = {}
+        self._inbound: dict[int, _Inbound] = {}
+        # questions the peer asked: qid -> cancel scope or _Outbound
+        self._answers: dict[int, trio.CancelScope | _Outbound] = {}
+        # exports added while encoding one message, to roll back if it fails
+        self._encoding: list[int] = []
+        # refs made while decoding one message, to release if nobody wants it
+        self._decoded_refs: list[Ref] = []
+        self._collected: list[int] = []
+        # outgoing frames
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._drained_lot = trio.lowlevel.ParkingLot()
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Call: self._on_call,
+            Return: self._on_return,
+            Error: self._on_error,
+            Release: self._on_release_msg,
+            StreamStart: self._on_stream,
+            Item: self._on_item,
+            End: self._on_end,
+            Credit: self._on_credit,
+            Cancel: self._on_cancel,
+        }
+
+    # --- public ----------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        stream: trio.abc.Stream,
+        bootstrap: Capability | None = None,
+        *,
+        max_frame: int = MAX_FRAME,
+        name: str | None = None,
+    ) -> AsyncIterator[Connection]:
+        """Run a connection over `stream` for the duration of the block.
+
+        `bootstrap` is the capability the peer gets from its ``conn.bootstrap()``. Leaving the
+        block closes the connection and releases everything exported on it.
+        """
+        conn = cls(stream, bootstrap, max_frame=max_frame, name=name)
+        async with trio.open_nursery() as nursery:
+            conn._nursery = nursery
+            nursery.start_soon(conn._read_loop)
+            nursery.start_soon(conn._write_loop)
+            try:
+                yield conn
+            finally:
+                await conn._shutdown("closed locally", logging.DEBUG)
+                nursery.cancel_scope.cancel()
+
+    def bootstrap(self) -> Ref:
+        """A reference to the peer's bootstrap capability."""
+        return Ref(self, BOOTSTRAP_ID, tracked=False)
+
+    def export_count(self) -> int:
+        """Live capabilities exported on this connection (not counting the bootstrap)."""
+        return len(self._exports)
+
+    def import_count(self) -> int:
+        """Live capabilities of the peer held through this connection (not its bootstrap)."""
+        return len(self._imports)
+
+    async def aclose(self) -> None:
+        """Close the connection now (the `open` block also does this when it ends)."""
+        await self._shutdown("closed locally", logging.DEBUG)
+
+    # --- asking ----------------------------------------------------------------------------
+
+    def _check_usable(self, ref: Ref) -> None:
+        if self._closing:
+            raise ConnectionLost(f"connection {self.name} is closed ({self.close_reason})")
+        if ref._released:
+            raise CapabilityError("this capability reference was released")
+
+    async def _call(self, ref: Ref, method: str, args: tuple[Any, ...]) -> Any:
+        self._check_usable(ref)
+        if self._outbox_bytes > HIGH_WATER:
+            await self._wait_drained()
+            self._check_usable(ref)
+        qid = self._next_qid
+        self._next_qid = qid + 1
+        self._send_nowait(self._encode(Call(qid, ref._id, method, args)))  # type: ignore[arg-type]
+        task = trio.lowlevel.current_task()
+        self._questions[qid] = task
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if self._questions.pop(qid, None) is not None and not self._closing:
+                self._send_nowait(self._encode(Cancel(qid)))
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    @asynccontextmanager
+    async def _stream(
+        self, ref: Ref, method: str, args: tuple[Any, ...], window: int
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        self._check_usable(ref)
+        if window < 1:
+            raise ValueError("stream window must be at least 1")
+        qid = self._next_qid
+        self._next_qid = qid + 1
+        state = _Inbound(window)
+        self._send_nowait(self._encode(StreamStart(qid, ref._id, method, args, window)))  # type: ignore[arg-type]
+        self._inbound[qid] = state
+        try:
+            yield RefStream(self, qid, state)
+        finally:
+            if self._inbound.pop(qid, None) is not None and not self._closing:
+                self._send_nowait(self._encode(Cancel(qid)))
+            state.send.close()
+            # Release capabilities in items that arrived but were never consumed.
+            while True:
+                try:
+                    kind, value = state.recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if kind == _ITEM:
+                    _release_refs_in(value)
+
+    # --- answering -------------------------------------------------------------------------
+
+    def _lookup(self, qid: int, cap_id: int, method: str, stream: bool) -> object | None:
+        """The target of an incoming call, or None after answering with an error."""
+        try:
+            obj = self._exports.get(cap_id)
+        except KeyError:
+            self._reply_error(qid, "CapabilityError", f"unknown or released capability {cap_id}")
+            return None
+        if isinstance(obj, _Forwarder):
+            return obj
+        entry = method_table(type(obj)).get(method)
+        if entry is None or entry[1] is not stream:
+            kind = "stream" if stream else "method"
+            other = entry is not None and entry[1] is not stream
+            hint = f" ({method!r} is a {'stream' if entry and entry[1] else 'method'})" if other else ""
+            self._reply_error(
+                qid, "CapabilityError", f"{type(obj).__name__} has no {kind} {method!r}{hint}"
+            )
+            return None
+        return obj
+
+    def _on_call(self, msg: Call) -> None:
+        obj = self._lookup(msg.qid, msg.cap, msg.method, False)
+        if obj is None:
+            return
+        if isinstance(obj, _Forwarder):
+            coro: Coroutine[Any, Any, Any] = obj._relay(msg.method, msg.args)
+        else:
+            fn = method_table(type(obj))[msg.method][0]
+            try:
+                coro = fn(obj, *msg.args)
+            except TypeError as exc:
+                self._reply_error(msg.qid, "CapabilityError", f"bad arguments: {exc}")
+                return
+        if msg.qid in self._answers:
+            coro.close()
+            raise ProtocolError(f"question id {msg.qid} reused")
+        scope = trio.CancelScope()
+        self._answers[msg.qid] = scope
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_call, msg.qid, scope, coro)
+
+    async def _run_call(
+        self, qid: int, scope: trio.CancelScope, coro: Coroutine[Any, Any, Any]
+    ) -> None:
+        try:
+            with scope:
+                try:
+                    result = await coro
+                except Exception as exc:
+                    self._reply_exception(qid, exc)
+                    return
+                await self._reply(Return(qid, result))
+        finally:
+            self._answers.pop(qid, None)
+
+    def _on_stream(self, msg: StreamStart) -> None:
+        obj = self._lookup(msg.qid, msg.cap, msg.method, True)
+        if obj is None:
+            return
+        if isinstance(obj, _Forwarder):
+            agen: AsyncIterator[Any] = obj._relay_stream(msg.method, msg.args, msg.credit)
+        else:
+            fn = method_table(type(obj))[msg.method][0]
+            try:
+                agen = fn(obj, *msg.args)
+            except TypeError as exc:
+                self._reply_error(msg.qid, "CapabilityError", f"bad arguments: {exc}")
+                return
+        if msg.qid in self._answers:
+            raise ProtocolError(f"question id {msg.qid} reused")
+        out = _Outbound(msg.credit)
+        self._answers[msg.qid] = out
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_stream, msg.qid, out, agen)
+
+    async def _run_stream(self, qid: int, out: _Outbound, agen: Any) -> None:
+        try:
+            with out.scope:
+                try:
+                    while True:
+                        while out.credit <= 0:
+                            await out.lot.park()
+                        try:
+                            item = await agen.__anext__()
+                        except StopAsyncIteration:
+                            await self._reply(End(qid))
+                            break
+                        out.credit -= 1
+                        await self._reply(Item(qid, item))
+                except Exception as exc:
+                    self._reply_exception(qid, exc)
+                finally:
+                    with trio.CancelScope(shield=True) as shield:
+                        shield.deadline = trio.current_time() + RELEASE_TIMEOUT
+                        try:
+                            await agen.aclose()
+                        except Exception:
+                            log.exception("%s: closing stream %d raised", self.name, qid)
+        finally:
+            self._answers.pop(qid, None)
+
+    def _on_credit(self, msg: Credit) -> None:
+        out = self._answers.get(msg.qid)
+        if isinstance(out, _Outbound):
+            out.credit += msg.n
+            out.lot.unpark_all()
+
+    def _on_cancel(self, msg: Cancel) -> None:
+        answer = self._answers.get(msg.qid)
+        if answer is not None:
+            answer.cancel()
+
+    async def _reply(self, msg: Return | Item | End) -> None:
+        if self._closing:
+            return
+        try:
+            body = self._encode(msg)
+        except Exception as exc:
+            self._reply_exception(msg.qid, exc)
+            return
+        if self._outbox_bytes > HIGH_WATER:
+            await self._wait_drained()
+        self._send_nowait(body)
+
+    def _reply_exception(self, qid: int, exc: Exception) -> None:
+        if isinstance(exc, CapabilityError):
+            self._reply_error(qid, "CapabilityError", str(exc))
+            return
+        if isinstance(exc, RemoteError):
+            # A relayed call failed further along: pass the original error on.
+            self._reply_error(qid, exc.type, exc.message)
+            return
+        log.debug("%s: answer %d raised", self.name, qid, exc_info=exc)
+        self._reply_error(qid, type(exc).__name__, str(exc))
+
+    def _reply_error(self, qid: int, type_name: str, message: str) -> None:
+        if not self._closing:
+            self._send_nowait(self._encode(Error(qid, type_name, message)))
+
+    # --- answers to our questions ------------------------------------------------------------
+
+    def _on_return(self, msg: Return) -> None:
+        task = self._questions.pop(msg.qid, None)
+        if task is None:
+            self._discard_decoded()
+            return
+        trio.lowlevel.reschedule(task, outcome.Value(msg.value))
+
+    def _on_error(self, msg: Error) -> None:
+        error = RemoteError(msg.type, msg.message)
+        task = self._questions.pop(msg.qid, None)
+        if task is not None:
+            trio.lowlevel.reschedule(task, outcome.Error(error))
+            return
+        state = self._inbound.pop(msg.qid, None)
+        if state is not None:
+            state.send.send_nowait((_FAIL, error))
+
+    def _on_item(self, msg: Item) -> None:
+        state = self._inbound.get(msg.qid)
+        if state is None:
+            self._discard_decoded()
+            return
+        state.send.send_nowait((_ITEM, msg.value))
+
+    def _on_end(self, msg: End) -> None:
+        state = self._inbound.pop(msg.qid, None)
+        if state is not None:
+            state.send.send_nowait((_END, None))
+
+    # --- references ---------------------------------------------------------------------------
+
+    def _on_release_msg(self, msg: Release) -> None:
+        try:
+            obj = self._exports.release(msg.cap, msg.count)
+        except KeyError:
+            raise ProtocolError(f"release of unknown capability {msg.cap}") from None
+        if obj is not None:
+            self._unexported(obj)
+
+    def _unexported(self, obj: object) -> None:
+        """`obj` is no longer exported on this connection."""
+        if isinstance(obj, _Forwarder):
+            self._forwarders.pop(obj.key, None)
+            obj.ref._release_now()
+            return
+        if _HOLDERS.drop(obj) and self._nursery is not None and not self._closing:
+            self._nursery.start_soon(_call_on_release, obj)
+
+    def _drop_import(self, cap_id: int) -> None:
+        count = self._imports.drop(cap_id)
+        if count and not self._closing:
+            self._send_nowait(self._encode(Release(cap_id, count)))
+
+    def _drop_collected(self, cap_id: int) -> None:
+        """A Ref was garbage collected (may run inside any code, or another thread)."""
+        self._collected.append(cap_id)
+        try:
+            self._token.run_sync_soon(self._flush_collected)
+        except trio.RunFinishedError:
+            pass
+
+    def _flush_collected(self) -> None:
+        while self._collected:
+            self._drop_import(self._collected.pop())
+
+    def _dup(self, ref: Ref) -> Ref:
+        if ref._id == BOOTSTRAP_ID:
+            return Ref(self, BOOTSTRAP_ID, tracked=False)
+        self._imports.dup(ref._id)
+        return Ref(self, ref._id)
+
+    def _discard_decoded(self) -> None:
+        for ref in self._decoded_refs:
+            ref._release_now()
+
+    # --- encoding ------------------------------------------------------------------------------
+
+    def _encode(self, msg: Message) -> bytes:
+        """One frame for `msg`; capabilities in it are exported (rolled back on failure)."""
+        encoding = self._encoding
+        encoding.clear()
+        try:
+            body = self._packer.pack(message_fields(msg))
+        except BaseException:
+            self._packer.reset()
+            for cap_id in encoding:
+                obj = self._exports.release(cap_id, 1)
+                if obj is not None:
+                    if isinstance(obj, _Forwarder):
+                        self._unexported(obj)
+                    else:
+                        _HOLDERS.drop(obj)
+            raise
+        finally:
+            encoding.clear()
+        if len(body) > self.max_frame:
+            raise CapabilityError(
+                f"message of {len(body)} bytes exceeds the frame limit of {self.max_frame} bytes"
+            )
+        return encode_frame(body)
+
+    def _encode_special(self, obj: object) -> msgpack.ExtType:
+        if isinstance(obj, Capability):
+            return self._export(obj)
+        if isinstance(obj, Ref):
+            if obj._released:
+                raise CapabilityError("cannot send a released capability reference")
+            if obj._conn is self:
+                return msgpack.ExtType(EXT_RECEIVER_CAP, pack_cap_id(obj._id))
+            key = (id(obj._conn), obj._id)
+            fwd = self._forwarders.get(key)
+            if fwd is None:
+                obj._conn._check_usable(obj)
+                fwd = _Forwarder(obj._conn._dup(obj), key)
+                self._forwarders[key] = fwd
+            return self._export(fwd)
+        raise TypeError(f"cannot send a {type(obj).__name__} over RPC")
+
+    def _export(self, obj: Capability) -> msgpack.ExtType:
+        cap_id, new = self._exports.add(obj)
+        if new and not isinstance(obj, _Forwarder):
+            _HOLDERS.acquire(obj)
+        self._encoding.append(cap_id)
+        return msgpack.ExtType(EXT_SENDER_CAP, pack_cap_id(cap_id))
+
+    def _decode_special(self, code: int, data: bytes) -> Any:
+        if code == EXT_SENDER_CAP:
+            cap_id = unpack_cap_id(data)
+            if cap_id == BOOTSTRAP_ID:
+                return Ref(self, BOOTSTRAP_ID, tracked=False)
+            self._imports.received(cap_id)
+            ref = Ref(self, cap_id)
+            self._decoded_refs.append(ref)
+            return ref
+        if code == EXT_RECEIVER_CAP:
+            cap_id = unpack_cap_id(data)
+            try:
+                obj = self._exports.get(cap_id)
+            except KeyError:
+                raise ProtocolError(f"reference to unknown capability {cap_id}") from None
+            if isinstance(obj, _Forwarder):
+                return obj.ref._conn._dup(obj.ref)
+            return obj
+        raise ProtocolError(f"unknown extension type {code}")
+
+    # --- I/O -------------------------------------------------------------------------------------
+
+    def _send_nowait(self, frame: bytes) -> None:
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        self._writer_lot.unpark()
+
+    def _send_control(self, msg: Message) -> None:
+        if not self._closing:
+            self._send_nowait(self._encode(msg))
+
+    async def _wait_drained(self) -> None:
+        while self._outbox_bytes > HIGH_WATER and not self._closing:
+            await self._drained_lot.park()
+
+    async def _write_loop(self) -> None:
+        reason = None
+        try:
+            while True:
+                if not self._outbox:
+                    await self._writer_lot.park()
+                    continue
+                data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
+                self._outbox.clear()
+                self._outbox_bytes = 0
+                await self.stream.send_all(data)
+                self._drained_lot.unpark_all()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = f"send failed: {exc or type(exc).__name__}"
+        except Exception as exc:
+            log.exception("%s: writer failed", self.name)
+            reason = f"writer failed: {exc!r}"
+        await self._shutdown(reason, logging.INFO)
+
+    async def _read_loop(self) -> None:
+        level = logging.DEBUG
+        frames = self._frames
+        handlers = self._handlers
+        decoded = self._decoded_refs
+        try:
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    reason = "peer closed the connection"
+                    if frames.buffered:
+                        reason += f" in the middle of a frame ({frames.buffered} bytes)"
+                        level = logging.WARNING
+                    break
+                for body in frames.feed(data):
+                    if self._closing:
+                        return
+                    msg = decode_message(body, self._decode_special)
+                    handlers[type(msg)](msg)
+                    decoded.clear()
+                    del msg
+                if self._collected:
+                    self._flush_collected()
+        except ProtocolError as exc:
+            reason, level = f"protocol error: {exc}", logging.WARNING
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = f"receive failed: {exc or type(exc).__name__}"
+        except Exception as exc:
+            log.exception("%s: reader failed", self.name)
+            reason, level = f"reader failed: {exc!r}", logging.ERROR
+        finally:
+            decoded.clear()
+        await self._shutdown(reason, level)
+
+    async def _shutdown(self, reason: str, level: int) -> None:
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        self.close_reason = reason
+        log.log(level, "%s closed: %s", self.name, reason)
+        lost = ConnectionLost(f"connection {self.name} closed: {reason}")
+        for task in self._questions.values():
+            trio.lowlevel.reschedule(task, outcome.Error(lost))
+        self._questions.clear()
+        for state in self._inbound.values():
+            state.send.send_nowait((_FAIL, lost))
+        self._inbound.clear()
+        for answer in self._answers.values():
+            answer.cancel()
+        self._drained_lot.unpark_all()
+        self._outbox.clear()
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + RELEASE_TIMEOUT
+            await trio.aclose_forcefully(self.stream)
+            self._imports.clear()
+            last = []
+            for obj in self._exports.clear():
+                if isinstance(obj, _Forwarder):
+                    self._forwarders.pop(obj.key, None)
+                    obj.ref._release_now()
+                elif _HOLDERS.drop(obj):
+                    last.append(obj)
+            if last:
+                async with trio.open_nursery() as nursery:
+                    for obj in last:
+                        nursery.start_soon(_call_on_release, obj)
+        self.closed.set()
+
+
+async def _call_on_release(obj: object) -> None:
+    try:
+        await obj._on_release()  # type: ignore[attr-defined]
+    except Exception:
+        log.exception("_on_release of %r raised", obj)
+
+
+def _release_refs_in(value: Any) -> None:
+    """Release every Ref inside a decoded value nobody will see."""
+    if isinstance(value, Ref):
+        value._release_now()
+    elif isinstance(value, list):
+        for v in value:
+            _release_refs_in(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _release_refs_in(k)
+            _release_refs_in(v)
+
+
+async def serve_connection(
+    stream: trio.abc.Stream,
+    bootstrap: Capability | None = None,
+    *,
+    max_frame: int = MAX_FRAME,
+    name: str | None = None,
+) -> None:
+    """Serve `bootstrap` to the peer on `stream` until either side closes; never raises
+    (except trio.Cancelled). A bad peer is logged and disconnected."""
+    try:
+        async with Connection.open(stream, bootstrap, max_frame=max_frame, name=name) as conn:
+            await conn.closed.wait()
+    except Exception:
+        log.exception("%s: connection failed", name or "connection")

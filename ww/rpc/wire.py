@@ -1,0 +1,254 @@
+"""The wire format, sans I/O: frames, messages and capability references.
+
+A frame is a 4-byte big-endian length followed by that many bytes of msgpack: one message,
+an array whose first element is its tag. Capabilities inside values travel as msgpack
+extension types whose data is the big-endian capability id:
+
+* ``ExtType(1, id)`` -- a capability the *sender* exports under ``id``;
+* ``ExtType(2, id)`` -- a capability the *receiver* exported under ``id`` (its own cap, back).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ww.rpc.errors import ProtocolError
+
+MAX_FRAME = 16 * 1024 * 1024
+"""Default limit on one frame's body, in bytes."""
+
+EXT_SENDER_CAP = 1
+EXT_RECEIVER_CAP = 2
+
+_LEN = struct.Struct(">I")
+_MAX_ID = 2**63 - 1
+
+
+def encode_frame(body: bytes) -> bytes:
+    """Prefix `body` with its length."""
+    return _LEN.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies. Feed it bytes, get complete bodies back."""
+
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the bodies of all frames now complete.
+
+        Raises ProtocolError when a frame announces a body larger than `max_frame`.
+        """
+        buf = self._buf
+        buf += data
+        frames: list[bytes] = []
+        pos = 0
+        size = len(buf)
+        while size - pos >= 4:
+            (length,) = _LEN.unpack_from(buf, pos)
+            if length > self.max_frame:
+                raise ProtocolError(
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"
+                )
+            end = pos + 4 + length
+            if end > size:
+                break
+            frames.append(bytes(buf[pos + 4 : end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buf)
+
+
+def pack_cap_id(cap_id: int) -> bytes:
+    return cap_id.to_bytes((cap_id.bit_length() + 7) // 8 or 1, "big")
+
+
+def unpack_cap_id(data: bytes) -> int:
+    if not 1 <= len(data) <= 8:
+        raise ProtocolError(f"capability id of {len(data)} bytes")
+    return int.from_bytes(data, "big")
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Ask capability `cap` (the receiver's export id) to run `method(*args)`."""
+
+    qid: int
+    cap: int
+    method: str
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Return:
+    """The answer to question `qid`."""
+
+    qid: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Question `qid` failed: the remote raised `type` with `message`."""
+
+    qid: int
+    type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The sender dropped `count` references to the receiver's export `cap`."""
+
+    cap: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """Run the generator `method(*args)` of `cap`, sending at most `credit` items for now."""
+
+    qid: int
+    cap: int
+    method: str
+    args: list[Any]
+    credit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One item of stream `qid`."""
+
+    qid: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """Stream `qid` finished."""
+
+    qid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The consumer of stream `qid` took `n` more items: the producer may send `n` more."""
+
+    qid: int
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The asker of `qid` lost interest: stop the call or stream."""
+
+    qid: int
+
+
+Message = Call | Return | Error | Release | StreamStart | Item | End | Credit | Cancel
+
+CALL, RETURN, ERROR, RELEASE, STREAM, ITEM, END, CREDIT, CANCEL = range(9)
+
+_TAGS: dict[type, int] = {
+    Call: CALL,
+    Return: RETURN,
+    Error: ERROR,
+    Release: RELEASE,
+    StreamStart: STREAM,
+    Item: ITEM,
+    End: END,
+    Credit: CREDIT,
+    Cancel: CANCEL,
+}
+
+_ID = "id"
+_STR = "str"
+_LIST = "list"
+_ANY = "any"
+_COUNT = "count"
+
+# tag -> (message class, field kinds)
+_SPECS: dict[int, tuple[Callable[..., Message], tuple[str, ...]]] = {
+    CALL: (Call, (_ID, _ID, _STR, _LIST)),
+    RETURN: (Return, (_ID, _ANY)),
+    ERROR: (Error, (_ID, _STR, _STR)),
+    RELEASE: (Release, (_ID, _COUNT)),
+    STREAM: (StreamStart, (_ID, _ID, _STR, _LIST, _COUNT)),
+    ITEM: (Item, (_ID, _ANY)),
+    END: (End, (_ID,)),
+    CREDIT: (Credit, (_ID, _COUNT)),
+    CANCEL: (Cancel, (_ID,)),
+}
+
+
+def message_fields(msg: Message) -> list[Any]:
+    """The array that goes on the wire for `msg` (its tag, then its fields in order)."""
+    return [_TAGS[type(msg)], *(getattr(msg, f) for f in msg.__slots__)]  # type: ignore[union-attr]
+
+
+def decode_message(body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Message:
+    """Decode one frame body into a message; raises ProtocolError and nothing else.
+
+    `ext_hook(code, data)` turns capability references into objects; it may raise
+    ProtocolError for an id it does not know.
+    """
+    try:
+        raw = msgpack.unpackb(
+            body, ext_hook=ext_hook, raw=False, strict_map_key=False, use_list=True
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})") from None
+    if type(raw) is not list or not raw:
+        raise ProtocolError("message is not a non-empty array")
+    tag = raw[0]
+    spec = _SPECS.get(tag) if type(tag) is int else None
+    if spec is None:
+        raise ProtocolError(f"unknown message tag {_short(tag)}")
+    cls, kinds = spec
+    if len(raw) != len(kinds) + 1:
+        raise ProtocolError(f"message {cls.__name__} has {len(raw) - 1} fields, expected {len(kinds)}")  # type: ignore[attr-defined]
+    for kind, value in zip(kinds, raw[1:], strict=True):
+        if kind is _ANY:
+            continue
+        if kind is _ID or kind is _COUNT:
+            low = 0 if kind is _ID else 1
+            if type(value) is not int or not low <= value <= _MAX_ID:
+                raise ProtocolError(f"bad {kind} {_short(value)} in {cls.__name__}")  # type: ignore[attr-defined]
+        elif kind is _STR:
+            if type(value) is not str:
+                raise ProtocolError(f"bad string {_short(value)} in {cls.__name__}")  # type: ignore[attr-defined]
+        elif type(value) is not list:
+            raise ProtocolError(f"bad arguments {_short(value)} in {cls.__name__}")  # type: ignore[attr-defined]
+    return cls(*raw[1:])
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def plain_ext_hook(code: int, data: bytes) -> tuple[int, int]:
+    """An ext hook that decodes capability references to ``(code, id)`` (no tables needed)."""
+    if code not in (EXT_SENDER_CAP, EXT_RECEIVER_CAP):
+        raise ProtocolError(f"unknown extension type {code}")
+    return (code, unpack_cap_id(data))
