@@ -24,9 +24,9 @@ from _tcp_transport import (
     run_profiled,
     serve_clients,
 )
-from ww.raft.disk import DiskStorage
 from ww.raft.rawnode import Config
 
+from ww.raft.disk import DiskStorage
 from ww.raft.driver import NotLeaderError, RaftDriver, RaftError
 from ww.raft.node import Replica
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = node_arguments(
         "one ww.raft replica with a TCP transport and a client port",
         [
-            ("--tick-interval", float, 0.05, "seconds per raft tick"),
+            ("--tick-interval", float, None, "seconds per raft tick (driver default)"),
             ("--persist-in-thread", bool, False, "fsync in a worker thread"),
             ("--no-fsync", bool, False, "DiskStorage without fsync (for comparison only)"),
         ],
@@ -109,12 +109,10 @@ async def _serve_raft(args: argparse.Namespace) -> None:
     config = Config(id=args.id, peers=tuple(sorted(peers)))
     replica = Replica(config, storage, CountingStateMachine())
     transport = TcpTransport({i: a for i, a in peers.items() if i != args.id})
-    driver = RaftDriver(
-        replica,
-        transport,
-        tick_interval=args.tick_interval,
-        persist_in_thread=args.persist_in_thread,
-    )
+    options: dict[str, Any] = {"persist_in_thread": args.persist_in_thread}
+    if args.tick_interval is not None:
+        options["tick_interval"] = args.tick_interval
+    driver = RaftDriver(replica, transport, **options)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(driver.run)
