@@ -56,6 +56,16 @@ def parse_meta(text: str) -> tuple[str, str]:
     return key, value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def format_address(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -106,6 +116,8 @@ async def cmd_start(args: argparse.Namespace) -> int:
         ns=args.ns,
         meta=dict(args.meta),
         cluster_key_path=Path(args.key) if args.key else None,
+        heartbeat_interval=args.heartbeat,
+        ttl=args.ttl,
     )
     log.debug("starting host with %s", config)
     await run_host(config)
@@ -280,7 +292,7 @@ def build_parser() -> Parser:
     )
     client.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=5.0,
         metavar="SECONDS",
         help="give up connecting after this long (default: %(default)s)",
@@ -340,6 +352,21 @@ def build_parser() -> Parser:
         metavar="FILE",
         help="cluster key (from `ww keygen`): mutual TLS between hosts and clients; required "
         "to listen on anything but loopback",
+    )
+
+    p.add_argument(
+        "--heartbeat",
+        type=positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often to announce this host to its peers (default: 1.0)",
+    )
+    p.add_argument(
+        "--ttl",
+        type=positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="a host not heard from for this long leaves the view (default: 5.0)",
     )
 
     p = command("keygen", cmd_keygen, "Make a cluster key (give it to every host with --key).")
@@ -488,6 +515,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("ww.rom", ("RomError",)),
         ("ww.rpc", ("RemoteError", "ConnectionLost", "CapabilityError")),
         ("ww.auth", ("AuthError",)),
+        ("ww.host.config", ("HostError",)),
     ):
         try:
             mod = __import__(module, fromlist=list(names))
