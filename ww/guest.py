@@ -1,0 +1,247 @@
+"""The guest side: run a ROM's `async def main(host, args)`.
+
+A host spawns each ROM as `python -m ww.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]`. The
+guest validates the ROM, checks its `requires`, makes its modules importable from the validated
+archive (in memory, nothing is extracted), opens a capability connection over the inherited
+socket FD and calls `main` with the host's bootstrap capability (a `Ref`).
+
+Exit codes: 0 when main returns None, the value when it returns an int, the code of
+`sys.exit(n)`, 1 (traceback on stderr) when it raises, 2 (one line on stderr) when the ROM
+cannot be started at all (unreadable, invalid, a required package missing).
+
+`run_local(rom, args, host)` runs a ROM in the current process instead (`ww run`).
+Inside a running ROM, `rom_data(name)` returns data embedded in it, e.g. an inner ROM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import inspect
+import logging
+import socket
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import trio
+
+from ww.rom import Rom, RomError
+
+__all__ = ["EXIT_CANNOT_START", "current_rom", "main", "rom_data", "run_local"]
+
+EXIT_CANNOT_START = 2
+
+_current: ContextVar[Rom | None] = ContextVar("ww_current_rom", default=None)
+
+
+def current_rom() -> Rom | None:
+    """The ROM running in this context, if any."""
+    return _current.get()
+
+
+def rom_data(name: str) -> bytes:
+    """Data embedded in the running ROM under `name` (its `[embed]` table)."""
+    rom = _current.get()
+    if rom is None:
+        raise RomError("rom_data() works only inside a running ROM (ww run, or spawned on a host)")
+    return rom.read(name)
+
+
+# -------------------------------------------------------------------------------------------
+# Importing a ROM's modules from the validated archive
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _RomFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
+    """Finds and loads the modules of one ROM from its in-memory archive."""
+
+    rom: Rom
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        found = self.rom.find_module(fullname)
+        if found is None:
+            return None
+        relpath, is_package = found
+        spec = importlib.util.spec_from_loader(
+            fullname, self, origin=f"{self.rom.name}.rom/src/{relpath}", is_package=is_package
+        )
+        if spec is not None:
+            spec.has_location = True  # sets __file__, which tracebacks show
+        return spec
+
+    def get_source(self, fullname: str) -> str:
+        found = self.rom.find_module(fullname)
+        if found is None:
+            raise ImportError(f"{fullname} is not a module of ROM {self.rom.name!r}")
+        return self.rom.source(found[0]).decode("utf-8")
+
+    def exec_module(self, module: ModuleType) -> None:
+        origin = module.__spec__.origin if module.__spec__ else None
+        code = compile(self.get_source(module.__name__), origin or "<rom>", "exec")
+        exec(code, module.__dict__)
+
+
+@contextmanager
+def _modules_of(rom: Rom) -> Iterator[None]:
+    """Make the ROM's modules importable; afterwards, forget them and restore what they hid."""
+    tops = rom.top_level_modules()
+
+    def ours(name: str) -> bool:
+        return name.partition(".")[0] in tops
+
+    hidden = {name: mod for name, mod in sys.modules.items() if ours(name)}
+    for name in hidden:
+        del sys.modules[name]
+    finder = _RomFinder(rom)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if ours(n)]:
+            del sys.modules[name]
+        sys.modules.update(hidden)
+
+
+def _entry(rom: Rom) -> Any:
+    """Import the entry module and return the entry function (user code runs here)."""
+    module = importlib.import_module(rom.manifest.entry_module)
+    function = getattr(module, rom.manifest.entry_function, None)
+    if not inspect.iscoroutinefunction(function):
+        raise RomError(
+            f"ROM {rom.name!r}: entry {rom.manifest.entry!r} is not an async function; "
+            "define `async def main(host, args)`"
+        )
+    return function
+
+
+def _exit_code(code: object) -> int:
+    """What Python's own sys.exit does with `code`."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+async def run_local(rom: Rom, args: Sequence[str], host: Any) -> int:
+    """Run `rom` in this process with `host` (a Ref, or None); returns its exit code.
+
+    Raises RomError when the ROM cannot start (a required package missing, no such entry).
+    When main raises, its traceback goes to stderr and the result is 1.
+    """
+    rom.check_requires()
+    token = _current.set(rom)
+    try:
+        with _modules_of(rom):
+            try:
+                function = _entry(rom)
+                result = await function(host, list(args))
+            except RomError:
+                raise
+            except SystemExit as exc:
+                return _exit_code(exc.code)
+            except Exception:
+                traceback.print_exc()
+                return 1
+            return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    finally:
+        _current.reset(token)
+
+
+# -------------------------------------------------------------------------------------------
+# The child process
+
+
+@dataclass(frozen=True, slots=True)
+class _Invocation:
+    fd: int
+    cid: str | None
+    path: Path
+    args: list[str]
+
+
+def _parse(argv: Sequence[str]) -> _Invocation:
+    usage = "usage: python -m ww.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]"
+    fd: int | None = None
+    cid: str | None = None
+    rest = list(argv)
+    while rest and rest[0] in ("--fd", "--cid"):
+        if len(rest) < 2:
+            raise RomError(usage)
+        flag, value, rest = rest[0], rest[1], rest[2:]
+        if flag == "--fd":
+            if not value.isdigit():
+                raise RomError(f"--fd wants a file descriptor number, not {value!r}")
+            fd = int(value)
+        else:
+            cid = value
+    if fd is None or not rest:
+        raise RomError(usage)
+    path, rest = Path(rest[0]), rest[1:]
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    return _Invocation(fd, cid, path, rest)
+
+
+def _load(invocation: _Invocation) -> Rom:
+    try:
+        data = invocation.path.read_bytes()
+    except OSError as exc:
+        raise RomError(f"cannot read ROM {invocation.path}: {exc.strerror or exc}") from None
+    rom = Rom.load(data)
+    if invocation.cid is not None and rom.cid != invocation.cid:
+        raise RomError(f"ROM {invocation.path} is not {invocation.cid} (the cache is corrupt)")
+    rom.check_requires()
+    return rom
+
+
+async def _serve(rom: Rom, args: list[str], fd: int) -> int:
+    from ww.rpc import Connection
+
+    sock = socket.socket(fileno=fd)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    async with Connection.open(stream) as conn:
+        try:
+            return await run_local(rom, args, conn.bootstrap())
+        except RomError as exc:
+            print(f"ww.guest: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_START
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m ww.guest`; returns the exit code."""
+    try:
+        invocation = _parse(sys.argv[1:] if argv is None else argv)
+        rom = _load(invocation)
+    except RomError as exc:
+        print(f"ww.guest: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    sys.argv = [f"{rom.name}.rom", *invocation.args]
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return trio.run(_serve, rom, invocation.args, invocation.fd)
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this __main__ copy, so that ROM code importing
+    # ww.guest (rom_data) shares its state.
+    from ww.guest import main as _main
+
+    sys.exit(_main())
