@@ -284,15 +284,21 @@ class Connection:
         block closes the connection and releases everything exported on it.
         """
         conn = cls(stream, bootstrap, max_frame=max_frame, name=name)
-        async with trio.open_nursery() as nursery:
-            conn._nursery = nursery
-            nursery.start_soon(conn._read_loop)
-            nursery.start_soon(conn._write_loop)
-            try:
-                yield conn
-            finally:
-                await conn._shutdown("closed locally", logging.DEBUG)
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                conn._nursery = nursery
+                nursery.start_soon(conn._read_loop)
+                nursery.start_soon(conn._write_loop)
+                try:
+                    yield conn
+                finally:
+                    await conn._shutdown("closed locally", logging.DEBUG)
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The connection's own tasks never raise: what is here came from the block.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     def bootstrap(self) -> Ref:
         """A reference to the peer's bootstrap capability."""
@@ -313,6 +319,8 @@ class Connection:
     # --- asking ----------------------------------------------------------------------------
 
     def _check_usable(self, ref: Ref) -> None:
+        if self._collected:
+            self._flush_collected()
         if self._closing:
             raise ConnectionLost(f"connection {self.name} is closed ({self.close_reason})")
         if ref._released:
