@@ -1,0 +1,719 @@
+"""Durable raft storage: the log, hard state and snapshot in a directory, the log also in memory.
+
+The directory holds:
+
+- ``raft.meta``: whose data this is (format, version, node id, cluster id).
+- ``LOCK``: held with ``flock`` while a process has the storage open.
+- ``wal-<seq>.log``: write-ahead log segments, framed msgpack records (`ww.raft.wal`).
+- ``snap-<index>-<term>.snap``: the current snapshot.
+
+Each `save()` is one write and one fsync. Every segment starts with a header that checkpoints the
+state at its start, so the segments wholly before the compaction point can be deleted. Reads are
+served from memory. The format and its guarantees are described in docs/raft-storage.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgpack
+
+from ww.raft import wal
+from ww.raft.log import entry_size
+from ww.raft.storage import (
+    CompactedError,
+    SnapshotOutOfDateError,
+    StorageError,
+    UnavailableError,
+)
+from ww.raft.types import (
+    ConfState,
+    Entry,
+    HardState,
+    Snapshot,
+    SnapshotMetadata,
+    entry_from_wire,
+    entry_to_wire,
+    snapshot_from_wire,
+    snapshot_to_wire,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ww.raft.disk"
+VERSION = 1
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+
+META = "raft.meta"
+LOCK = "LOCK"
+_SEGMENT = re.compile(r"wal-([0-9a-f]{16})\.log")
+_SNAPSHOT = re.compile(r"snap-([0-9a-f]{16})-([0-9a-f]{16})\.snap")
+_TEMP = re.compile(r"(raft\.meta|wal-[0-9a-f]{16}\.log|snap-[0-9a-f]{16}-[0-9a-f]{16}\.snap)\.tmp")
+_LEFTOVER = re.compile(rf"LOCK|{_SEGMENT.pattern}|{_SNAPSHOT.pattern}|{_TEMP.pattern}")
+
+# Log record kinds: the first element of each record's msgpack list.
+R_HEADER = 0  # [0, seq, [term, vote, commit], last index, last term, [snap index, term] | None]
+R_ENTRIES = 1  # [1, [entry, ...]]: the log from the first entry's index on is replaced
+R_STATE = 2  # [2, term, vote, commit]
+R_INSTALL = 3  # [3, index, term]: a snapshot from the leader replaces the whole log
+R_SNAPSHOT = 4  # [4, index, term]: the application took a snapshot at index
+R_COMPACT = 5  # [5, index, term]: the log up to and including index is discarded
+
+
+class StorageCorruptError(StorageError):
+    """The stored data is damaged or is not raft data; the storage refuses to open."""
+
+
+class ForeignDirectoryError(StorageError):
+    """The directory belongs to another node or cluster, or holds something else entirely."""
+
+
+class StorageLockedError(StorageError):
+    """Another process has the directory open."""
+
+
+def _segment_name(seq: int) -> str:
+    return f"wal-{seq:016x}.log"
+
+
+def _snapshot_name(index: int, term: int) -> str:
+    return f"snap-{index:016x}-{term:016x}.snap"
+
+
+def _pack(obj: Any) -> bytes:
+    return bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Log:
+    """The log in memory, kept as etcd's MemoryStorage keeps it: `ents[0]` is a dummy entry with
+    the index and term of the last discarded entry, so the first real entry is `ents[1]`."""
+
+    __slots__ = ("ents",)
+
+    def __init__(self, index: int = 0, term: int = 0) -> None:
+        self.ents: list[Entry] = [Entry(term, index)]
+
+    @property
+    def offset(self) -> int:
+        return self.ents[0].index
+
+    def last_index(self) -> int:
+        return self.ents[0].index + len(self.ents) - 1
+
+    def term(self, index: int) -> int:
+        offset = self.ents[0].index
+        if index < offset:
+            raise CompactedError(f"index {index} is compacted (first index {offset + 1})")
+        if index - offset >= len(self.ents):
+            raise UnavailableError(f"index {index} is past the last index {self.last_index()}")
+        return self.ents[index - offset].term
+
+    def entries(self, lo: int, hi: int, max_size: int | None) -> list[Entry]:
+        offset = self.ents[0].index
+        if lo <= offset:
+            raise CompactedError(f"index {lo} is compacted (first index {offset + 1})")
+        if hi > self.last_index() + 1:
+            raise UnavailableError(f"index {hi - 1} is past the last index {self.last_index()}")
+        if lo >= hi:
+            return []
+        hi = lo + _size_limited_count(self.ents, lo - offset, hi - offset, max_size)
+        return self.ents[lo - offset : hi - offset]
+
+    def trim(self, entries: Sequence[Entry], offset: int, last: int) -> Sequence[Entry]:
+        """`entries` less those at or below `offset`, checked to follow a log ending at `last`."""
+        if not entries:
+            return entries
+        first = entries[0].index
+        for i, e in enumerate(entries):
+            if e.index != first + i:
+                raise ValueError(f"entries to append are not contiguous: {e.index} after {first}")
+        if first > last + 1:
+            raise UnavailableError(f"missing log entries: last index {last}, appending at {first}")
+        return entries[offset + 1 - first :] if first <= offset else entries
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        """Append trimmed `entries`, replacing whatever they overlap."""
+        if entries:
+            del self.ents[entries[0].index - self.ents[0].index :]
+            self.ents.extend(entries)
+
+    def compact(self, index: int, term: int) -> None:
+        self.ents = [Entry(term, index), *self.ents[index - self.ents[0].index + 1 :]]
+
+    def reset(self, index: int, term: int) -> None:
+        self.ents = [Entry(term, index)]
+
+
+def _size_limited_count(ents: list[Entry], lo: int, hi: int, max_size: int | None) -> int:
+    """How many of ents[lo:hi] fit in `max_size` bytes (always at least one), counted as
+    `ww.raft.log.limit_size` counts them."""
+    if max_size is None:
+        return hi - lo
+    size = entry_size(ents[lo])
+    for i in range(lo + 1, hi):
+        size += entry_size(ents[i])
+        if size > max_size:
+            return i - lo
+    return hi - lo
+
+
+@dataclass(slots=True)
+class _Segment:
+    seq: int
+    floor: int  # the log's last index when the segment was started
+
+
+class DiskStorage:
+    """A `LogStorage` that survives `kill -9` at any instant. Open it with `DiskStorage.open`.
+
+    Not thread-safe: call it from one thread at a time.
+    """
+
+    def __init__(self, directory: Path, sync: bool, segment_size: int) -> None:
+        self._dir = directory
+        self._sync = sync
+        self._segment_size = segment_size
+        self._log = _Log()
+        self._hard_state = HardState()
+        self._snapshot = Snapshot()
+        self._snapshot_id: tuple[int, int] | None = None  # (index, term) of the snapshot file
+        self._segments: list[_Segment] = []
+        self._install_seq = 0  # the segment holding the latest installed snapshot's record
+        self._fd = -1  # the last segment, open for appending
+        self._size = 0  # bytes in the last segment
+        self._header_end = 0  # where the last segment's header ends
+        self._dir_fd = -1
+        self._lock: Path | None = None
+        self._failed = ""
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        node_id: int,
+        cluster_id: str | int,
+        sync: bool = True,
+        conf_state: ConfState | None = None,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+    ) -> DiskStorage:
+        """Open the raft data of `node_id` in `cluster_id` at `path`, creating it if needed.
+
+        A new storage starts from `conf_state` (the voters of a new cluster; None for a node
+        that joins an existing one), as `MemoryStorage(conf_state)` does; an existing one
+        ignores it. `sync=False` skips every fsync, for simulations; all else is identical.
+        """
+        if node_id <= 0:
+            raise ValueError(f"node id must be positive, not {node_id}")
+        directory = Path(path)
+        names = _prepare_directory(directory)
+        self = cls(directory, sync, segment_size)
+        try:
+            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            self._lock = _lock(directory)
+            if META in names:
+                _check_meta(directory, node_id, cluster_id)
+                self._recover()
+            else:
+                self._initialize(node_id, cluster_id, conf_state)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self._dir
+
+    # --- Storage (reads, all from memory) ---
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        return self._hard_state, self._snapshot.metadata.conf_state
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        return self._log.entries(lo, hi, max_size)
+
+    def term(self, index: int) -> int:
+        return self._log.term(index)
+
+    def first_index(self) -> int:
+        return self._log.offset + 1
+
+    def last_index(self) -> int:
+        return self._log.last_index()
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    # --- LogStorage (writes) ---
+
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+    ) -> None:
+        """Persist a snapshot to install, entries and hard state with one write and one fsync."""
+        self._check_usable()
+        offset, last = self._log.offset, self._log.last_index()
+        install = snapshot if snapshot is not None and not snapshot.is_empty() else None
+        if install is not None:
+            current = self._snapshot.metadata.index
+            if install.metadata.index <= current:
+                raise SnapshotOutOfDateError(
+                    f"snapshot at index {install.metadata.index} is not newer than the stored "
+                    f"one at {current}"
+                )
+            offset = last = install.metadata.index
+        new = self._log.trim(entries, offset, last)
+        records = []
+        if install is not None:
+            self._write_snapshot_file(install)
+            records.append(wal.frame(_pack([R_INSTALL, offset, install.metadata.term])))
+        if new:
+            records.append(wal.frame(_pack([R_ENTRIES, [entry_to_wire(e) for e in new]])))
+        if hard_state is not None and hard_state != self._hard_state:
+            hs = hard_state
+            records.append(wal.frame(_pack([R_STATE, hs.term, hs.vote, hs.commit])))
+        if records:
+            self._append(b"".join(records))
+        if install is not None:
+            self._log.reset(offset, install.metadata.term)
+            self._snapshot = install
+            self._snapshot_id = (offset, install.metadata.term)
+            self._install_seq = self._segments[-1].seq
+        self._log.append(new)
+        if hard_state is not None:
+            self._hard_state = hard_state
+        if install is not None:
+            self._remove_stale_snapshots()
+            self._prune()
+
+    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
+        self._check_usable()
+        current = self._snapshot.metadata.index
+        if index <= current:
+            raise SnapshotOutOfDateError(
+                f"snapshot at index {index} is not newer than the stored one at {current}"
+            )
+        term = self._log.term(index)
+        snapshot = Snapshot(data, SnapshotMetadata(index, term, conf_state))
+        self._write_snapshot_file(snapshot)
+        self._append(wal.frame(_pack([R_SNAPSHOT, index, term])))
+        self._snapshot = snapshot
+        self._snapshot_id = (index, term)
+        self._remove_stale_snapshots()
+        return snapshot
+
+    def compact(self, index: int) -> None:
+        self._check_usable()
+        if index <= self._log.offset:
+            raise CompactedError(f"index {index} is already compacted")
+        term = self._log.term(index)
+        self._append(wal.frame(_pack([R_COMPACT, index, term])))
+        self._log.compact(index, term)
+        self._prune()
+
+    def close(self) -> None:
+        self._release()
+
+    def __enter__(self) -> DiskStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- writing ---
+
+    def _check_usable(self) -> None:
+        if self._failed:
+            raise StorageError(f"raft storage in {self._dir} failed earlier: {self._failed}")
+        if self._fd < 0:
+            raise StorageError(f"raft storage in {self._dir} is closed")
+
+    def _append(self, data: bytes) -> None:
+        """Append `data` to the log, rolling to a new segment first if it would overflow."""
+        if self._size > self._header_end and self._size + len(data) > self._segment_size:
+            self._roll()
+        try:
+            _write_all(self._fd, data)
+            if self._sync:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            self._failed = f"cannot write {self._segment_path(self._segments[-1].seq)}: {e}"
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise StorageError(self._failed) from e
+        self._size += len(data)
+
+    def _roll(self) -> None:
+        """Start the next segment with a header checkpointing the current state."""
+        fd = self._create_segment(self._segments[-1].seq + 1)
+        os.close(self._fd)
+        self._fd = fd
+
+    def _create_segment(self, seq: int) -> int:
+        """Create segment `seq` holding a header that checkpoints the current state, atomically,
+        and make it the last segment."""
+        last = self._log.last_index()
+        hs = self._hard_state
+        snap = None if self._snapshot_id is None else list(self._snapshot_id)
+        header = [R_HEADER, seq, [hs.term, hs.vote, hs.commit], last, self._log.term(last), snap]
+        data = wal.frame(_pack(header))
+        name = _segment_name(seq)
+        temp = self._dir / f"{name}.tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            try:
+                _write_all(fd, data)
+                if self._sync:
+                    os.fsync(fd)
+                os.replace(temp, self._dir / name)
+                self._sync_dir()
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as e:
+            self._failed = f"cannot create {self._dir / name}: {e}"
+            raise StorageError(self._failed) from e
+        self._size = self._header_end = len(data)
+        self._segments.append(_Segment(seq, last))
+        return fd
+
+    def _write_snapshot_file(self, snapshot: Snapshot) -> None:
+        m = snapshot.metadata
+        payload = _pack([FORMAT, VERSION, snapshot_to_wire(snapshot)])
+        try:
+            self._write_atomically(_snapshot_name(m.index, m.term), wal.frame(payload))
+        except OSError as e:
+            raise StorageError(f"cannot write a snapshot in {self._dir}: {e}") from e
+
+    def _write_atomically(self, name: str, data: bytes) -> None:
+        """Write a whole file under a temporary name, fsync it, rename it, fsync the directory."""
+        temp = self._dir / f"{name}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            if self._sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self._dir / name)
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        if self._sync:
+            os.fsync(self._dir_fd)
+
+    def _remove_stale_snapshots(self) -> None:
+        keep = None if self._snapshot_id is None else _snapshot_name(*self._snapshot_id)
+        for name in os.listdir(self._dir):
+            if _SNAPSHOT.fullmatch(name) and name != keep:
+                self._remove(name)
+
+    def _prune(self) -> None:
+        """Delete the segments that a replay no longer needs, oldest first.
+
+        Replay may start at segment k if its header's last index is within the compacted part
+        of the log, or if a later snapshot install replaces the log anyway. Only segments before
+        a run of such starts are deleted, so a crash between two deletions leaves a valid start.
+        """
+        segments = self._segments
+        start = 0
+        for k in range(1, len(segments)):
+            s = segments[k]
+            if s.seq <= self._install_seq or s.floor <= self._log.offset:
+                start = k
+            else:
+                break
+        for s in segments[:start]:
+            self._remove(_segment_name(s.seq))
+            self._sync_dir()
+        del segments[:start]
+
+    def _remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._dir / name)
+
+    def _segment_path(self, seq: int) -> Path:
+        return self._dir / _segment_name(seq)
+
+    # --- opening ---
+
+    def _release(self) -> None:
+        for name in ("_fd", "_dir_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        if self._lock is not None:
+            _unlock(self._lock)
+            self._lock = None
+
+    def _initialize(
+        self, node_id: int, cluster_id: str | int, conf_state: ConfState | None
+    ) -> None:
+        """Create a new storage. raft.meta is written last: until it exists, the directory
+        holds only the leftovers of an interrupted start, which the next open removes."""
+        for name in os.listdir(self._dir):
+            if name != LOCK:
+                self._remove(name)
+        if conf_state is not None:
+            self._snapshot = Snapshot(metadata=SnapshotMetadata(conf_state=conf_state))
+            self._snapshot_id = (0, 0)
+            self._write_snapshot_file(self._snapshot)
+        self._fd = self._create_segment(1)
+        meta: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+        meta.update(node_id=node_id, cluster_id=cluster_id)
+        self._write_atomically(META, wal.frame(_pack(meta)))
+
+    def _recover(self) -> None:
+        """Rebuild the state from the segments and the snapshot they name."""
+        names = os.listdir(self._dir)
+        for name in names:
+            if _TEMP.fullmatch(name):
+                self._remove(name)
+        seqs = sorted(int(m[1], 16) for n in names if (m := _SEGMENT.fullmatch(n)))
+        if not seqs:
+            raise StorageCorruptError(f"raft data in {self._dir} has no log segments (wal-*.log)")
+        for a, b in itertools.pairwise(seqs):
+            if b != a + 1:
+                raise StorageCorruptError(
+                    f"raft log {self._segment_path(a + 1)} is missing (the log continues in "
+                    f"{self._segment_path(b).name}); refusing to start"
+                )
+        replay = _Replay()
+        torn_at = -1
+        for seq in seqs:
+            path = self._segment_path(seq)
+            buf = path.read_bytes()
+            scan = wal.scan(buf)
+            if scan.problem:
+                if seq != seqs[-1] or wal.next_intact_frame(buf, scan.end + 1) is not None:
+                    raise StorageCorruptError(
+                        f"raft log {path} is damaged at offset {scan.end} ({scan.problem}) "
+                        "before the end of the log; refusing to start"
+                    )
+                if scan.records:
+                    torn_at = scan.end
+                    log.warning(
+                        "raft log %s: discarding a torn record at offset %d (%s, %d bytes) "
+                        "left by an interrupted write",
+                        path,
+                        scan.end,
+                        scan.problem,
+                        len(buf) - scan.end,
+                    )
+            replay.segment(path, seq, scan.records)
+            self._header_end = scan.records[0][1].nbytes + wal.HEAD_SIZE
+            self._size = scan.end
+        self._log = replay.log
+        self._hard_state = replay.hard_state
+        self._segments = replay.segments
+        self._install_seq = replay.install_seq
+        self._snapshot_id = replay.snapshot_id
+        if replay.snapshot_id is not None:
+            self._snapshot = self._read_snapshot(*replay.snapshot_id)
+        path = self._segment_path(seqs[-1])
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        if torn_at >= 0:
+            os.ftruncate(self._fd, torn_at)
+            if self._sync:
+                os.fsync(self._fd)
+        self._remove_stale_snapshots()
+        self._prune()
+
+    def _read_snapshot(self, index: int, term: int) -> Snapshot:
+        path = self._dir / _snapshot_name(index, term)
+        try:
+            buf = path.read_bytes()
+        except FileNotFoundError:
+            raise StorageCorruptError(
+                f"raft snapshot {path} is missing, yet the log refers to it; refusing to start"
+            ) from None
+        scan = wal.scan(buf)
+        try:
+            if scan.problem or len(scan.records) != 1:
+                raise ValueError(scan.problem or "not exactly one record")
+            fmt, version, wire = msgpack.unpackb(scan.records[0][1], raw=False)
+            if fmt != FORMAT or version != VERSION:
+                raise ValueError(f"format {fmt!r} version {version!r}")
+            snapshot = snapshot_from_wire(wire)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise StorageCorruptError(
+                f"raft snapshot {path} is damaged ({e}); refusing to start"
+            ) from None
+        if (snapshot.metadata.index, snapshot.metadata.term) != (index, term):
+            raise StorageCorruptError(f"raft snapshot {path} holds another snapshot")
+        return snapshot
+
+
+class _Replay:
+    """Rebuilds the state by applying the log's records in order."""
+
+    def __init__(self) -> None:
+        self.log = _Log()
+        self.hard_state = HardState()
+        self.snapshot_id: tuple[int, int] | None = None
+        self.segments: list[_Segment] = []
+        self.install_seq = 0
+
+    def segment(self, path: Path, seq: int, records: list[tuple[int, memoryview]]) -> None:
+        if not records:
+            raise StorageCorruptError(f"raft log {path} has no intact header; refusing to start")
+        offset = records[0][0]
+        try:
+            for offset, payload in records:
+                record = msgpack.unpackb(payload, raw=False)
+                if not isinstance(record, list) or not record:
+                    raise ValueError("not a log record")
+                if (record[0] == R_HEADER) != (offset == 0):
+                    raise ValueError("a segment header must come first, and only there")
+                self._apply(seq, record)
+        except StorageCorruptError as e:
+            raise StorageCorruptError(f"raft log {path} at offset {offset}: {e}") from None
+        except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+            raise StorageCorruptError(
+                f"raft log {path} holds an invalid record at offset {offset} ({e}); "
+                "refusing to start"
+            ) from None
+
+    def _apply(self, seq: int, record: list[Any]) -> None:
+        kind = record[0]
+        if kind == R_HEADER:
+            _, header_seq, (term, vote, commit), last, last_term, snap = record
+            if header_seq != seq:
+                raise ValueError(f"its header names segment {header_seq}")
+            hard_state = HardState(term, vote, commit)
+            snapshot_id = None if snap is None else (snap[0], snap[1])
+            if not self.segments:
+                self.log = _Log(last, last_term)
+                self.hard_state = hard_state
+                self.snapshot_id = snapshot_id
+            elif (hard_state, snapshot_id) != (self.hard_state, self.snapshot_id):
+                raise StorageCorruptError("its header disagrees with the segments before it")
+            self.segments.append(_Segment(seq, last))
+        elif kind == R_ENTRIES:
+            entries = [entry_from_wire(w) for w in record[1]]
+            self.log.append(self.log.trim(entries, self.log.offset, self.log.last_index()))
+        elif kind == R_STATE:
+            _, term, vote, commit = record
+            self.hard_state = HardState(term, vote, commit)
+        elif kind == R_INSTALL:
+            _, index, term = record
+            self.log.reset(index, term)
+            self.snapshot_id = (index, term)
+            self.install_seq = seq
+        elif kind == R_SNAPSHOT:
+            _, index, term = record
+            self.snapshot_id = (index, term)
+        elif kind == R_COMPACT:
+            _, index, term = record
+            if index > self.log.last_index():
+                raise ValueError(f"compaction to {index} past the last index")
+            if index > self.log.offset:
+                self.log.compact(index, term)
+        else:
+            raise ValueError(f"unknown record kind {kind!r}")
+
+
+def _prepare_directory(directory: Path) -> list[str]:
+    """Create `directory` if needed; refuse one that holds something other than raft data."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        names = os.listdir(directory)
+    except NotADirectoryError:
+        raise ForeignDirectoryError(
+            f"{directory} is not a directory; use another --data-dir"
+        ) from None
+    except FileExistsError:
+        raise ForeignDirectoryError(
+            f"{directory} is not a directory; use another --data-dir"
+        ) from None
+    except OSError as e:
+        raise StorageError(f"cannot use {directory} for raft data: {e.strerror}") from None
+    if META not in names:
+        strangers = sorted(n for n in names if not _LEFTOVER.fullmatch(n))
+        if strangers:
+            raise ForeignDirectoryError(
+                f"{directory} is not empty and holds no raft data (it has {strangers[0]!r}); "
+                "use an empty or new --data-dir"
+            )
+    return names
+
+
+def _check_meta(directory: Path, node_id: int, cluster_id: str | int) -> None:
+    path = directory / META
+    scan = wal.scan(path.read_bytes())
+    meta: Any = None
+    if not scan.problem and len(scan.records) == 1:
+        with contextlib.suppress(ValueError, TypeError, msgpack.UnpackException):
+            meta = msgpack.unpackb(scan.records[0][1], raw=False)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ForeignDirectoryError(
+            f"{path} is not a raft metadata file; {directory} holds something else or is "
+            "damaged; use another --data-dir"
+        )
+    if meta.get("version") != VERSION:
+        raise ForeignDirectoryError(
+            f"raft data in {directory} has format version {meta.get('version')!r}, "
+            f"this version reads {VERSION}"
+        )
+    theirs = (meta.get("node_id"), meta.get("cluster_id"))
+    if theirs != (node_id, cluster_id) or type(theirs[1]) is not type(cluster_id):
+        raise ForeignDirectoryError(
+            f"raft data in {directory} belongs to node {theirs[0]} of cluster {theirs[1]!r}, "
+            f"not node {node_id} of cluster {cluster_id!r}; use another --data-dir"
+        )
+
+
+_locks: dict[Path, list[int]] = {}  # directory -> [lock file descriptor, users in this process]
+
+
+def _lock(directory: Path) -> Path:
+    """Lock `directory` against other processes. The lock is per process, so the same process
+    may open a directory twice (a simulator restarting a node before dropping the old one)."""
+    key = directory.resolve()
+    held = _locks.get(key)
+    if held is not None:
+        held[1] += 1
+        return key
+    fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StorageLockedError(
+            f"raft data in {directory} is in use by another process; stop it first"
+        ) from None
+    _locks[key] = [fd, 1]
+    return key
+
+
+def _unlock(key: Path) -> None:
+    held = _locks[key]
+    held[1] -= 1
+    if held[1] == 0:
+        del _locks[key]
+        os.close(held[0])
