@@ -1,0 +1,285 @@
+"""`RawNode`: the protocol core with etcd's Ready/advance cycle, for a caller that owns the
+storage, the transport and the clock.
+
+The loop a driver runs::
+
+    node.tick()                       # every tick interval
+    node.step(message)                # for each message from the network
+    node.propose(data)                # for each client request
+    if node.has_ready():
+        rd = node.ready()
+        storage.save(rd.hard_state, rd.entries, rd.snapshot)   # durably, before sending
+        send(rd.messages)
+        install(rd.snapshot); apply(rd.committed_entries)       # apply_conf_change for conf
+        node.advance(rd)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ww.raft.core import Config, Raft, StateType, Stats
+from ww.raft.errors import (
+    ProposalDroppedError,
+    RaftError,
+    StepLocalMessageError,
+    StepPeerNotFoundError,
+)
+from ww.raft.tracker import Progress
+from ww.raft.types import (
+    LOCAL_MESSAGES,
+    NONE,
+    ConfChange,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    MessageType,
+    Snapshot,
+)
+
+__all__ = ["Config", "RawNode", "ReadState", "Ready", "SoftState", "StateType", "Status"]
+
+_RESPONSES = frozenset(
+    {
+        MessageType.APP_RESP,
+        MessageType.VOTE_RESP,
+        MessageType.PRE_VOTE_RESP,
+        MessageType.HEARTBEAT_RESP,
+        MessageType.SNAP_STATUS,
+        MessageType.UNREACHABLE,
+    }
+)
+_TERMLESS = frozenset({MessageType.PROP, MessageType.READ_INDEX})
+
+
+@dataclass(frozen=True, slots=True)
+class SoftState:
+    """Volatile state worth reporting: who leads, and this node's role."""
+
+    lead: int
+    raft_state: StateType
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """A read request (`request_ctx`) may be served once the application has applied up to
+    `index`."""
+
+    index: int
+    request_ctx: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """What the application must do next, in this order: persist `snapshot`, `entries` and
+    `hard_state` (durably if `must_sync`); then send `messages`; then install `snapshot` and
+    apply `committed_entries`; then call `advance(ready)`."""
+
+    soft_state: SoftState | None = None
+    hard_state: HardState | None = None
+    read_states: tuple[ReadState, ...] = ()
+    entries: tuple[Entry, ...] = ()
+    snapshot: Snapshot | None = None
+    committed_entries: tuple[Entry, ...] = ()
+    messages: tuple[Message, ...] = ()
+    must_sync: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    id: int
+    hard_state: HardState
+    soft_state: SoftState
+    applied: int
+    config: ConfState
+    lead_transferee: int = NONE
+    progress: dict[int, Progress] = field(default_factory=dict)
+    """Copies of every member's progress; filled only on the leader."""
+
+
+class RawNode:
+    """A Raft node without I/O. Not thread-safe: call it from one task."""
+
+    def __init__(self, config: Config) -> None:
+        self.raft = Raft(config)
+        self._prev_soft = self._soft_state()
+        self._prev_hard = self.raft.hard_state()
+
+    @property
+    def stats(self) -> Stats:
+        return self.raft.stats
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Advance the logical clock by one tick."""
+        self.raft.tick()
+
+    def campaign(self) -> None:
+        """Start an election now (with pre-vote if configured)."""
+        self.raft.step(Message(type=MessageType.HUP, frm=self.raft.id))
+
+    def propose(self, data: bytes) -> None:
+        """Propose `data` to be appended to the log. Raises ProposalDroppedError (or its
+        UncommittedSizeLimitError) if it cannot be accepted now."""
+        self._propose(Entry(term=0, index=0, data=data))
+
+    def propose_conf_change(self, cc: ConfChange) -> None:
+        """Propose a membership change. Raises ConfChangeError on the leader if it cannot
+        apply (another is pending, or it would not leave / enter a joint config correctly)."""
+        self._propose(Entry(term=0, index=0, type=EntryType.CONF_CHANGE, data=cc.encode()))
+
+    def _propose(self, e: Entry) -> None:
+        try:
+            self.raft.step(Message(type=MessageType.PROP, frm=self.raft.id, entries=(e,)))
+        except ProposalDroppedError:
+            self.raft.stats.dropped_proposals += 1
+            raise
+
+    def apply_conf_change(self, cc: ConfChange) -> ConfState:
+        """Apply a committed conf change entry's change; returns the new configuration."""
+        return self.raft.apply_conf_change(cc)
+
+    def read_index(self, ctx: bytes) -> None:
+        """Request a linearizable read. Its ReadState (with `ctx`) appears in a later Ready;
+        a read that finds no leader is dropped (and counted)."""
+        self.raft.step(Message(type=MessageType.READ_INDEX, entries=(Entry(0, 0, data=ctx),)))
+
+    def transfer_leader(self, transferee: int) -> None:
+        """Ask the leader to hand leadership to `transferee`."""
+        self.raft.step(Message(type=MessageType.TRANSFER_LEADER, frm=transferee))
+
+    def report_unreachable(self, node: int) -> None:
+        """The transport failed to reach `node`: probe it instead of streaming."""
+        self.raft.step(Message(type=MessageType.UNREACHABLE, frm=node))
+
+    def report_snapshot(self, node: int, ok: bool) -> None:
+        """The snapshot sent to `node` was delivered (`ok`) or failed."""
+        self.raft.step(Message(type=MessageType.SNAP_STATUS, frm=node, reject=not ok))
+
+    def step(self, m: Message) -> None:
+        """Handle a message from the network. Never raises: a message that is local-only,
+        from an unknown node, malformed for its type, or refused is dropped and counted in
+        `stats.dropped_messages`."""
+        reason = _invalid(m, self.raft.id)
+        if reason is not None:
+            self.raft.stats.drop(reason)
+            return
+        if m.type in _TERMLESS and m.term != 0:
+            m = replace(m, term=0)
+        try:
+            self.step_checked(m)
+        except StepLocalMessageError:
+            self.raft.stats.drop("local_message")
+        except StepPeerNotFoundError:
+            self.raft.stats.drop("unknown_peer")
+        except ProposalDroppedError:
+            self.raft.stats.drop("proposal_dropped")
+            self.raft.stats.dropped_proposals += 1
+        except RaftError as e:
+            self.raft.stats.drop(type(e).__name__)
+
+    def step_checked(self, m: Message) -> None:
+        """`step` that raises instead of counting (etcd's RawNode.Step)."""
+        if m.type in LOCAL_MESSAGES:
+            raise StepLocalMessageError(f"{m.type.name} is local; it cannot come from {m.frm}")
+        if m.type in _RESPONSES and m.frm not in self.raft.prs.progress:
+            raise StepPeerNotFoundError(f"{m.type.name} from {m.frm}, which is not a member")
+        self.raft.step(m)
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _soft_state(self) -> SoftState:
+        return SoftState(self.raft.lead, self.raft.state)
+
+    def has_ready(self) -> bool:
+        r = self.raft
+        if self._soft_state() != self._prev_soft:
+            return True
+        hs = r.hard_state()
+        if not hs.is_empty() and hs != self._prev_hard:
+            return True
+        return bool(
+            r.raft_log.has_pending_snapshot()
+            or r.msgs
+            or r.has_pending_appends()
+            or r.raft_log.unstable.entries
+            or r.raft_log.has_next_committed_ents()
+            or r.read_states
+        )
+
+    def ready(self) -> Ready:
+        """What to persist, send and apply now. Call `advance` once it is done."""
+        r = self.raft
+        msgs = r.read_messages()
+        soft = self._soft_state()
+        hs = r.hard_state()
+        entries = tuple(r.raft_log.unstable_entries())
+        rd = Ready(
+            soft_state=soft if soft != self._prev_soft else None,
+            hard_state=hs if hs != self._prev_hard else None,
+            read_states=tuple(ReadState(i, c) for i, c in r.read_states),
+            entries=entries,
+            snapshot=r.raft_log.unstable.snapshot if r.raft_log.has_pending_snapshot() else None,
+            committed_entries=tuple(r.raft_log.next_committed_ents()),
+            messages=tuple(msgs),
+            must_sync=bool(entries)
+            or hs.term != self._prev_hard.term
+            or hs.vote != self._prev_hard.vote,
+        )
+        self._prev_soft = soft
+        r.read_states = []
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The Ready `rd` is persisted and applied."""
+        if rd.hard_state is not None:
+            self._prev_hard = rd.hard_state
+        self.raft.advance(rd.entries, rd.snapshot, rd.committed_entries)
+
+    def status(self) -> Status:
+        r = self.raft
+        progress = {}
+        if r.state == StateType.LEADER:
+            progress = {i: pr.clone() for i, pr in r.prs.progress.items()}
+        return Status(
+            id=r.id,
+            hard_state=r.hard_state(),
+            soft_state=self._soft_state(),
+            applied=r.raft_log.applied,
+            config=r.prs.conf_state(),
+            lead_transferee=r.lead_transferee,
+            progress=progress,
+        )
+
+
+def _invalid(m: Message, self_id: int) -> str | None:
+    """Why a message from the network is malformed for its type, or None."""
+    if m.type in LOCAL_MESSAGES:
+        return "local_message"
+    if m.frm == NONE:
+        return "no_sender"
+    if m.frm == self_id:
+        return "from_self"
+    if m.to not in (NONE, self_id):
+        return "wrong_recipient"
+    if m.term == 0 and m.type not in _TERMLESS:
+        return "no_term"
+    t = m.type
+    if t == MessageType.PROP and not m.entries:
+        return "empty_proposal"
+    if t in (MessageType.READ_INDEX, MessageType.READ_INDEX_RESP) and len(m.entries) != 1:
+        return "bad_read_index"
+    if t == MessageType.SNAP and (m.snapshot is None or m.snapshot.is_empty()):
+        return "empty_snapshot"
+    if t == MessageType.APP:
+        prev_index, prev_term = m.index, m.log_term
+        for e in m.entries:
+            if e.index != prev_index + 1 or e.term < prev_term or e.term > m.term:
+                return "bad_append_entries"
+            prev_index, prev_term = e.index, e.term
+        if m.log_term > m.term:
+            return "bad_append_entries"
+    return None
