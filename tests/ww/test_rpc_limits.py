@@ -1,0 +1,111 @@
+"""Hostile peers: an oversized or malformed frame closes that one connection, logged; the
+server keeps serving everyone else."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgpack
+import pytest
+import trio
+
+from ww.rpc import Capability, CapabilityError, Connection, RemoteError, serve_connection
+from ww.rpc.wire import encode_frame
+
+MAX_FRAME = 1024
+
+
+class Echo(Capability):
+    async def echo(self, value: object) -> object:
+        return value
+
+    async def big(self, n: int) -> bytes:
+        return b"x" * n
+
+
+@asynccontextmanager
+async def server() -> AsyncIterator[int]:
+    async def handler(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, Echo(), max_frame=MAX_FRAME)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def read_until_eof(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some():
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ((MAX_FRAME + 1).to_bytes(4, "big"), "exceeds the limit of 1024 bytes"),
+        ((2**32 - 1).to_bytes(4, "big") + b"x" * 100, "frame of 4294967295 bytes"),
+        (encode_frame(b"\xc1\xc1\xc1"), "undecodable message"),
+        (encode_frame(msgpack.packb({"not": "a message"})), "not a non-empty array"),
+        (encode_frame(msgpack.packb([0, 1, 0, "echo", "args?"])), "bad arguments"),
+        (encode_frame(msgpack.packb([3, 12345, 1])), "release of unknown capability 12345"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "exceeds the limit"),
+    ],
+)
+async def test_bad_frame_closes_only_that_connection(
+    payload: bytes, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ww.rpc")
+    async with server() as port:
+        good_stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with Connection.open(good_stream) as good:
+            assert await good.bootstrap().echo("before") == "before"
+            bad = await trio.open_tcp_stream("127.0.0.1", port)
+            await bad.send_all(payload)
+            assert await read_until_eof(bad) == b""
+            await bad.aclose()
+            assert any(
+                r.name == "ww.rpc" and reason in r.getMessage() and r.levelno == logging.WARNING
+                for r in caplog.records
+            ), [r.getMessage() for r in caplog.records]
+            # The other connection and new ones are still served.
+            assert await good.bootstrap().echo("after") == "after"
+            again = await trio.open_tcp_stream("127.0.0.1", port)
+            async with Connection.open(again) as conn:
+                assert await conn.bootstrap().echo(1) == 1
+
+
+async def test_peer_vanishing_mid_frame_is_logged_and_harmless(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ww.rpc")
+    async with server() as port:
+        bad = await trio.open_tcp_stream("127.0.0.1", port)
+        await bad.send_all((100).to_bytes(4, "big") + b"partial")
+        await bad.send_eof()
+        assert await read_until_eof(bad) == b""
+        assert any("middle of a frame" in r.getMessage() for r in caplog.records)
+        async with Connection.open(await trio.open_tcp_stream("127.0.0.1", port)) as conn:
+            assert await conn.bootstrap().echo("ok") == "ok"
+
+
+async def test_sender_refuses_a_message_over_the_frame_limit() -> None:
+    async with server() as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with Connection.open(stream, max_frame=MAX_FRAME) as conn:
+            with pytest.raises(CapabilityError, match="exceeds the frame limit of 1024"):
+                await conn.bootstrap().echo(b"x" * 2000)
+            assert await conn.bootstrap().echo(b"x" * 500) == b"x" * 500
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with Connection.open(stream) as conn:
+            # The server refuses an oversize answer the same way, as an error to the caller.
+            with pytest.raises(RemoteError, match="exceeds the frame limit of 1024"):
+                await conn.bootstrap().big(2000)
+            assert await conn.bootstrap().big(10) == b"x" * 10
