@@ -1,0 +1,248 @@
+"""The capabilities a host lends: Host, View, PubSub/Topic, Anchor, Channel, Process.
+
+They are thin: each checks its arguments, turns bad input into a one-line `CapabilityError`,
+and asks the `Host` (ww.host.node) to do the work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ww.host.anchors import AnchorTree
+from ww.host.channel import Channel, ChannelClosed
+from ww.host.lease import Lease
+from ww.host.paths import AnchorPathError, Parts, format_path, parse_path
+from ww.host.pubsub import PubSubError, check_data, check_topic
+from ww.rpc import Capability, CapabilityError, Ref
+
+if TYPE_CHECKING:
+    from ww.host.node import Host, ProcessRecord
+
+log = logging.getLogger("ww.host")
+
+MAX_ANCHOR_BYTES = 1024 * 1024
+
+
+class HostCapability(Capability):
+    """The bootstrap of one connection or one spawned process; its lease ends on release."""
+
+    def __init__(self, host: Host, lease: Lease) -> None:
+        self._host = host
+        self._lease = lease
+
+    async def _on_release(self) -> None:
+        self._lease.end()
+
+    async def id(self) -> str:
+        return self._host.peer_id
+
+    async def view(self) -> ViewCapability:
+        return ViewCapability(self._host)
+
+    async def pubsub(self) -> PubSubCapability:
+        return PubSubCapability(self._host)
+
+    async def root(self) -> AnchorCapability:
+        return AnchorCapability(self._host, (), self._lease)
+
+    async def channel(self, capacity: int = 0) -> ChannelCapability:
+        try:
+            return ChannelCapability(capacity)
+        except ValueError as e:
+            raise CapabilityError(str(e)) from None
+
+    async def spawn(self, rom: bytes | str, args: list[str] | None = None) -> ProcessCapability:
+        record = await self._host.spawn(rom, _check_args(args))
+        return ProcessCapability(record)
+
+    async def ps(self) -> list[dict[str, Any]]:
+        return [record.info() for record in self._host.processes()]
+
+    async def kill(self, pid: int) -> None:
+        self._host.process(pid).kill()
+
+    async def logs(self, pid: int) -> bytes:
+        return self._host.process(pid).logs()
+
+    async def stats(self) -> dict[str, int]:
+        """Counters for operators and tests: connections, exports, anchors, links, ..."""
+        return self._host.stats()
+
+    async def peer_link(self, hello: dict[str, Any], link: Ref) -> dict[str, Any]:
+        """Host↔host: the dialing host introduces itself and its PeerLink; we answer in kind."""
+        return await self._host.accept_link(hello, link)
+
+
+class ViewCapability(Capability):
+    """The cluster view: live hosts as this host sees them."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        return self._host.live_hosts()
+
+
+class PubSubCapability(Capability):
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    async def join(self, topic: str) -> TopicCapability:
+        try:
+            return TopicCapability(self._host, check_topic(topic))
+        except PubSubError as e:
+            raise CapabilityError(str(e)) from None
+
+
+class TopicCapability(Capability):
+    """One topic: publish to every subscriber in the cluster; subscribe to a stream."""
+
+    def __init__(self, host: Host, topic: str) -> None:
+        self._host = host
+        self._topic = topic
+
+    async def name(self) -> str:
+        return self._topic
+
+    async def publish(self, data: bytes) -> None:
+        try:
+            self._host.publish(self._topic, check_data(data))
+        except PubSubError as e:
+            raise CapabilityError(str(e)) from None
+
+    async def subscribe(self) -> AsyncIterator[bytes]:
+        sub = self._host.router.subscribe(self._topic)
+        try:
+            async for data in sub.receive:
+                yield data
+        finally:
+            self._host.router.unsubscribe(sub)
+
+
+class AnchorCapability(Capability):
+    """A path in the cluster-wide tree, held for one lease.
+
+    The root `/` lists live hosts; `/<peer id>/...` is that host's own tree. An instance here
+    is either the root or a path in this host's tree: walking elsewhere returns the owning
+    host's anchor, reached over the host↔host link.
+    """
+
+    def __init__(self, host: Host, parts: Parts, lease: Lease) -> None:
+        self._host = host
+        self._parts = parts
+        self._lease = lease
+
+    @property
+    def _local(self) -> Parts:
+        return self._parts[1:]
+
+    async def path(self) -> str:
+        return format_path(self._parts)
+
+    async def ls(self) -> list[str]:
+        if not self._parts:
+            return [h["peer"] for h in self._host.live_hosts()]
+        return self._host.tree.ls(self._local)
+
+    async def walk(self, path: str) -> AnchorCapability | Ref:
+        try:
+            parts = parse_path(path, base=self._parts)
+        except AnchorPathError as e:
+            raise CapabilityError(str(e)) from None
+        if not parts or parts[0] == self._host.peer_id:
+            return AnchorCapability(self._host, parts, self._lease)
+        return await self._host.remote_anchor(parts, self._lease)
+
+    async def store(self, value: Any) -> None:
+        self._check_writable()
+        if isinstance(value, bytes) and len(value) > MAX_ANCHOR_BYTES:
+            raise CapabilityError(f"anchor value is {len(value)} bytes; at most {MAX_ANCHOR_BYTES}")
+        if value is not None and not isinstance(value, bytes | Capability | Ref):
+            raise CapabilityError(f"anchors hold bytes or a capability, not {type(value).__name__}")
+        _store(self._host.tree, self._local, value, self._lease)
+
+    async def load(self) -> Any:
+        if not self._parts:
+            return None
+        return self._host.tree.load(self._local)
+
+    async def spawn(self, rom: bytes | str, args: list[str] | None = None) -> ProcessCapability:
+        """Spawn a ROM on this host and hang its Process here for as long as it runs."""
+        self._check_writable()
+        record = await self._host.spawn(rom, _check_args(args))
+        cap = ProcessCapability(record)
+        if not record.lease.ended:  # a process that is already gone leaves nothing behind
+            _store(self._host.tree, self._local, cap, record.lease)
+        return cap
+
+    def _check_writable(self) -> None:
+        if not self._parts:
+            raise CapabilityError("the root anchor lists hosts; walk to /<peer id>/NAME to store")
+
+
+def _store(tree: AnchorTree, parts: Parts, value: Any, lease: Lease) -> None:
+    try:
+        tree.store(parts, value, lease)
+    except ValueError as e:
+        raise CapabilityError(str(e)) from None
+
+
+class ChannelCapability(Capability):
+    """A channel (ww.host.channel.Channel) lent out; closed when the last holder lets go."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        self._channel = Channel(capacity)
+
+    async def _on_release(self) -> None:
+        self._channel.close()
+
+    async def send(self, value: Any) -> None:
+        try:
+            await self._channel.send(value)
+        except ChannelClosed as e:
+            raise CapabilityError(str(e)) from None
+
+    async def recv(self) -> Any:
+        try:
+            return await self._channel.recv()
+        except ChannelClosed as e:
+            raise CapabilityError(str(e)) from None
+
+    async def close(self) -> None:
+        self._channel.close()
+
+    async def capacity(self) -> int:
+        return self._channel.capacity
+
+    async def recv_stream(self) -> AsyncIterator[Any]:
+        async for value in self._channel.stream():
+            yield value
+
+
+class ProcessCapability(Capability):
+    """A spawned ROM process."""
+
+    def __init__(self, record: ProcessRecord) -> None:
+        self._record = record
+
+    async def wait(self) -> int:
+        return await self._record.wait()
+
+    async def kill(self) -> None:
+        self._record.kill()
+
+    async def info(self) -> dict[str, Any]:
+        return self._record.info()
+
+    async def logs(self) -> bytes:
+        return self._record.logs()
+
+
+def _check_args(args: object) -> list[str]:
+    if args is None:
+        return []
+    if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
+        raise CapabilityError("ROM arguments must be a list of strings")
+    return list(args)

@@ -1,0 +1,77 @@
+"""Host configuration and the address helpers the host and its tests share."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Address = tuple[str, int]
+
+
+class HostError(Exception):
+    """A host cannot start as configured; the message is one line saying what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """How to run a host. `listen` port 0 picks a free port."""
+
+    listen: Address = ("127.0.0.1", 2020)
+    data_dir: Path = Path("ww-host")
+    peers: list[Address] = field(default_factory=list)
+    ns: str = "ww"
+    meta: dict[str, str] = field(default_factory=dict)
+    cluster_key_path: Path | None = None
+    heartbeat_interval: float = 1.0
+    ttl: float = 5.0
+
+    def check(self) -> None:
+        """Raise HostError when the configuration cannot work."""
+        if not 0 < self.heartbeat_interval < self.ttl:
+            raise HostError(
+                f"heartbeat interval {self.heartbeat_interval}s must be positive and shorter"
+                f" than the TTL {self.ttl}s"
+            )
+        if self.cluster_key_path is None and not is_loopback(self.listen[0]):
+            raise HostError(
+                f"refusing to listen on {format_address(self.listen)} without a cluster key;"
+                " pass --key FILE (make one with `ww keygen`) or listen on 127.0.0.1"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """What a started host reports: its peer id and the address it listens on."""
+
+    peer_id: str
+    addr: Address
+
+    @property
+    def address(self) -> str:
+        return format_address(self.addr)
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback IP addresses and 'localhost'; names are not resolved."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str) -> Address:
+    """`HOST:PORT` or `[IPv6]:PORT` as a pair; ValueError with one line otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:2020")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)

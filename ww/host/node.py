@@ -1,0 +1,418 @@
+"""The host: its state (view, router, anchor tree, links, processes) and the I/O around it.
+
+`Host` is what the capabilities in ww.host.caps call. It owns the host↔host links: it dials
+configured peers (again, with backoff, whenever the link drops) and hosts it hears of through
+gossip (the host with the smaller peer id dials, so each pair gets one link), and accepts
+links dialed to it. Anchors under `/<other peer>/...` are reached over the link to that peer,
+through a lease held there for the local lease, so they vanish with their holder too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ww.host.anchors import AnchorTree
+from ww.host.caps import HostCapability
+from ww.host.config import Address, HostConfig, format_address, parse_address
+from ww.host.lease import Lease
+from ww.host.links import Link, PeerLinkCapability
+from ww.host.paths import Parts, format_path
+from ww.host.pubsub import Envelope, PubSubError, Router
+from ww.host.view import GossipError, HostRecord, Membership
+from ww.rom import Rom, RomError
+from ww.rpc import Capability, CapabilityError, Connection, Ref
+
+if TYPE_CHECKING:
+    from ww.executor import Executor, ProcessHandle
+
+log = logging.getLogger("ww.host")
+
+LINK_WAIT = 5.0
+"""Seconds a call for a remote anchor waits for the link to a host that is in the view."""
+
+DIAL_TIMEOUT = 10.0
+MAX_BACKOFF = 5.0
+
+Dialer = Callable[[Address], Awaitable[trio.abc.Stream]]
+
+
+@dataclass(slots=True)
+class ProcessRecord:
+    """A spawned ROM and the lease its anchors hang on."""
+
+    handle: ProcessHandle
+    lease: Lease
+
+    async def wait(self) -> int:
+        return await self.handle.wait()
+
+    def kill(self) -> None:
+        self.handle.kill()
+
+    def info(self) -> dict[str, Any]:
+        return self.handle.info()
+
+    def logs(self) -> bytes:
+        return self.handle.read_logs()
+
+
+class Host:
+    """One host's state and behaviour; `run_host` (ww.host.server) gives it sockets."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        peer_id: str,
+        addr: Address,
+        nursery: trio.Nursery,
+        dialer: Dialer,
+        executor: Executor | None = None,
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.addr = addr
+        self.nursery = nursery
+        self.executor = executor
+        self._dialer = dialer
+        me = HostRecord(peer_id, (format_address(addr),), dict(config.meta), config.ttl)
+        self.view = Membership(me)
+        self.router = Router(peer_id)
+        self.tree = AnchorTree(on_removed=self._release_value)
+        self.links: dict[str, Link] = {}
+        self.connections: set[Connection] = set()
+        self._link_changed = trio.Event()
+        self._dialing: set[str] = set()
+        self._next_dial: dict[str, tuple[float, float]] = {}  # peer -> (not before, backoff)
+        self._remote_leases: dict[tuple[int, int], Ref] = {}  # (lease id, link id) -> lease
+        self._processes: dict[int, ProcessRecord] = {}
+
+    # --- capabilities for a connection ------------------------------------------------------
+
+    def bootstrap(self, name: str) -> tuple[HostCapability, Lease]:
+        lease = Lease(name)
+        return HostCapability(self, lease), lease
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    # --- the view -----------------------------------------------------------------------------
+
+    def live_hosts(self) -> list[dict[str, Any]]:
+        now, wall = self.now(), time.time()
+        return [
+            {
+                "peer": m.record.peer,
+                "addrs": list(m.record.addrs),
+                "meta": dict(m.record.meta),
+                "last_seen": wall - (now - m.last_seen),
+            }
+            for m in self.view.live(now)
+        ]
+
+    def gossip(self) -> list[dict[str, Any]]:
+        return self.view.gossip(self.now())
+
+    def on_gossip(self, records: object) -> None:
+        if not isinstance(records, list):
+            raise CapabilityError("gossip must be a list of membership records")
+        try:
+            new = self.view.merge(records, self.now())
+        except GossipError as e:
+            raise CapabilityError(str(e)) from None
+        for peer in new:
+            log.info("host %s joined the view", peer)
+        if new:
+            self.dial_new_hosts()
+
+    def hello(self) -> dict[str, Any]:
+        return {"peer": self.peer_id, "ns": self.config.ns, "record": self.view.me.to_wire(0.0)}
+
+    def _check_hello(self, hello: object) -> str:
+        """Validate a linking host's hello and add it to the view; its peer id."""
+        if not isinstance(hello, dict) or not isinstance(hello.get("peer"), str):
+            raise CapabilityError("peer_link needs a hello map with the peer id")
+        peer: str = hello["peer"]
+        if hello.get("ns") != self.config.ns:
+            raise CapabilityError(
+                f"host {peer} is in cluster namespace {hello.get('ns')!r}, not {self.config.ns!r}"
+            )
+        if peer == self.peer_id:
+            raise CapabilityError(f"host {peer} dialed itself")
+        try:
+            if self.view.merge([hello.get("record")], self.now()):
+                log.info("host %s joined the view", peer)
+        except GossipError as e:
+            raise CapabilityError(str(e)) from None
+        return peer
+
+    # --- pubsub -------------------------------------------------------------------------------
+
+    def publish(self, topic: str, data: bytes) -> None:
+        self._send_all(self.router.publish(topic, data, self._live_links()))
+
+    def on_deliver(self, envelopes: object, sender: str | None) -> None:
+        if not isinstance(envelopes, list):
+            raise CapabilityError("deliver needs a list of envelopes")
+        for raw in envelopes:
+            try:
+                env = Envelope.from_wire(raw)
+            except PubSubError as e:
+                raise CapabilityError(f"bad envelope from {sender}: {e}") from None
+            self._send_all(self.router.receive(env, self._live_links()))
+
+    def _live_links(self) -> list[str]:
+        return [peer for peer, link in self.links.items() if not link.closed]
+
+    def _send_all(self, outgoing: list[tuple[str, Envelope]]) -> None:
+        for peer, env in outgoing:
+            link = self.links.get(peer)
+            if link is not None:
+                link.send(env)
+
+    # --- anchors --------------------------------------------------------------------------------
+
+    async def remote_anchor(self, parts: Parts, lease: Lease) -> Ref:
+        """The anchor at `parts` on the host that owns it, held there for `lease`."""
+        peer = parts[0]
+        link = await self._link_to(peer)
+        key = (lease.id, id(link))
+        remote = self._remote_leases.get(key)
+        if remote is None:
+            remote = await link.ref.call("lease")
+            if lease.ended or link.closed:
+                self.nursery.start_soon(remote.release)
+                raise CapabilityError(f"the connection to /{peer} went away; try again")
+            self._remote_leases[key] = remote
+
+            def drop() -> None:
+                if self._remote_leases.pop(key, None) is not None:
+                    self.nursery.start_soon(remote.release)
+
+            lease.on_end(drop)
+        anchor: Ref = await remote.call("anchor", format_path(parts))
+        return anchor
+
+    async def _link_to(self, peer: str) -> Link:
+        with trio.move_on_after(LINK_WAIT):
+            while True:
+                link = self.links.get(peer)
+                if link is not None and not link.closed:
+                    return link
+                if self.view.get(peer, self.now()) is None:
+                    raise CapabilityError(f"no host {peer} in the cluster; `ww ls /` lists hosts")
+                self.dial_new_hosts()
+                await self._link_changed.wait()
+        raise CapabilityError(f"host {peer} is in the view but not connected; try again")
+
+    def _release_value(self, value: Any) -> None:
+        if isinstance(value, Ref):
+            self.nursery.start_soon(value.release)
+
+    # --- processes ------------------------------------------------------------------------------
+
+    async def spawn(self, rom: bytes | str, args: list[str]) -> ProcessRecord:
+        if self.executor is None:
+            raise CapabilityError("this host does not run ROMs")
+        loaded = self._load_rom(rom)
+        lease = Lease("process")
+
+        def capability(handle: ProcessHandle) -> Capability:
+            lease.name = f"process {handle.pid} ({handle.name})"
+            return HostCapability(self, lease)
+
+        try:
+            handle = await self.executor.spawn(loaded, args, capability)
+        except RomError as e:
+            lease.end()
+            raise CapabilityError(str(e)) from None
+        record = ProcessRecord(handle, lease)
+        self._processes[handle.pid] = record
+        self.nursery.start_soon(self._reap, record)
+        log.info("spawned %s %s as pid %d", handle.name, args, handle.pid)
+        return record
+
+    async def _reap(self, record: ProcessRecord) -> None:
+        code = await record.handle.wait()
+        record.lease.end()
+        log.info("pid %d (%s) exited with %d", record.handle.pid, record.handle.name, code)
+
+    def _load_rom(self, rom: object) -> Rom:
+        assert self.executor is not None
+        try:
+            if isinstance(rom, bytes):
+                loaded = Rom.load(rom)
+                self.executor.cache_put(rom)
+                return loaded
+            if isinstance(rom, str):
+                cached = self.executor.cache_get(rom)
+                if cached is None:
+                    raise CapabilityError(f"no ROM {rom} cached on this host; send the ROM itself")
+                return cached
+        except RomError as e:
+            raise CapabilityError(str(e)) from None
+        raise CapabilityError(f"spawn takes ROM bytes or a content id, not {type(rom).__name__}")
+
+    def processes(self) -> list[ProcessRecord]:
+        return sorted(self._processes.values(), key=lambda r: r.handle.started_at)
+
+    def process(self, pid: object) -> ProcessRecord:
+        record = self._processes.get(pid) if isinstance(pid, int) else None
+        if record is None:
+            raise CapabilityError(f"no process {pid} on this host; `ww ps` lists them")
+        return record
+
+    # --- links ------------------------------------------------------------------------------------
+
+    async def accept_link(self, hello: dict[str, Any], ref: object) -> dict[str, Any]:
+        """A host dialed us and offers its PeerLink; register the link and offer ours."""
+        if not isinstance(ref, Ref):
+            raise CapabilityError("peer_link needs the dialing host's PeerLink capability")
+        peer = self._check_hello(hello)
+        local = PeerLinkCapability(self)
+        link = self._add_link(Link(self, peer, ref, local))
+        self.nursery.start_soon(self._run_link, link, True)
+        self.dial_new_hosts()
+        return {"hello": self.hello(), "link": local}
+
+    async def keep_peer(self, addr: Address) -> None:
+        """Stay linked to a configured peer: dial, and dial again with backoff when it drops."""
+        backoff = 0.1
+        where = format_address(addr)
+        while True:
+            if not self._linked_at(where):
+                try:
+                    await self._dial(addr)
+                    backoff = 0.1
+                except Exception as e:
+                    log.info("cannot link to peer %s: %s", where, one_line(e))
+            await trio.sleep(backoff)
+            backoff = min(MAX_BACKOFF, backoff * 2)
+
+    def dial_new_hosts(self) -> None:
+        """Dial hosts in the view we have no link to (when our peer id is the smaller)."""
+        now = self.now()
+        for member in self.view.live(now)[1:]:
+            peer = member.record.peer
+            if peer in self.links or peer in self._dialing or self.peer_id > peer:
+                continue
+            not_before, _ = self._next_dial.get(peer, (0.0, 0.0))
+            if now < not_before or not member.record.addrs:
+                continue
+            self._dialing.add(peer)
+            self.nursery.start_soon(self._dial_member, peer, member.record.addrs)
+
+    async def _dial_member(self, peer: str, addrs: tuple[str, ...]) -> None:
+        try:
+            for text in addrs:
+                try:
+                    await self._dial(parse_address(text), expect=peer)
+                    self._next_dial.pop(peer, None)
+                    return
+                except Exception as e:
+                    log.info("cannot link to %s at %s: %s", peer, text, one_line(e))
+            _, backoff = self._next_dial.get(peer, (0.0, 0.05))
+            backoff = min(MAX_BACKOFF, backoff * 2)
+            self._next_dial[peer] = (self.now() + backoff, backoff)
+        finally:
+            self._dialing.discard(peer)
+
+    async def _dial(self, addr: Address, expect: str | None = None) -> None:
+        """Dial `addr`, link, and serve the link until it closes."""
+        with trio.fail_after(DIAL_TIMEOUT):
+            stream = await self._dialer(addr)
+        cap, lease = self.bootstrap(f"link to {format_address(addr)}")
+        try:
+            async with Connection.open(stream, cap, name=f"link {format_address(addr)}") as conn:
+                local = PeerLinkCapability(self)
+                with trio.fail_after(DIAL_TIMEOUT):
+                    answer = await conn.bootstrap().call("peer_link", self.hello(), local)
+                if not isinstance(answer, dict) or not isinstance(answer.get("link"), Ref):
+                    raise CapabilityError("the peer answered peer_link with something else")
+                peer = self._check_hello(answer.get("hello"))
+                if expect is not None and peer != expect:
+                    log.warning("expected host %s at %s, found %s", expect, addr, peer)
+                link = self._add_link(Link(self, peer, answer["link"], local))
+                self.dial_new_hosts()
+                self.connections.add(conn)
+                try:
+                    await self._run_link(link, False)
+                finally:
+                    self.connections.discard(conn)
+        finally:
+            lease.end()
+
+    def _add_link(self, link: Link) -> Link:
+        previous = self.links.get(link.peer)
+        if previous is not None and not previous.closed:
+            log.debug("a second link to %s; the newer one carries traffic", link.peer)
+        self.links[link.peer] = link
+        self._notify_links()
+        return link
+
+    async def _run_link(self, link: Link, accepted: bool) -> None:
+        """Run a registered link until it or its connection closes, then forget it."""
+        side = "accepted" if accepted else "dialed"
+        log.info("linked with %s (%s)", link.peer, side)
+        conn = link.ref.connection
+
+        async def watch_connection() -> None:
+            await conn.closed.wait()
+            link.close()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_connection)
+                await link.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            link.close()
+            if self.links.get(link.peer) is link:
+                del self.links[link.peer]
+            self._notify_links()
+            log.info("link with %s (%s) closed", link.peer, side)
+            if accepted:
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
+
+    def _linked_at(self, where: str) -> bool:
+        for peer, link in self.links.items():
+            member = self.view.get(peer, self.now())
+            if not link.closed and member is not None and where in member.record.addrs:
+                return True
+        return False
+
+    def _notify_links(self) -> None:
+        self._link_changed.set()
+        self._link_changed = trio.Event()
+
+    # --- housekeeping -------------------------------------------------------------------------
+
+    async def tick_loop(self) -> None:
+        """Every heartbeat interval: expire hosts past their TTL and dial new ones."""
+        while True:
+            for peer in self.view.expire(self.now()):
+                log.info("host %s left the view (no heartbeat for its TTL)", peer)
+            self.dial_new_hosts()
+            await trio.sleep(self.config.heartbeat_interval)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self.connections),
+            "exports": sum(conn.export_count() for conn in self.connections),
+            "anchors": len(self.tree),
+            "links": len(self._live_links()),
+            "hosts": len(self.view.live(self.now())),
+            "processes": sum(1 for r in self._processes.values() if r.handle.exit_code is None),
+            "remote_leases": len(self._remote_leases),
+        }
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
