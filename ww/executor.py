@@ -335,11 +335,14 @@ class Executor:
             raise RomError(f"{cid!r} is not a ROM content id (64 lowercase hex digits)")
         return self.roms_dir / f"{cid}.rom"
 
-    def cache_put(self, data: bytes) -> str:
-        """Validate and keep a ROM; its content id. A ROM already cached is not rewritten."""
-        rom = Rom.load(data)
-        self._store(rom)
-        return rom.cid
+    def cache_put(self, rom: bytes | Rom) -> str:
+        """Keep a ROM (validated first when given as bytes); its content id.
+
+        A ROM already cached is not written again.
+        """
+        loaded = rom if isinstance(rom, Rom) else Rom.load(rom)
+        self._store(loaded)
+        return loaded.cid
 
     def cache_get(self, cid: str) -> Rom | None:
         """The cached ROM with content id `cid`, or None when it is not here."""

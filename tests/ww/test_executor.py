@@ -282,6 +282,7 @@ async def test_rom_cache_by_content_id(executor: Executor, tmp_path: Path) -> No
     path = executor.cache_path(cid)
     before = path.stat()
     assert executor.cache_put(rom.data) == cid  # a hit: the file is not rewritten
+    assert executor.cache_put(rom) == cid
     handle, _ = await spawn(executor, rom)  # nor by spawning
     assert await handle.wait() == 0
     after = path.stat()
