@@ -143,7 +143,9 @@ async def tcp_server(service: Capability) -> AsyncIterator[tuple[int, list[Conne
             await conn.closed.wait()
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
         yield listeners[0].socket.getsockname()[1], conns
         nursery.cancel_scope.cancel()
 

@@ -12,7 +12,7 @@ import logging
 import math
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
 
 import msgpack
@@ -386,7 +386,11 @@ class Connection:
         if entry is None or entry[1] is not stream:
             kind = "stream" if stream else "method"
             other = entry is not None and entry[1] is not stream
-            hint = f" ({method!r} is a {'stream' if entry and entry[1] else 'method'})" if other else ""
+            hint = (
+                f" ({method!r} is a {'stream' if entry and entry[1] else 'method'})"
+                if other
+                else ""
+            )
             self._reply_error(
                 qid, "CapabilityError", f"{type(obj).__name__} has no {kind} {method!r}{hint}"
             )
@@ -570,10 +574,8 @@ class Connection:
     def _drop_collected(self, cap_id: int) -> None:
         """A Ref was garbage collected (may run inside any code, or another thread)."""
         self._collected.append(cap_id)
-        try:
+        with suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._flush_collected)
-        except trio.RunFinishedError:
-            pass
 
     def _flush_collected(self) -> None:
         while self._collected:

@@ -43,7 +43,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self.max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         """Add received bytes; return the bodies of all frames now complete.
 
         Raises ProtocolError when a frame announces a body larger than `max_frame`.
@@ -201,7 +201,7 @@ _SPECS: dict[int, tuple[Callable[..., Message], tuple[str, ...]]] = {
 
 def message_fields(msg: Message) -> list[Any]:
     """The array that goes on the wire for `msg` (its tag, then its fields in order)."""
-    return [_TAGS[type(msg)], *(getattr(msg, f) for f in msg.__slots__)]  # type: ignore[union-attr]
+    return [_TAGS[type(msg)], *(getattr(msg, f) for f in msg.__slots__)]
 
 
 def decode_message(body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Message:
@@ -226,19 +226,21 @@ def decode_message(body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Messag
         raise ProtocolError(f"unknown message tag {_short(tag)}")
     cls, kinds = spec
     if len(raw) != len(kinds) + 1:
-        raise ProtocolError(f"message {cls.__name__} has {len(raw) - 1} fields, expected {len(kinds)}")  # type: ignore[attr-defined]
+        raise ProtocolError(
+            f"message {cls.__name__} has {len(raw) - 1} fields, expected {len(kinds)}"
+        )
     for kind, value in zip(kinds, raw[1:], strict=True):
         if kind is _ANY:
             continue
         if kind is _ID or kind is _COUNT:
             low = 0 if kind is _ID else 1
             if type(value) is not int or not low <= value <= _MAX_ID:
-                raise ProtocolError(f"bad {kind} {_short(value)} in {cls.__name__}")  # type: ignore[attr-defined]
+                raise ProtocolError(f"bad {kind} {_short(value)} in {cls.__name__}")
         elif kind is _STR:
             if type(value) is not str:
-                raise ProtocolError(f"bad string {_short(value)} in {cls.__name__}")  # type: ignore[attr-defined]
+                raise ProtocolError(f"bad string {_short(value)} in {cls.__name__}")
         elif type(value) is not list:
-            raise ProtocolError(f"bad arguments {_short(value)} in {cls.__name__}")  # type: ignore[attr-defined]
+            raise ProtocolError(f"bad arguments {_short(value)} in {cls.__name__}")
     return cls(*raw[1:])
 
 
