@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ww.auth import is_loopback
 
 Address = tuple[str, int]
 
@@ -50,16 +51,6 @@ class HostInfo:
     @property
     def address(self) -> str:
         return format_address(self.addr)
-
-
-def is_loopback(host: str) -> bool:
-    """True for loopback IP addresses and 'localhost'; names are not resolved."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def format_address(addr: Address) -> str:

@@ -406,6 +406,7 @@ class Host:
             "connections": len(self.connections),
             "exports": sum(conn.export_count() for conn in self.connections),
             "anchors": len(self.tree),
+            "subscriptions": self.router.subscribers(),
             "links": len(self._live_links()),
             "hosts": len(self.view.live(self.now())),
             "processes": sum(1 for r in self._processes.values() if r.handle.exit_code is None),

@@ -129,7 +129,10 @@ class Router:
                 del self._subs[sub.topic]
         sub.close()
 
-    def subscribers(self, topic: str) -> int:
+    def subscribers(self, topic: str | None = None) -> int:
+        """Local subscribers of `topic` (of every topic when None)."""
+        if topic is None:
+            return sum(len(subs) for subs in self._subs.values())
         return len(self._subs.get(topic, ()))
 
     def publish(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
@@ -75,11 +74,7 @@ async def _serve_client(host: Host, tcp: trio.SocketStream, wrap: Any) -> None:
         peer = "a peer that left"
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            stream = wrap(tcp)
-            if inspect.isawaitable(stream):
-                stream = await stream
-            if isinstance(stream, trio.SSLStream):
-                await stream.do_handshake()  # refuse a peer without the key before anything
+            stream = await wrap(tcp)  # with a key: mutual TLS, refused before any capability
     except Exception as e:
         log.warning("refused connection from %s: %s", peer, one_line(e))
         await trio.aclose_forcefully(tcp)
