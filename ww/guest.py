@@ -6,8 +6,9 @@ archive (in memory, nothing is extracted), opens a capability connection over th
 socket FD and calls `main` with the host's bootstrap capability (a `Ref`).
 
 Exit codes: 0 when main returns None, the value when it returns an int, the code of
-`sys.exit(n)`, 1 (traceback on stderr) when it raises, 2 (one line on stderr) when the ROM
-cannot be started at all (unreadable, invalid, a required package missing).
+`sys.exit(n)`, 1 (traceback on stderr) when it raises or when the host hangs up before main
+returns (main is cancelled), 2 (one line on stderr) when the ROM cannot be started at all
+(unreadable, invalid, a required package missing).
 
 `run_local(rom, args, host)` runs a ROM in the current process instead (`ww run`).
 Inside a running ROM, `rom_data(name)` returns data embedded in it, e.g. an inner ROM.
@@ -213,12 +214,25 @@ async def _serve(rom: Rom, args: list[str], fd: int) -> int:
 
     sock = socket.socket(fileno=fd)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    async with Connection.open(stream) as conn:
+    code: int | None = None
+    async with Connection.open(stream) as conn, trio.open_nursery() as nursery:
+
+        async def stop_when_the_host_hangs_up() -> None:
+            await conn.closed.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_when_the_host_hangs_up)
         try:
-            return await run_local(rom, args, conn.bootstrap())
+            code = await run_local(rom, args, conn.bootstrap())
         except RomError as exc:
             print(f"ww.guest: {exc}", file=sys.stderr)
-            return EXIT_CANNOT_START
+            code = EXIT_CANNOT_START
+        nursery.cancel_scope.cancel()
+    if code is None:
+        reason = conn.close_reason or "closed"
+        print(f"ww.guest: the connection to the host ended ({reason}); stopping", file=sys.stderr)
+        return 1
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -265,10 +265,10 @@ async def test_a_crashing_or_misbehaving_child_does_not_take_the_host_down(
     h1, _ = await spawn(executor, aborts)
     h2, p2 = await spawn(executor, garbage)
     assert await h1.wait() == -signal.SIGABRT
-    with trio.fail_after(10):
-        await p2.released.wait()  # the host closed the bad connection
-    h2.kill()
-    assert await h2.wait() in (1, -signal.SIGTERM)
+    # The host hangs up on the bad connection, and a guest without its host stops.
+    assert await h2.wait() == 1
+    assert p2.released.is_set()
+    assert b"connection to the host ended" in h2.read_logs()
     ok, probe = await spawn(executor, make_rom(tmp_path / "c", SLEEPER))
     await probe.noted.wait()
     ok.kill()
