@@ -182,6 +182,9 @@ async def cmd_sub(args: argparse.Namespace) -> int:
         pubsub = await host.pubsub()
         topic = await pubsub.join(args.topic)
         async with topic.stream("subscribe") as messages:
+            # The host starts the subscription before it answers a later call on this
+            # connection, so after this round trip no message published from now on is missed.
+            await topic.name()
             log.info("subscribed to %s", args.topic)
             async for message in messages:
                 data = message if isinstance(message, bytes) else str(message).encode()
