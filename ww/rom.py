@@ -26,8 +26,9 @@ import tomllib
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
@@ -130,10 +131,10 @@ class Manifest:
 class Rom:
     """A validated ROM. Build one with `Rom.load(data)`."""
 
-    data: bytes
+    data: bytes = field(repr=False)
     cid: str  # sha256 hex of `data`
     manifest: Manifest
-    files: Mapping[str, bytes]  # every member, decompressed, by archive name
+    files: Mapping[str, bytes] = field(repr=False)  # every member, decompressed, by name
 
     @property
     def name(self) -> str:
@@ -161,7 +162,7 @@ class Rom:
             raise RomError(f"{MANIFEST} is over {MAX_MANIFEST_BYTES} bytes; rebuild the ROM")
         manifest = Manifest.from_json(raw)
         _check_contents(manifest, files)
-        return cls(data, hashlib.sha256(data).hexdigest(), manifest, files)
+        return cls(data, hashlib.sha256(data).hexdigest(), manifest, MappingProxyType(files))
 
     def read(self, name: str) -> bytes:
         """Data embedded under `name` (e.g. an inner ROM)."""

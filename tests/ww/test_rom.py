@@ -103,6 +103,7 @@ def test_build_is_deterministic_and_cid_is_sha256(src: Path) -> None:
     assert rom.manifest.entry == "hi:main"
     assert rom.manifest.requires == ("trio",)
     assert rom.manifest.modules == ("hi.py",)
+    assert "hi.py" in repr(rom) and len(repr(rom)) < 400  # no archive bytes in the repr
     with zipfile.ZipFile(io.BytesIO(first)) as zf:
         names = zf.namelist()
         assert names == ["manifest.json", "src/hi.py"]
