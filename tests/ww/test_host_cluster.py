@@ -190,19 +190,21 @@ async def test_what_a_process_stores_goes_when_it_exits(host_factory: HostFactor
         assert await (await root.walk(f"/{a.peer}")).ls() == []
         assert (await process.info())["state"] == "exited"
 
-        # spawned at an anchor on another host: runs there, hangs there, is killed there
-        spot = await root.walk(f"/{b.peer}/job")
-        remote = await spot.spawn(holder_rom, [f"/{b.peer}/job2"])
+        # spawned at an anchor on b, the process runs on b and hangs its channel on a's tree
+        remote = await (await root.walk(f"/{b.peer}/job")).spawn(holder_rom, [f"/{a.peer}/from-b"])
+        from_b = await root.walk(f"/{a.peer}/from-b")
+        await wait_for(lambda: _ls_is(from_b, ["note"]), timeout=10)
         async with b.connect() as on_b:
             assert [r["name"] for r in await on_b.ps()] == ["holder"]
-            job2 = await (await on_b.root()).walk(f"/{b.peer}/job2")
-            await wait_for(lambda: _ls_is(job2, ["note"]), timeout=10)
             b_root = await on_b.root()
             stored = await (await b_root.walk(f"/{b.peer}/job")).load()
             assert (await stored.info())["name"] == "holder"
             await remote.kill()
             assert await remote.wait() < 0
             assert await (await b_root.walk(f"/{b.peer}")).ls() == []
+        # b releases the lease it held on a for the process: a's anchors go too
+        await wait_for(lambda: _ls_is(from_b, []), timeout=5)
+        assert await (await root.walk(f"/{a.peer}")).ls() == []
 
 
 async def test_a_crashing_process_leaves_its_host_up(host_factory: HostFactory, holder_rom):
