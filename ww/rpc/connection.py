@@ -327,7 +327,8 @@ class Connection:
             raise CapabilityError("this capability reference was released")
 
     async def _call(self, ref: Ref, method: str, args: tuple[Any, ...]) -> Any:
-        self._check_usable(ref)
+        if self._closing or ref._released or self._collected:
+            self._check_usable(ref)
         if self._outbox_bytes > HIGH_WATER:
             await self._wait_drained()
             self._check_usable(ref)
@@ -373,50 +374,47 @@ class Connection:
 
     # --- answering -------------------------------------------------------------------------
 
-    def _lookup(self, qid: int, cap_id: int, method: str, stream: bool) -> object | None:
-        """The target of an incoming call, or None after answering with an error."""
+    def _lookup(self, qid: int, cap_id: int, method: str, stream: bool) -> Any:
+        """The function to run for an incoming call or stream (None after answering with
+        an error), and its target object."""
         try:
             obj = self._exports.get(cap_id)
         except KeyError:
             self._reply_error(qid, "CapabilityError", f"unknown or released capability {cap_id}")
-            return None
-        if isinstance(obj, _Forwarder):
-            return obj
+            return None, None
+        if type(obj) is _Forwarder:
+            return (obj._relay_stream if stream else obj._relay), None
         entry = method_table(type(obj)).get(method)
         if entry is None or entry[1] is not stream:
             kind = "stream" if stream else "method"
-            other = entry is not None and entry[1] is not stream
-            hint = (
-                f" ({method!r} is a {'stream' if entry and entry[1] else 'method'})"
-                if other
-                else ""
-            )
+            hint = ""
+            if entry is not None:
+                hint = f" ({method!r} is a {'stream' if entry[1] else 'method'})"
             self._reply_error(
                 qid, "CapabilityError", f"{type(obj).__name__} has no {kind} {method!r}{hint}"
             )
-            return None
-        return obj
+            return None, None
+        return entry[0], obj
 
     def _on_call(self, msg: Call) -> None:
-        obj = self._lookup(msg.qid, msg.cap, msg.method, False)
-        if obj is None:
+        qid = msg.qid
+        fn, obj = self._lookup(qid, msg.cap, msg.method, False)
+        if fn is None:
             return
-        if isinstance(obj, _Forwarder):
-            coro: Coroutine[Any, Any, Any] = obj._relay(msg.method, msg.args)
+        if obj is None:
+            coro = fn(msg.method, msg.args)
         else:
-            fn = method_table(type(obj))[msg.method][0]
             try:
                 coro = fn(obj, *msg.args)
             except TypeError as exc:
-                self._reply_error(msg.qid, "CapabilityError", f"bad arguments: {exc}")
+                self._reply_error(qid, "CapabilityError", f"bad arguments: {exc}")
                 return
-        if msg.qid in self._answers:
+        if qid in self._answers:
             coro.close()
-            raise ProtocolError(f"question id {msg.qid} reused")
+            raise ProtocolError(f"question id {qid} reused")
         scope = trio.CancelScope()
-        self._answers[msg.qid] = scope
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_call, msg.qid, scope, coro)
+        self._answers[qid] = scope
+        self._nursery.start_soon(self._run_call, qid, scope, coro)  # type: ignore[union-attr]
 
     async def _run_call(
         self, qid: int, scope: trio.CancelScope, coro: Coroutine[Any, Any, Any]
@@ -433,24 +431,23 @@ class Connection:
             self._answers.pop(qid, None)
 
     def _on_stream(self, msg: StreamStart) -> None:
-        obj = self._lookup(msg.qid, msg.cap, msg.method, True)
-        if obj is None:
+        qid = msg.qid
+        fn, obj = self._lookup(qid, msg.cap, msg.method, True)
+        if fn is None:
             return
-        if isinstance(obj, _Forwarder):
-            agen: AsyncIterator[Any] = obj._relay_stream(msg.method, msg.args, msg.credit)
+        if obj is None:
+            agen = fn(msg.method, msg.args, msg.credit)
         else:
-            fn = method_table(type(obj))[msg.method][0]
             try:
                 agen = fn(obj, *msg.args)
             except TypeError as exc:
-                self._reply_error(msg.qid, "CapabilityError", f"bad arguments: {exc}")
+                self._reply_error(qid, "CapabilityError", f"bad arguments: {exc}")
                 return
-        if msg.qid in self._answers:
-            raise ProtocolError(f"question id {msg.qid} reused")
+        if qid in self._answers:
+            raise ProtocolError(f"question id {qid} reused")
         out = _Outbound(msg.credit)
-        self._answers[msg.qid] = out
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_stream, msg.qid, out, agen)
+        self._answers[qid] = out
+        self._nursery.start_soon(self._run_stream, qid, out, agen)  # type: ignore[union-attr]
 
     async def _run_stream(self, qid: int, out: _Outbound, agen: Any) -> None:
         try:

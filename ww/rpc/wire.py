@@ -167,18 +167,6 @@ Message = Call | Return | Error | Release | StreamStart | Item | End | Credit | 
 
 CALL, RETURN, ERROR, RELEASE, STREAM, ITEM, END, CREDIT, CANCEL = range(9)
 
-_TAGS: dict[type, int] = {
-    Call: CALL,
-    Return: RETURN,
-    Error: ERROR,
-    Release: RELEASE,
-    StreamStart: STREAM,
-    Item: ITEM,
-    End: END,
-    Credit: CREDIT,
-    Cancel: CANCEL,
-}
-
 _ID = "id"
 _STR = "str"
 _LIST = "list"
@@ -199,9 +187,22 @@ _SPECS: dict[int, tuple[Callable[..., Message], tuple[str, ...]]] = {
 }
 
 
+_FIELDS: dict[type, Callable[[Any], list[Any]]] = {
+    Call: lambda m: [CALL, m.qid, m.cap, m.method, m.args],
+    Return: lambda m: [RETURN, m.qid, m.value],
+    Error: lambda m: [ERROR, m.qid, m.type, m.message],
+    Release: lambda m: [RELEASE, m.cap, m.count],
+    StreamStart: lambda m: [STREAM, m.qid, m.cap, m.method, m.args, m.credit],
+    Item: lambda m: [ITEM, m.qid, m.value],
+    End: lambda m: [END, m.qid],
+    Credit: lambda m: [CREDIT, m.qid, m.n],
+    Cancel: lambda m: [CANCEL, m.qid],
+}
+
+
 def message_fields(msg: Message) -> list[Any]:
     """The array that goes on the wire for `msg` (its tag, then its fields in order)."""
-    return [_TAGS[type(msg)], *(getattr(msg, f) for f in msg.__slots__)]
+    return _FIELDS[type(msg)](msg)
 
 
 def decode_message(body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Message:
@@ -221,7 +222,25 @@ def decode_message(body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Messag
     if type(raw) is not list or not raw:
         raise ProtocolError("message is not a non-empty array")
     tag = raw[0]
-    spec = _SPECS.get(tag) if type(tag) is int else None
+    if type(tag) is not int:
+        raise ProtocolError(f"unknown message tag {_short(tag)}")
+    # Fast paths for the frequent messages; anything unusual takes the checks below.
+    size = len(raw)
+    if tag in (RETURN, ITEM):
+        if size == 3 and type(qid := raw[1]) is int and 0 <= qid <= _MAX_ID:
+            return Return(qid, raw[2]) if tag == RETURN else Item(qid, raw[2])
+    elif tag == CALL and size == 5:
+        _, qid, cap, method, args = raw
+        if (
+            type(qid) is int
+            and type(cap) is int
+            and type(method) is str
+            and type(args) is list
+            and 0 <= qid <= _MAX_ID
+            and 0 <= cap <= _MAX_ID
+        ):
+            return Call(qid, cap, method, args)
+    spec = _SPECS.get(tag)
     if spec is None:
         raise ProtocolError(f"unknown message tag {_short(tag)}")
     cls, kinds = spec

@@ -1,0 +1,242 @@
+"""ww.rpc between two processes over TCP loopback, against a bare trio TCP peer.
+
+    python benchmarks/rpc_raw.py [--count 50000] [--rtt-count 3000] [--inflight 64] [--repeat 3]
+
+A child process serves an RPC capability and, on another port, a bare trio TCP server. For
+100-byte and 10 KB payloads this measures:
+
+  - one way, calls: `--count` calls `sink(payload)` from `--inflight` concurrent tasks; each
+    call carries one payload to the server (its answer is a few bytes).
+  - one way, stream: the server streams `--count` payloads to the client through a credit
+    window (a subscription's path).
+  - round trip: `--rtt-count` calls `echo(payload)` one at a time; p50 and p99.
+
+Bare TCP: the same one-way count of length-prefixed messages (one `send_all` per message from
+one task, the server parsing frames and answering a final flush with the count), and the same
+ping-pong round trips. Medians of `--repeat` runs, with the ratio ww.rpc / TCP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from time import perf_counter
+
+import trio
+
+from ww.rpc import Capability, Connection, serve_connection
+
+HOST = "127.0.0.1"
+SIZES = (100, 10_000)
+_LEN = struct.Struct(">I")
+
+
+class Bench(Capability):
+    def __init__(self) -> None:
+        self.sunk = 0
+
+    async def sink(self, payload: bytes) -> None:
+        self.sunk += 1
+
+    async def echo(self, payload: bytes) -> bytes:
+        return payload
+
+    async def flush(self) -> int:
+        n, self.sunk = self.sunk, 0
+        return n
+
+    async def produce(self, size: int, count: int) -> AsyncIterator[bytes]:
+        payload = b"x" * size
+        for _ in range(count):
+            yield payload
+
+
+# -- the child process ------------------------------------------------------------------------
+
+
+async def tcp_peer(stream: trio.SocketStream) -> None:
+    """Bare TCP: frames tagged S (count), E (echo back), F (answer the count)."""
+    buf = bytearray()
+    count = 0
+    try:
+        while data := await stream.receive_some(256 * 1024):
+            buf += data
+            pos = 0
+            while len(buf) - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if len(buf) - pos - 4 < n:
+                    break
+                tag = buf[pos + 4]
+                if tag == ord("E"):
+                    await stream.send_all(bytes(buf[pos : pos + 4 + n]))
+                elif tag == ord("F"):
+                    await stream.send_all(_LEN.pack(8) + count.to_bytes(8, "big"))
+                    count = 0
+                else:
+                    count += 1
+                pos += 4 + n
+            del buf[:pos]
+    except trio.BrokenResourceError:
+        pass
+
+
+async def serve() -> None:
+    async def rpc_handler(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, Bench())
+
+    async with trio.open_nursery() as nursery:
+        rpc = await nursery.start(trio.serve_tcp, rpc_handler, 0)
+        tcp = await nursery.start(trio.serve_tcp, tcp_peer, 0)
+        ports = (rpc[0].socket.getsockname()[1], tcp[0].socket.getsockname()[1])
+        print(*ports, flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the parent closes our stdin
+        nursery.cancel_scope.cancel()
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+async def rpc_one_way(conn: Connection, size: int, count: int, inflight: int) -> float:
+    ref = conn.bootstrap()
+    payload = b"x" * size
+    per_task = count // inflight
+
+    async def sender() -> None:
+        for _ in range(per_task):
+            await ref.sink(payload)
+
+    start = perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(inflight):
+            nursery.start_soon(sender)
+    got: int = await ref.flush()
+    assert got == per_task * inflight, got
+    return got / (perf_counter() - start)
+
+
+async def rpc_stream(conn: Connection, size: int, count: int) -> float:
+    start = perf_counter()
+    n = 0
+    async with conn.bootstrap().stream("produce", size, count, window=64) as items:
+        async for _ in items:
+            n += 1
+    assert n == count
+    return n / (perf_counter() - start)
+
+
+async def rpc_rtt(conn: Connection, size: int, count: int) -> list[float]:
+    ref = conn.bootstrap()
+    payload = b"x" * size
+    times = []
+    for _ in range(count):
+        t = perf_counter()
+        await ref.echo(payload)
+        times.append(perf_counter() - t)
+    return times
+
+
+async def tcp_one_way(stream: trio.SocketStream, size: int, count: int) -> float:
+    frame = _LEN.pack(size) + b"S" + b"x" * (size - 1)
+    start = perf_counter()
+    for _ in range(count):
+        await stream.send_all(frame)
+    await stream.send_all(_LEN.pack(1) + b"F")
+    reply = await receive_exactly(stream, 12)
+    assert int.from_bytes(reply[4:], "big") == count
+    return count / (perf_counter() - start)
+
+
+async def tcp_rtt(stream: trio.SocketStream, size: int, count: int) -> list[float]:
+    frame = _LEN.pack(size) + b"E" + b"x" * (size - 1)
+    times = []
+    for _ in range(count):
+        t = perf_counter()
+        await stream.send_all(frame)
+        await receive_exactly(stream, len(frame))
+        times.append(perf_counter() - t)
+    return times
+
+
+async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        data = await stream.receive_some(n - len(buf))
+        if not data:
+            raise EOFError("peer closed")
+        buf += data
+    return buf
+
+
+def pct(times: list[float], p: float) -> float:
+    times = sorted(times)
+    return times[min(len(times) - 1, int(p * len(times)))] * 1e6
+
+
+async def run(args: argparse.Namespace) -> None:
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = await trio.to_thread.run_sync(child.stdout.readline)
+        rpc_port, tcp_port = map(int, line.split())
+        print(
+            f"rpc_raw: {os.cpu_count()} cpus, python {sys.version.split()[0]}, "
+            f"trio {trio.__version__}"
+        )
+        print(
+            f"count {args.count}, inflight {args.inflight}, rtt-count {args.rtt_count}, "
+            f"repeat {args.repeat}"
+        )
+        rpc_stream_ = await trio.open_tcp_stream(HOST, rpc_port)
+        tcp = await trio.open_tcp_stream(HOST, tcp_port)
+        async with rpc_stream_, tcp, Connection.open(rpc_stream_) as conn:
+            for size in SIZES:
+                count = args.count if size <= 1000 else max(1000, args.count // 5)
+                calls, streams, tcps, rtts, tcp_rtts = [], [], [], [], []
+                for _ in range(args.repeat):
+                    calls.append(await rpc_one_way(conn, size, count, args.inflight))
+                    streams.append(await rpc_stream(conn, size, count))
+                    tcps.append(await tcp_one_way(tcp, size, count))
+                    rtts += await rpc_rtt(conn, size, args.rtt_count)
+                    tcp_rtts += await tcp_rtt(tcp, size, args.rtt_count)
+                c, s, t = (statistics.median(x) for x in (calls, streams, tcps))
+                print(f"\n{size} B payloads ({count} messages)")
+                print(f"  one way  rpc calls {c:>10,.0f} msg/s   ratio to tcp {c / t:.2f}")
+                print(f"  one way  rpc stream{s:>10,.0f} msg/s   ratio to tcp {s / t:.2f}")
+                print(f"  one way  bare tcp  {t:>10,.0f} msg/s")
+                print(
+                    f"  round trip rpc  p50 {pct(rtts, 0.5):7.1f} us  p99 {pct(rtts, 0.99):7.1f} us"
+                    f"   ratio to tcp (p50) {pct(rtts, 0.5) / pct(tcp_rtts, 0.5):.2f}"
+                )
+                print(
+                    f"  round trip tcp  p50 {pct(tcp_rtts, 0.5):7.1f} us  "
+                    f"p99 {pct(tcp_rtts, 0.99):7.1f} us"
+                )
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        child.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=50_000)
+    parser.add_argument("--rtt-count", type=int, default=3_000)
+    parser.add_argument("--inflight", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    trio.run(serve if args.serve else run, *(() if args.serve else (args,)))
+
+
+if __name__ == "__main__":
+    main()
