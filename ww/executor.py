@@ -269,7 +269,7 @@ class Executor:
         self._table[handle.pid] = handle
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
         nursery.start_soon(self._supervise, handle, process, stream, bootstrap)
-        log.info("spawned %s (%s) as pid %d", rom.name, rom.cid[:12], handle.pid)
+        log.debug("spawned %s (%s) as pid %d", rom.name, rom.cid[:12], handle.pid)
         return handle
 
     async def _supervise(
@@ -290,7 +290,7 @@ class Executor:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             handle._done.set()
-            log.info("pid %d (%s) exited with %s", handle.pid, handle.name, handle.exit_code)
+            log.debug("pid %d (%s) exited with %s", handle.pid, handle.name, handle.exit_code)
 
     async def _serve(self, handle: ProcessHandle, stream: trio.SocketStream, boot: Any) -> None:
         from ww.rpc import serve_connection

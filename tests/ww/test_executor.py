@@ -157,6 +157,29 @@ async def main(host, args):
 """
 
 
+async def test_processes_run_side_by_side_with_their_own_logs(
+    executor: Executor, tmp_path: Path
+) -> None:
+    rom = make_rom(
+        tmp_path,
+        """
+        async def main(host, args):
+            print("I am", args[0])
+            await host.note(args[0])
+        """,
+    )
+    probe = Probe()
+    handles = [await executor.spawn(rom, [str(i)], lambda _h: probe) for i in range(4)]
+    assert [await h.wait() for h in handles] == [0, 0, 0, 0]
+    assert sorted(probe.notes) == ["0", "1", "2", "3"]
+    assert [h.read_logs() for h in handles] == [f"I am {i}\n".encode() for i in range(4)]
+    assert len({h.log_path for h in handles}) == 4
+    assert [h.pid for h in executor.processes()] == [h.pid for h in handles]
+    executor.forget(handles[0].pid)
+    assert executor.get(handles[0].pid) is None
+    assert executor.get(handles[1].pid) is handles[1]
+
+
 async def test_kill_sends_sigterm(executor: Executor, tmp_path: Path) -> None:
     handle, probe = await spawn(executor, make_rom(tmp_path, SLEEPER))
     await probe.noted.wait()

@@ -331,7 +331,7 @@ def test_total_bomb_is_refused() -> None:
 
 
 def test_bomb_with_a_lying_size_header_is_refused() -> None:
-    data = bytearray(rom_with(manifest(data=["bomb"]), ("data/bomb", b"\0" * (MAX_FILE_BYTES * 2))))
+    data = bytearray(rom_with(manifest(data=["bomb"]), ("data/bomb", b"\0" * (MAX_FILE_BYTES + 1))))
     # Rewrite the bomb's central directory entry to claim it unpacks to 100 bytes.
     at = data.rindex(b"PK\x01\x02")
     assert data[at + 46 : at + 46 + 9] == b"data/bomb"
