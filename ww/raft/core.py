@@ -86,6 +86,10 @@ class Config:
     pre_vote: bool = True
     read_only_option: ReadOnlyOption = ReadOnlyOption.SAFE
     disable_proposal_forwarding: bool = False
+    snapshot_timeout_tick: int | None = None
+    """A leader that hears nothing of a snapshot it sent (no `report_snapshot`, no answer
+    showing it installed) for this many ticks sends a fresh one. None: 3 * election_tick;
+    0: never (rely on report_snapshot)."""
     rng: random.Random | None = field(default=None, compare=False)
     """Source of the randomized election timeout; seed it for a deterministic run."""
 
@@ -99,6 +103,8 @@ class Config:
                 f"config: election_tick ({self.election_tick}) must be greater than "
                 f"heartbeat_tick ({self.heartbeat_tick})"
             )
+        if self.snapshot_timeout_tick is not None and self.snapshot_timeout_tick < 0:
+            raise ConfigError("config: snapshot_timeout_tick must be >= 0 or None")
         if self.max_inflight_msgs <= 0:
             raise ConfigError(
                 f"config: max_inflight_msgs must be > 0, got {self.max_inflight_msgs}"
@@ -168,6 +174,9 @@ class Raft:
         self.election_timeout = c.election_tick
         self.randomized_election_timeout = c.election_tick
         self.disable_proposal_forwarding = c.disable_proposal_forwarding
+        self.snapshot_timeout = (
+            3 * c.election_tick if c.snapshot_timeout_tick is None else c.snapshot_timeout_tick
+        )
         self.rng = c.rng if c.rng is not None else random.Random()
         self._append_pending = False
         self._step: Callable[[Message], None] = self._step_follower
@@ -407,9 +416,22 @@ class Raft:
                 self.abort_leader_transfer()
         if self.state != StateType.LEADER:
             return
+        if self.snapshot_timeout > 0:
+            self._expire_snapshots()
         if self.heartbeat_elapsed >= self.heartbeat_timeout:
             self.heartbeat_elapsed = 0
             self.step(Message(type=MT.BEAT, frm=self.id))
+
+    def _expire_snapshots(self) -> None:
+        for i, pr in self.prs.items():
+            if pr.state != ProgressState.SNAPSHOT:
+                continue
+            pr.snapshot_ticks += 1
+            if pr.snapshot_ticks >= self.snapshot_timeout:
+                # Presumed lost: probe again, which sends a fresh snapshot if still needed.
+                logger.info("node %d: snapshot to %d timed out; retrying", self.id, i)
+                pr.pending_snapshot = 0
+                pr.become_probe()
 
     def past_election_timeout(self) -> bool:
         return self.election_elapsed >= self.randomized_election_timeout
@@ -676,6 +698,11 @@ class Raft:
         elif t == MT.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.msg_app_flow_paused = False
+            if pr.state == ProgressState.SNAPSHOT and m.commit >= pr.pending_snapshot > 0:
+                # The follower's commit index shows it installed the snapshot, though its
+                # answer to the snapshot was lost: resume without waiting for report_snapshot.
+                pr.maybe_update(min(m.commit, self.raft_log.last_index()))
+                pr.become_probe()
             if pr.match < self.raft_log.last_index() or pr.state == ProgressState.PROBE:
                 self.send_append(m.frm)
             if self.read_only_option != ReadOnlyOption.SAFE or not m.context:
@@ -772,8 +799,12 @@ class Raft:
             return
         if pr.state == ProgressState.PROBE:
             pr.become_replicate()
-        elif pr.state == ProgressState.SNAPSHOT and pr.match + 1 >= self.raft_log.first_index():
-            # The follower caught up past the snapshot (or installed it): replicate again.
+        elif pr.state == ProgressState.SNAPSHOT and (
+            pr.match >= pr.pending_snapshot or pr.match + 1 >= self.raft_log.first_index()
+        ):
+            # The follower installed the snapshot (or caught up past it without one): replicate
+            # again, from a newer snapshot if the log was compacted meanwhile. No
+            # report_snapshot is needed for this.
             pr.become_probe()
             pr.become_replicate()
         elif pr.state == ProgressState.REPLICATE:
@@ -950,7 +981,12 @@ class Raft:
 
     def _handle_heartbeat(self, m: Message) -> None:
         self.raft_log.commit_to(min(m.commit, self.raft_log.last_index()))
-        self.send(Message(type=MT.HEARTBEAT_RESP, to=m.frm, context=m.context))
+        # Our commit index tells a leader waiting on a snapshot that it arrived.
+        self.send(
+            Message(
+                type=MT.HEARTBEAT_RESP, to=m.frm, context=m.context, commit=self.raft_log.committed
+            )
+        )
 
     def _handle_snapshot(self, m: Message) -> None:
         assert m.snapshot is not None
@@ -974,10 +1010,10 @@ class Raft:
             self.become_follower(self.term + 1, NONE)
             return False
         cs = meta.conf_state
-        if self.id not in (*cs.voters, *cs.learners, *cs.voters_outgoing):
-            logger.warning("node %d: ignoring a snapshot whose config lacks us: %s", self.id, cs)
-            self.stats.drop("snapshot_without_us")
-            return False
+        # A snapshot whose configuration lacks us (one taken before we were added) is still
+        # committed state from the current leader: install it. We stay a non-voting follower
+        # until we apply the entry that adds us. (etcd refuses it and relies on the server
+        # to send a fresher snapshot.)
         if self.raft_log.match_term(meta.index, meta.term):
             # We have the snapshot's last entry: just fast-forward the commit index.
             self.raft_log.commit_to(meta.index)
@@ -986,8 +1022,9 @@ class Raft:
         self.prs = ProgressTracker(self.prs.max_inflight, self.prs.max_inflight_bytes)
         cfg, prs = confchange.restore(confchange.Changer(self.prs, self.raft_log.last_index()), cs)
         self._switch_to_config(cfg, prs)
-        pr = self.prs.progress[self.id]
-        pr.maybe_update(pr.next - 1)
+        pr = self.prs.progress.get(self.id)
+        if pr is not None:
+            pr.maybe_update(pr.next - 1)
         return True
 
     # -- membership ----------------------------------------------------------------------------

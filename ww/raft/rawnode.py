@@ -20,16 +20,21 @@ from dataclasses import dataclass, field, replace
 
 from ww.raft.core import Config, Raft, StateType, Stats
 from ww.raft.errors import (
+    ConfigError,
     ProposalDroppedError,
     RaftError,
     StepLocalMessageError,
     StepPeerNotFoundError,
 )
 from ww.raft.tracker import Progress
+from ww.raft.storage import Storage
 from ww.raft.types import (
+    EMPTY_HARD_STATE,
     LOCAL_MESSAGES,
     NONE,
     ConfChange,
+    ConfChangeSingle,
+    ConfChangeType,
     ConfState,
     Entry,
     EntryType,
@@ -106,6 +111,28 @@ class RawNode:
         self.raft = Raft(config)
         self._prev_soft = self._soft_state()
         self._prev_hard = self.raft.hard_state()
+        if _is_fresh(config.storage):
+            self._bootstrap()
+
+    def _bootstrap(self) -> None:
+        """Write the initial membership (the fresh storage's ConfState) into the log as
+        committed conf change entries at term 1, like etcd's Bootstrap: a node that joins
+        later replays the log from index 1 and so learns the whole membership history.
+        The first Ready persists them and hands them to the application to apply."""
+        r = self.raft
+        cs = r.prs.conf_state()
+        if cs.voters_outgoing:
+            raise ConfigError("cannot bootstrap from a joint configuration")
+        changes = [ConfChangeSingle(ConfChangeType.ADD_NODE, v) for v in cs.voters]
+        changes += [ConfChangeSingle(ConfChangeType.ADD_LEARNER, v) for v in cs.learners]
+        ents = [
+            Entry(1, i + 1, EntryType.CONF_CHANGE, ConfChange((cc,)).encode())
+            for i, cc in enumerate(changes)
+        ]
+        r.become_follower(1, NONE)
+        r.raft_log.append(ents)
+        r.raft_log.committed = len(ents)
+        self._prev_hard = EMPTY_HARD_STATE
 
     @property
     def stats(self) -> Stats:
@@ -253,6 +280,17 @@ class RawNode:
             lead_transferee=r.lead_transferee,
             progress=progress,
         )
+
+
+def _is_fresh(storage: Storage) -> bool:
+    """A storage that holds nothing but the initial membership of a new cluster."""
+    hs, cs = storage.initial_state()
+    return (
+        storage.last_index() == 0
+        and storage.snapshot().metadata.index == 0
+        and hs.is_empty()
+        and bool(cs.voters or cs.learners)
+    )
 
 
 def _invalid(m: Message, self_id: int) -> str | None:

@@ -79,6 +79,8 @@ class Progress:
     """Heard from within the last election timeout (check-quorum)."""
     msg_app_flow_paused: bool = False
     """PROBE: an append is outstanding. REPLICATE: the inflight window is full."""
+    snapshot_ticks: int = 0
+    """In SNAPSHOT state: ticks since the snapshot was sent."""
 
     def __repr__(self) -> str:
         return (
@@ -98,11 +100,13 @@ class Progress:
             self.pending_snapshot,
             self.recent_active,
             self.msg_app_flow_paused,
+            self.snapshot_ticks,
         )
 
     def _reset_state(self, state: ProgressState) -> None:
         self.msg_app_flow_paused = False
         self.pending_snapshot = 0
+        self.snapshot_ticks = 0
         self.state = state
         self.inflights.reset()
 
