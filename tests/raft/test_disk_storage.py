@@ -569,3 +569,36 @@ def test_closed_storage_refuses_writes(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="is closed"):
         s.save(HardState(1, 1, 0), [Entry(1, 1)], None)
     assert os.listdir(tmp_path)
+
+
+def test_a_failed_write_is_undone_and_the_storage_refuses_more(tmp_path: Path) -> None:
+    """A real failed write: the file size limit lets only part of a save reach the file."""
+    segment = saved_log(tmp_path)
+    size = segment.stat().st_size
+    script = (
+        "import resource, signal, sys\n"
+        "from ww.raft.disk import DiskStorage\n"
+        "from ww.raft.storage import StorageError\n"
+        "from ww.raft.types import Entry, HardState\n"
+        "s = DiskStorage.open(sys.argv[1], node_id=1, cluster_id='c1', sync=False)\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]) + 100,) * 2)\n"
+        "for i in range(2):\n"
+        "    try:\n"
+        "        s.save(HardState(1, 1, 5), [Entry(1, 6, data=bytes(1000))], None)\n"
+        "    except StorageError as e:\n"
+        "        print(e)\n"
+        "print(s.last_index())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith(f"cannot write {segment}: [Errno 27] File too large")
+    assert out[1].startswith(f"raft storage in {tmp_path} failed earlier: cannot write")
+    assert out[2] == "5"
+    assert segment.stat().st_size == size  # the partial record was cut off again
+    with open_disk(tmp_path) as s:
+        assert (s.last_index(), s.initial_state()[0].commit) == (5, 4)

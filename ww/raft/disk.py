@@ -148,10 +148,10 @@ class _Log:
         return entries[offset + 1 - first :] if first <= offset else entries
 
     def append(self, entries: Sequence[Entry]) -> None:
-        """Append trimmed `entries`, replacing whatever they overlap."""
+        """Append trimmed `entries`, replacing whatever they overlap (in one step, so a reader
+        in another thread sees the log before or after)."""
         if entries:
-            del self.ents[entries[0].index - self.ents[0].index :]
-            self.ents.extend(entries)
+            self.ents[entries[0].index - self.ents[0].index :] = entries
 
     def compact(self, index: int, term: int) -> None:
         self.ents = [Entry(term, index), *self.ents[index - self.ents[0].index + 1 :]]
@@ -182,7 +182,7 @@ class _Segment:
 class DiskStorage:
     """A `LogStorage` that survives `kill -9` at any instant. Open it with `DiskStorage.open`.
 
-    Not thread-safe: call it from one thread at a time.
+    Make one call at a time; a driver may run `save()` in a worker thread while it waits.
     """
 
     def __init__(self, directory: Path, sync: bool, segment_size: int) -> None:
@@ -447,14 +447,21 @@ class DiskStorage:
                 start = k
             else:
                 break
-        for s in segments[:start]:
-            self._remove(_segment_name(s.seq))
-            self._sync_dir()
-        del segments[:start]
+        while start and self._remove(_segment_name(segments[0].seq)):
+            del segments[0]
+            start -= 1
 
-    def _remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def _remove(self, name: str) -> bool:
+        """Delete a file no longer needed. A failure only costs disk space: it is logged."""
+        try:
             os.unlink(self._dir / name)
+            self._sync_dir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot delete %s: %s", self._dir / name, e)
+            return False
+        return True
 
     def _segment_path(self, seq: int) -> Path:
         return self._dir / _segment_name(seq)
