@@ -80,7 +80,7 @@ class ProcessHandle:
 
     def kill(self) -> None:
         """SIGTERM the ROM's process group now; SIGKILL it if it is still there after a grace."""
-        if self._exited.is_set():
+        if self._exited.is_set() or self.killed:
             return
         self.killed = True
         self._signal(signal.SIGTERM)
@@ -301,7 +301,7 @@ class Executor:
             log.warning("connection of pid %d (%s) failed", handle.pid, handle.name, exc_info=True)
 
     async def _reap(self, handle: ProcessHandle, process: trio.Process) -> None:
-        """Wait for the child to exit (SIGKILL after the grace once kill() was asked)."""
+        """Wait for the child to exit and record its exit code."""
         await process.wait()
         handle.exit_code = process.returncode
         handle._exited.set()
