@@ -67,10 +67,10 @@ class ProcessHandle:
 
     @property
     def state(self) -> str:
-        """ "running", "exited", or "killed" (ended after kill())."""
+        """One of "running", "exited", "killed" (ended by a signal after kill())."""
         if self.exit_code is None:
             return "running"
-        return "killed" if self.killed else "exited"
+        return "killed" if self.killed and self.exit_code < 0 else "exited"
 
     async def wait(self) -> int:
         """Wait until the process has exited and its connection is closed; its exit code."""
