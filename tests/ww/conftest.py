@@ -104,13 +104,15 @@ class HostFactory:
         meta: dict[str, str] | None = None,
         ns: str | None = None,
         data_dir: Path | None = None,
+        listen: str = "127.0.0.1:0",
         args: Sequence[str] = (),
     ) -> HostProcess:
-        """Start a host and wait until it listens. `peers` are hosts or "HOST:PORT" strings."""
+        """Start a host and wait until it listens. `peers` are hosts or "HOST:PORT" strings;
+        `args` are more `ww start` arguments."""
         name = name or f"h{self._started}"
         self._started += 1
         data_dir = data_dir or self._tmp / name
-        argv = [sys.executable, "-m", "ww", "start", "--listen", "127.0.0.1:0"]
+        argv = [sys.executable, "-m", "ww", "start", "--listen", listen]
         argv += ["--data-dir", str(data_dir), "--ttl", str(ttl), "--heartbeat", str(heartbeat)]
         for peer in peers:
             argv += ["--peer", peer if isinstance(peer, str) else peer.address]
