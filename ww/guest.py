@@ -87,6 +87,12 @@ class _RomFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
             raise ImportError(f"{fullname} is not a module of ROM {self.rom.name!r}")
         return self.rom.source(found[0]).decode("utf-8")
 
+    def is_package(self, fullname: str) -> bool:
+        found = self.rom.find_module(fullname)
+        if found is None:
+            raise ImportError(f"{fullname} is not a module of ROM {self.rom.name!r}")
+        return found[1]
+
     def exec_module(self, module: ModuleType) -> None:
         origin = module.__spec__.origin if module.__spec__ else None
         code = compile(self.get_source(module.__name__), origin or "<rom>", "exec")

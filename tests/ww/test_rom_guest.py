@@ -53,12 +53,14 @@ async def test_packages_and_relative_imports_load_from_the_archive(tmp_path: Pat
             async def main(host, args):
                 host.append(pkg.VALUE)
                 host.append(pkg.__file__)
+                host.append(pkg.__loader__.is_package("pkg"))
+                host.append(pkg.__loader__.is_package("pkg.inner"))
             """,
         },
     )
     seen: list[Any] = []
     assert await run_local(rom, [], seen) == 0
-    assert seen == [42, "app.rom/src/pkg/__init__.py"]
+    assert seen == [42, "app.rom/src/pkg/__init__.py", True, False]
 
 
 async def test_rom_modules_do_not_leak_into_the_host(tmp_path: Path) -> None:
