@@ -238,13 +238,11 @@ async def cmd_ps(args: argparse.Namespace) -> int:
     async with dial(args) as host:
         rows = await host.ps()
     columns = ("pid", "name", "state", "exit_code")
-    table = [
-        [str(row.get(c, "")) if row.get(c) is not None else "-" for c in columns] for row in rows
-    ]
-    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    table = [[c.upper() for c in columns]]
+    table += [["-" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
     return 0
 
 
@@ -312,8 +310,10 @@ def build_parser() -> Parser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, handler: Callable[..., Awaitable[int]], text: str, *parents: Parser):
-        p = sub.add_parser(
+    def command(
+        name: str, handler: Callable[..., Awaitable[int]], text: str, *parents: Parser
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
             name, help=text, description=text, parents=[common, *parents], formatter_class=Help
         )
         p.set_defaults(handler=handler)
@@ -452,9 +452,13 @@ def setup_logging(verbosity: int) -> None:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for an expected error."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    """One line for an expected error (a host's CapabilityError is a message for users)."""
+    text = str(exc)
+    if getattr(exc, "type", None) == "CapabilityError" and isinstance(
+        getattr(exc, "message", None), str
+    ):
+        text = exc.message  # type: ignore[attr-defined]
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -470,7 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         exc = unwrap(group)
         if verbosity:
             log.error("%s failed", args.command, exc_info=exc)
-        print(f"ww {args.command}: error: {describe_error(exc)}", file=sys.stderr)
+        message = describe_error(exc)
+        if type(exc).__name__ == "ConnectionLost" and hasattr(args, "dial"):
+            message = f"the host at {format_address(args.dial)} closed the connection; " + (
+                "is it still running?"
+                if args.key
+                else "if it was started with --key, pass the same --key FILE"
+            )
+        print(f"ww {args.command}: error: {message}", file=sys.stderr)
         return exc.code if isinstance(exc, CliError) else EXIT_ERROR
 
 
@@ -513,6 +524,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Error types whose message is already one line for users (from modules in use)."""
     known: list[type[BaseException]] = [CliError]
     for module, names in (
         ("ww.rom", ("RomError",)),
@@ -520,11 +532,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("ww.auth", ("AuthError",)),
         ("ww.host.config", ("HostError",)),
     ):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        known.extend(getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type))
+        mod = sys.modules.get(module)
+        for name in names:
+            error = getattr(mod, name, None)
+            if isinstance(error, type) and issubclass(error, BaseException):
+                known.append(error)
     return tuple(known)
 
 
