@@ -246,7 +246,10 @@ async def test_references_are_released_when_a_client_disconnects(host_factory: H
 
 async def _stats_back(watcher, before) -> bool:
     now = await watcher.stats()
-    return all(now[k] == before[k] for k in ("exports", "anchors", "remote_leases", "connections"))
+    return all(
+        now[k] == before[k]
+        for k in ("exports", "anchors", "remote_leases", "connections", "subscriptions")
+    )
 
 
 async def test_bad_requests_get_one_line_errors_and_the_host_stays_up(host_factory: HostFactory):
@@ -255,6 +258,8 @@ async def test_bad_requests_get_one_line_errors_and_the_host_stays_up(host_facto
         root = await client.root()
         cases = [
             (root.walk("/a//b"), "empty component"),
+            (client.spawn(b"x", [], {"memory": -1}), "positive number"),
+            (client.spawn(b"x", [], {"nice": 1}), "limits must be"),
             (root.walk("/" + "x/" * 40), "levels deep"),
             (root.walk("/nobody/x"), "no host nobody"),
             (root.store(b"x"), "root anchor"),

@@ -53,8 +53,12 @@ class HostCapability(Capability):
         except ValueError as e:
             raise CapabilityError(str(e)) from None
 
-    async def spawn(self, rom: bytes | str, args: list[str] | None = None) -> ProcessCapability:
-        record = await self._host.spawn(rom, _check_args(args))
+    async def spawn(
+        self, rom: bytes | str, args: list[str] | None = None, limits: dict[str, Any] | None = None
+    ) -> ProcessCapability:
+        """Run a ROM (its bytes, or the content id of one this host has cached) in a child
+        process. `limits`: {"memory": bytes, "cpu_seconds": seconds}, both optional."""
+        record = await self._host.spawn(rom, _check_args(args), _check_limits(limits))
         return ProcessCapability(record)
 
     async def ps(self) -> list[dict[str, Any]]:
@@ -168,10 +172,12 @@ class AnchorCapability(Capability):
             return None
         return self._host.tree.load(self._local)
 
-    async def spawn(self, rom: bytes | str, args: list[str] | None = None) -> ProcessCapability:
+    async def spawn(
+        self, rom: bytes | str, args: list[str] | None = None, limits: dict[str, Any] | None = None
+    ) -> ProcessCapability:
         """Spawn a ROM on this host and hang its Process here for as long as it runs."""
         self._check_writable()
-        record = await self._host.spawn(rom, _check_args(args))
+        record = await self._host.spawn(rom, _check_args(args), _check_limits(limits))
         cap = ProcessCapability(record)
         if not record.lease.ended:  # a process that is already gone leaves nothing behind
             _store(self._host.tree, self._local, cap, record.lease)
@@ -190,13 +196,13 @@ def _store(tree: AnchorTree, parts: Parts, value: Any, lease: Lease) -> None:
 
 
 class ChannelCapability(Capability):
-    """A channel (ww.host.channel.Channel) lent out; closed when the last holder lets go."""
+    """A channel (ww.host.channel.Channel) lent out.
+
+    Releasing it does not close it: a channel hung at an anchor stays usable after its maker
+    drops its own reference. Closing is explicit (`close`)."""
 
     def __init__(self, capacity: int = 0) -> None:
         self._channel = Channel(capacity)
-
-    async def _on_release(self) -> None:
-        self._channel.close()
 
     async def send(self, value: Any) -> None:
         try:
@@ -246,3 +252,14 @@ def _check_args(args: object) -> list[str]:
     if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
         raise CapabilityError("ROM arguments must be a list of strings")
     return list(args)
+
+
+def _check_limits(limits: object) -> dict[str, float]:
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict) or not set(limits) <= {"memory", "cpu_seconds"}:
+        raise CapabilityError('limits must be a map with "memory" and/or "cpu_seconds"')
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise CapabilityError(f"limit {name} must be a positive number, not {value!r}")
+    return dict(limits)

@@ -36,6 +36,9 @@ log = logging.getLogger("ww.host")
 LINK_WAIT = 5.0
 """Seconds a call for a remote anchor waits for the link to a host that is in the view."""
 
+KEEP_EXITED = 256
+"""Exited processes `ps` still lists (with their exit codes), newest kept."""
+
 DIAL_TIMEOUT = 10.0
 MAX_BACKOFF = 5.0
 
@@ -216,7 +219,9 @@ class Host:
 
     # --- processes ------------------------------------------------------------------------------
 
-    async def spawn(self, rom: bytes | str, args: list[str]) -> ProcessRecord:
+    async def spawn(
+        self, rom: bytes | str, args: list[str], limits: dict[str, float] | None = None
+    ) -> ProcessRecord:
         if self.executor is None:
             raise CapabilityError("this host does not run ROMs")
         loaded = self._load_rom(rom)
@@ -227,7 +232,15 @@ class Host:
             return HostCapability(self, lease)
 
         try:
-            handle = await self.executor.spawn(loaded, args, capability)
+            limits = limits or {}
+            memory = limits.get("memory")
+            handle = await self.executor.spawn(
+                loaded,
+                args,
+                capability,
+                memory_limit=None if memory is None else int(memory),
+                cpu_seconds=limits.get("cpu_seconds"),
+            )
         except RomError as e:
             lease.end()
             raise CapabilityError(str(e)) from None
@@ -241,6 +254,11 @@ class Host:
         code = await record.handle.wait()
         record.lease.end()
         log.info("pid %d (%s) exited with %d", record.handle.pid, record.handle.name, code)
+        exited = [r for r in self.processes() if r.handle.exit_code is not None]
+        for old in exited[: max(0, len(exited) - KEEP_EXITED)]:
+            del self._processes[old.handle.pid]
+            if self.executor is not None:
+                self.executor.forget(old.handle.pid)
 
     def _load_rom(self, rom: object) -> Rom:
         assert self.executor is not None
