@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ww.rom import (
     MAX_FILE_BYTES,
@@ -344,3 +346,29 @@ def test_corrupt_member_is_refused() -> None:
     at = data.index(b"src/m.py") + len("src/m.py")  # compressed bytes follow the local name
     data[at : at + 4] = b"\xff\xff\xff\xff"
     refused(bytes(data), "corrupt")
+
+
+_VALID = rom_with(manifest(data=["d"]), ("data/d", b"some embedded data " * 20))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8
+    )
+)
+def test_fuzz_mutated_archives_load_or_raise_rom_error(edits: list[tuple[int, int]]) -> None:
+    data = bytearray(_VALID)
+    for at, value in edits:
+        data[at] = value
+    try:
+        Rom.load(bytes(data))
+    except RomError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.binary(max_size=512))
+def test_fuzz_arbitrary_bytes_never_escape_as_anything_but_rom_error(data: bytes) -> None:
+    with pytest.raises(RomError):
+        Rom.load(b"PK\x03\x04" + data)
