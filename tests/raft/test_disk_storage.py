@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from ww.raft import wal
@@ -26,6 +27,7 @@ from ww.raft.storage import (
     CompactedError,
     LogStorage,
     SnapshotOutOfDateError,
+    StorageError,
     UnavailableError,
 )
 from ww.raft.types import (
@@ -532,12 +534,34 @@ def test_garbage_files_are_refused_with_one_line(tmp_path: Path, name: str, seed
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_valid_frames_of_nonsense_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xa5hello",  # not msgpack of a record
+        msgpack.packb([9, 1, 2]),  # an unknown kind
+        msgpack.packb([1, [[1, 100, 0, b""]]]),  # entries that leave a gap in the log
+        msgpack.packb([5, 50, 1]),  # compaction past the end of the log
+    ],
+)
+def test_intact_frames_that_are_not_valid_records_are_refused(
+    tmp_path: Path, payload: bytes
+) -> None:
     segment = saved_log(tmp_path)
+    size = segment.stat().st_size
     with segment.open("ab") as f:
-        f.write(wal.frame(b"\xa5hello"))  # intact checksum, not a log record
-    with pytest.raises(StorageCorruptError, match="holds an invalid record at offset"):
+        f.write(wal.frame(payload))
+    with pytest.raises(StorageCorruptError) as e:
         open_disk(tmp_path)
+    assert str(e.value).startswith(f"raft log {segment} holds an invalid record at offset {size}")
+
+
+def test_unreadable_files_are_refused_with_one_line(tmp_path: Path) -> None:
+    saved_log(tmp_path)
+    (tmp_path / "raft.meta").unlink()
+    (tmp_path / "raft.meta").mkdir()
+    with pytest.raises(StorageError) as e:
+        open_disk(tmp_path)
+    assert str(e.value).startswith(f"cannot open raft data in {tmp_path}: [Errno 21]")
 
 
 def test_a_directory_open_in_another_process_is_refused(tmp_path: Path) -> None:

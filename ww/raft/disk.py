@@ -232,6 +232,9 @@ class DiskStorage:
                 self._recover()
             else:
                 self._initialize(node_id, cluster_id, conf_state)
+        except OSError as e:
+            self._release()
+            raise StorageError(f"cannot open raft data in {directory}: {e}") from e
         except BaseException:
             self._release()
             raise
@@ -600,7 +603,15 @@ class _Replay:
                 self._apply(seq, record)
         except StorageCorruptError as e:
             raise StorageCorruptError(f"raft log {path} at offset {offset}: {e}") from None
-        except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            CompactedError,
+            UnavailableError,
+            msgpack.UnpackException,
+        ) as e:
             raise StorageCorruptError(
                 f"raft log {path} holds an invalid record at offset {offset} ({e}); "
                 "refusing to start"
