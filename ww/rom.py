@@ -24,7 +24,6 @@ import stat
 import sys
 import tomllib
 import zipfile
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +207,7 @@ class Rom:
 def _read_archive(data: bytes) -> dict[str, bytes]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError):
+    except Exception:  # zipfile raises many kinds (BadZipFile, NotImplementedError, ...)
         raise RomError(
             "not a ROM: the data is not a zip archive; build one with `ww build DIR -o FILE.rom`"
         ) from None
@@ -295,7 +294,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> byt
                     )
     except RomError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError):
+    except Exception:  # BadZipFile, zlib.error, EOFError, NotImplementedError, ...
         raise RomError(
             f"ROM member {info.filename!r} is corrupt (bad data or checksum); rebuild the ROM"
         ) from None
