@@ -106,7 +106,7 @@ class Manifest:
     def from_json(cls, raw: bytes) -> Manifest:
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nested too deep
             raise RomError(f"{MANIFEST} is not valid JSON ({exc}); rebuild the ROM") from None
         if not isinstance(doc, dict):
             raise RomError(f"{MANIFEST} must be a JSON object; rebuild the ROM")

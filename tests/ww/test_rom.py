@@ -250,6 +250,8 @@ def test_missing_manifest_is_refused() -> None:
     ("raw", "words"),
     [
         (b"{not json", ("not valid JSON",)),
+        (b"\xff\xfe{}", ("not valid JSON",)),
+        (b"[" * 60_000, ("not valid JSON",)),
         (b"[1, 2]", ("JSON object",)),
         (json.dumps(manifest(format=2)).encode(), ("format 2",)),
         (json.dumps({k: v for k, v in manifest().items() if k != "name"}).encode(), ("'name'",)),
