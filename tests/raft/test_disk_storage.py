@@ -393,8 +393,8 @@ def test_damaged_last_record_is_truncated_with_a_warning(
     data[at[where]] ^= 0x40
     segment.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="ww.raft.disk"), open_disk(tmp_path) as s:
-        # The last save (entry 5's state record went with it) is gone, entry 5 itself stays.
-        assert (s.last_index(), s.initial_state()[0].commit) == (5, 3)
+        # The last save, entry 5 with commit 4, is gone as a whole.
+        assert (s.last_index(), s.initial_state()[0].commit) == (4, 3)
     assert f"discarding a torn record at offset {last}" in caplog.text
     assert segment.stat().st_size == last
 
@@ -539,8 +539,8 @@ def test_garbage_files_are_refused_with_one_line(tmp_path: Path, name: str, seed
     [
         b"\xa5hello",  # not msgpack of a record
         msgpack.packb([9, 1, 2]),  # an unknown kind
-        msgpack.packb([1, [[1, 100, 0, b""]]]),  # entries that leave a gap in the log
-        msgpack.packb([5, 50, 1]),  # compaction past the end of the log
+        msgpack.packb([1, None, [[1, 100, 0, b""]], None]),  # entries that leave a gap in the log
+        msgpack.packb([3, 50, 1]),  # compaction past the end of the log
     ],
 )
 def test_intact_frames_that_are_not_valid_records_are_refused(

@@ -43,7 +43,6 @@ from ww.raft.types import (
     Snapshot,
     SnapshotMetadata,
     entry_from_wire,
-    entry_to_wire,
     snapshot_from_wire,
     snapshot_to_wire,
 )
@@ -63,11 +62,11 @@ _LEFTOVER = re.compile(rf"LOCK|{_SEGMENT.pattern}|{_SNAPSHOT.pattern}|{_TEMP.pat
 
 # Log record kinds: the first element of each record's msgpack list.
 R_HEADER = 0  # [0, seq, [term, vote, commit], last index, last term, [snap index, term] | None]
-R_ENTRIES = 1  # [1, [entry, ...]]: the log from the first entry's index on is replaced
-R_STATE = 2  # [2, term, vote, commit]
-R_INSTALL = 3  # [3, index, term]: a snapshot from the leader replaces the whole log
-R_SNAPSHOT = 4  # [4, index, term]: the application took a snapshot at index
-R_COMPACT = 5  # [5, index, term]: the log up to and including index is discarded
+# [1, [index, term] | None, [entry, ...], [term, vote, commit] | None]: one save(), applied whole:
+# an installed snapshot replaces the log, then the entries replace it from their first index on.
+R_SAVE = 1
+R_SNAPSHOT = 2  # [2, index, term]: the application took a snapshot at index
+R_COMPACT = 3  # [3, index, term]: the log up to and including index is discarded
 
 
 class StorageCorruptError(StorageError):
@@ -285,17 +284,14 @@ class DiskStorage:
                 )
             offset = last = install.metadata.index
         new = self._log.trim(entries, offset, last)
-        records = []
+        hs = hard_state if hard_state != self._hard_state else None
         if install is not None:
             self._write_snapshot_file(install)
-            records.append(wal.frame(_pack([R_INSTALL, offset, install.metadata.term])))
-        if new:
-            records.append(wal.frame(_pack([R_ENTRIES, [entry_to_wire(e) for e in new]])))
-        if hard_state is not None and hard_state != self._hard_state:
-            hs = hard_state
-            records.append(wal.frame(_pack([R_STATE, hs.term, hs.vote, hs.commit])))
-        if records:
-            self._append(b"".join(records))
+        if install is not None or new or hs is not None:
+            snap = None if install is None else [offset, install.metadata.term]
+            wire = [[e.term, e.index, int(e.type), e.data] for e in new]
+            state = None if hs is None else [hs.term, hs.vote, hs.commit]
+            self._append(wal.frame(_pack([R_SAVE, snap, wire, state])))
         if install is not None:
             self._log.reset(offset, install.metadata.term)
             self._snapshot = install
@@ -632,17 +628,17 @@ class _Replay:
             elif (hard_state, snapshot_id) != (self.hard_state, self.snapshot_id):
                 raise StorageCorruptError("its header disagrees with the segments before it")
             self.segments.append(_Segment(seq, last))
-        elif kind == R_ENTRIES:
-            entries = [entry_from_wire(w) for w in record[1]]
+        elif kind == R_SAVE:
+            _, install, wire_entries, hs = record
+            entries = [entry_from_wire(w) for w in wire_entries]
+            if install is not None:
+                index, term = install
+                self.log.reset(index, term)
+                self.snapshot_id = (index, term)
+                self.install_seq = seq
             self.log.append(self.log.trim(entries, self.log.offset, self.log.last_index()))
-        elif kind == R_STATE:
-            _, term, vote, commit = record
-            self.hard_state = HardState(term, vote, commit)
-        elif kind == R_INSTALL:
-            _, index, term = record
-            self.log.reset(index, term)
-            self.snapshot_id = (index, term)
-            self.install_seq = seq
+            if hs is not None:
+                self.hard_state = HardState(*hs)
         elif kind == R_SNAPSHOT:
             _, index, term = record
             self.snapshot_id = (index, term)
