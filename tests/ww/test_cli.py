@@ -130,7 +130,6 @@ def test_build_writes_a_rom_that_loads(tmp_path: Path) -> None:
         ({}, "rom.toml"),
         ({"rom.toml": 'name = "x"\nentry = "x:main"\n'}, "version"),
         ({"rom.toml": "name = [unclosed\n"}, "rom.toml"),
-        ({"rom.toml": 'name = "x"\nversion = "1"\nentry = "missing:main"\n'}, "missing"),
     ],
 )
 def test_build_errors_are_one_line(
