@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from tests.ww.conftest import HostFactory, HostProcess, connect, view_of, wait_for
-from ww.rpc import ConnectionLost
+from ww.rpc import Capability, ConnectionLost, RemoteError
 
 
 async def _closed_by_host(stream: trio.SocketStream) -> bool:
@@ -78,3 +78,7 @@ async def test_hosts_with_the_cluster_key_link_and_a_peer_without_it_is_refused(
             await plain.id()
     async with a.connect() as ok:  # the host is still up for those who have the key
         assert await ok.id() == a.peer
+        # a client with the key cannot pose as a host: its certificate names another peer
+        with pytest.raises(RemoteError, match="certificate says"):
+            await ok.peer_link({"peer": b.peer, "ns": "ww"}, Capability())
+        assert await view_of(a) == {a.peer, b.peer}

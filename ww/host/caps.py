@@ -26,11 +26,15 @@ MAX_ANCHOR_BYTES = 1024 * 1024
 
 
 class HostCapability(Capability):
-    """The bootstrap of one connection or one spawned process; its lease ends on release."""
+    """The bootstrap of one connection or one spawned process; its lease ends on release.
 
-    def __init__(self, host: Host, lease: Lease) -> None:
+    `certified_peer` is the peer id the connection's TLS certificate proves (None without TLS).
+    """
+
+    def __init__(self, host: Host, lease: Lease, certified_peer: str | None = None) -> None:
         self._host = host
         self._lease = lease
+        self._certified_peer = certified_peer
 
     async def _on_release(self) -> None:
         self._lease.end()
@@ -76,7 +80,7 @@ class HostCapability(Capability):
 
     async def peer_link(self, hello: dict[str, Any], link: Ref) -> dict[str, Any]:
         """Host↔host: the dialing host introduces itself and its PeerLink; we answer in kind."""
-        return await self._host.accept_link(hello, link)
+        return await self._host.accept_link(hello, link, self._certified_peer)
 
 
 class ViewCapability(Capability):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ww.auth import peer_id_of
 from ww.host.anchors import AnchorTree
 from ww.host.caps import HostCapability
 from ww.host.config import Address, HostConfig, format_address, parse_address
@@ -97,9 +98,11 @@ class Host:
 
     # --- capabilities for a connection ------------------------------------------------------
 
-    def bootstrap(self, name: str) -> tuple[HostCapability, Lease]:
+    def bootstrap(
+        self, name: str, certified_peer: str | None = None
+    ) -> tuple[HostCapability, Lease]:
         lease = Lease(name)
-        return HostCapability(self, lease), lease
+        return HostCapability(self, lease, certified_peer), lease
 
     def now(self) -> float:
         return trio.current_time()
@@ -136,11 +139,15 @@ class Host:
     def hello(self) -> dict[str, Any]:
         return {"peer": self.peer_id, "ns": self.config.ns, "record": self.view.me.to_wire(0.0)}
 
-    def _check_hello(self, hello: object) -> str:
-        """Validate a linking host's hello and add it to the view; its peer id."""
+    def _check_hello(self, hello: object, certified: str | None) -> str:
+        """Validate a linking host's hello and add it to the view; its peer id.
+
+        `certified` is the peer id its TLS certificate proves, if the connection has one."""
         if not isinstance(hello, dict) or not isinstance(hello.get("peer"), str):
             raise CapabilityError("peer_link needs a hello map with the peer id")
         peer: str = hello["peer"]
+        if certified is not None and peer != certified:
+            raise CapabilityError(f"hello says host {peer} but the certificate says {certified}")
         if hello.get("ns") != self.config.ns:
             raise CapabilityError(
                 f"host {peer} is in cluster namespace {hello.get('ns')!r}, not {self.config.ns!r}"
@@ -287,11 +294,13 @@ class Host:
 
     # --- links ------------------------------------------------------------------------------------
 
-    async def accept_link(self, hello: dict[str, Any], ref: object) -> dict[str, Any]:
+    async def accept_link(
+        self, hello: dict[str, Any], ref: object, certified: str | None
+    ) -> dict[str, Any]:
         """A host dialed us and offers its PeerLink; register the link and offer ours."""
         if not isinstance(ref, Ref):
             raise CapabilityError("peer_link needs the dialing host's PeerLink capability")
-        peer = self._check_hello(hello)
+        peer = self._check_hello(hello, certified)
         local = PeerLinkCapability(self)
         link = self._add_link(Link(self, peer, ref, local))
         self.nursery.start_soon(self._run_link, link, True)
@@ -352,7 +361,7 @@ class Host:
                     answer = await conn.bootstrap().call("peer_link", self.hello(), local)
                 if not isinstance(answer, dict) or not isinstance(answer.get("link"), Ref):
                     raise CapabilityError("the peer answered peer_link with something else")
-                peer = self._check_hello(answer.get("hello"))
+                peer = self._check_hello(answer.get("hello"), peer_id_of(stream))
                 if expect is not None and peer != expect:
                     log.warning("expected host %s at %s, found %s", expect, addr, peer)
                 link = self._add_link(Link(self, peer, answer["link"], local))

@@ -7,6 +7,7 @@ from typing import Any
 
 import trio
 
+from ww.auth import peer_id_of
 from ww.host.config import Address, HostConfig, HostError, HostInfo, format_address
 from ww.host.node import Host, one_line
 from ww.rpc import Connection
@@ -79,7 +80,7 @@ async def _serve_client(host: Host, tcp: trio.SocketStream, wrap: Any) -> None:
         log.warning("refused connection from %s: %s", peer, one_line(e))
         await trio.aclose_forcefully(tcp)
         return
-    cap, lease = host.bootstrap(f"connection {peer}")
+    cap, lease = host.bootstrap(f"connection {peer}", peer_id_of(stream))
     try:
         async with Connection.open(stream, cap, name=f"client {peer}") as conn:
             host.connections.add(conn)
