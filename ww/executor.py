@@ -275,18 +275,25 @@ class Executor:
     async def _supervise(
         self, handle: ProcessHandle, process: trio.Process, stream: trio.SocketStream, boot: Any
     ) -> None:
-        """Serve the child's connection; record its exit; make sure the connection ends."""
+        """Serve the child's connection; record its exit; make sure the connection ends.
+
+        The connection is served shielded and outlives the child: when the executor stops,
+        the child is signalled while its connection is still up, and the connection ends
+        (releasing what the child held) only once the child is gone.
+        """
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve, handle, stream, boot)
-                await self._reap(handle, process)
-                # The child is gone, but a grandchild may still hold its socket end:
-                # shut ours down so the connection ends and its capabilities are released.
-                with contextlib.suppress(OSError):  # unless the connection closed it already
-                    stream.socket.shutdown(socket.SHUT_RDWR)
+                try:
+                    await self._reap(handle, process)
+                finally:
+                    if handle.exit_code is None:  # cancelled: the executor is stopping
+                        await self._stop(handle, process)
+                    # The child is gone, but a grandchild may still hold its socket end:
+                    # shut ours down so the connection ends and its capabilities are released.
+                    with contextlib.suppress(OSError):  # unless the connection closed it
+                        stream.socket.shutdown(socket.SHUT_RDWR)
         finally:
-            if handle.exit_code is None:  # cancelled: the executor is stopping
-                await self._stop(handle, process)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             handle._done.set()
@@ -295,10 +302,12 @@ class Executor:
     async def _serve(self, handle: ProcessHandle, stream: trio.SocketStream, boot: Any) -> None:
         from ww.rpc import serve_connection
 
-        try:
-            await serve_connection(stream, boot, name=f"pid {handle.pid} ({handle.name})")
-        except Exception:  # a misbehaving child must not take the host down
-            log.warning("connection of pid %d (%s) failed", handle.pid, handle.name, exc_info=True)
+        name = f"pid {handle.pid} ({handle.name})"
+        with trio.CancelScope(shield=True):  # ends with the child's socket; see _supervise
+            try:
+                await serve_connection(stream, boot, name=name)
+            except Exception:  # a misbehaving child must not take the host down
+                log.warning("connection of %s failed", name, exc_info=True)
 
     async def _reap(self, handle: ProcessHandle, process: trio.Process) -> None:
         """Wait for the child to exit and record its exit code."""

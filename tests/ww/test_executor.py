@@ -205,8 +205,23 @@ async def test_stopping_the_executor_kills_its_children(tmp_path: Path) -> None:
         handle, probe = await spawn(executor, make_rom(tmp_path, SLEEPER))
         await probe.noted.wait()
     assert handle.exit_code == -signal.SIGTERM
+    assert probe.released.is_set()
     with pytest.raises(ProcessLookupError):
         os.kill(handle.pid, 0)
+
+
+async def test_an_executor_run_in_a_nursery_kills_its_children_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        executor = await nursery.start(Executor(tmp_path / "data", kill_grace=0.5).run)
+        handle, probe = await spawn(executor, make_rom(tmp_path, SLEEPER), ["ignore-term"])
+        await probe.noted.wait()
+        nursery.cancel_scope.cancel()
+    assert handle.exit_code == -signal.SIGKILL  # it ignored SIGTERM for the whole grace
+    assert probe.released.is_set()
+    with pytest.raises(RuntimeError, match="not running"):
+        await spawn(executor, make_rom(tmp_path / "late", SLEEPER))
 
 
 async def test_capabilities_a_guest_held_are_released_when_it_exits(
