@@ -24,11 +24,12 @@ from _tcp_transport import (
     run_profiled,
     serve_clients,
 )
-from ww.raft.rawnode import Config
 
 from ww.raft.disk import DiskStorage
 from ww.raft.driver import NotLeaderError, RaftDriver, RaftError
 from ww.raft.node import Replica
+from ww.raft.rawnode import Config
+from ww.raft.types import ConfState
 
 # -- the ww.raft node --------------------------------------------------------------------------
 
@@ -104,9 +105,13 @@ async def _serve_raft(args: argparse.Namespace) -> None:
         raft_listener.socket.getsockname()[1], client_listener.socket.getsockname()[1]
     )
     storage = DiskStorage.open(
-        args.data_dir, node_id=args.id, cluster_id=CLUSTER_ID, sync=not args.no_fsync
+        args.data_dir,
+        node_id=args.id,
+        cluster_id=CLUSTER_ID,
+        sync=not args.no_fsync,
+        conf_state=ConfState(voters=tuple(sorted(peers))),
     )
-    config = Config(id=args.id, peers=tuple(sorted(peers)))
+    config = Config(id=args.id, storage=storage)
     replica = Replica(config, storage, CountingStateMachine())
     transport = TcpTransport({i: a for i, a in peers.items() if i != args.id})
     options: dict[str, Any] = {"persist_in_thread": args.persist_in_thread}

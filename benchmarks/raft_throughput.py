@@ -34,7 +34,10 @@ import msgpack
 import trio
 
 HERE = Path(__file__).resolve().parent
-NODE_SCRIPTS = {"ww.raft": HERE / "_raft_node.py", "pysyncobj": HERE / "_pysyncobj_node.py"}
+NODE_SCRIPTS = {
+    "ww.raft": Path(os.environ.get("RAFT_NODE_SCRIPT", HERE / "_raft_node.py")),
+    "pysyncobj": HERE / "_pysyncobj_node.py",
+}
 HOST = "127.0.0.1"
 
 
@@ -232,16 +235,68 @@ async def find_leader(c: Cluster, timeout: float = 15.0, poll: float = 0.01) -> 
 
 
 @dataclass(slots=True)
+class Usage:
+    """CPU use during a measured window."""
+
+    nodes_cpu: float  # seconds of CPU used by all replica processes
+    leader_cpu: float  # ... by the leader process alone
+    machine_idle: float  # fraction of the machine's CPU time that was idle (all processes)
+    seconds: float
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(idle, total) jiffies of the whole machine, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+async def measure_usage(c: Cluster, leader: NodeProcess, start: float, end: float) -> Usage:
+    """CPU used by the cluster between two instants (trio clock)."""
+    await trio.sleep_until(start)
+    pids = [n.proc.pid for n in c.nodes.values()]
+    nodes0, leader0, (idle0, total0) = (
+        sum(process_cpu(p) for p in pids),
+        process_cpu(leader.proc.pid),
+        machine_cpu(),
+    )
+    await trio.sleep_until(end)
+    idle1, total1 = machine_cpu()
+    return Usage(
+        nodes_cpu=sum(process_cpu(p) for p in pids) - nodes0,
+        leader_cpu=process_cpu(leader.proc.pid) - leader0,
+        machine_idle=(idle1 - idle0) / max(1, total1 - total0),
+        seconds=end - start,
+    )
+
+
+@dataclass(slots=True)
 class LoadResult:
     ops: int
     seconds: float
     latencies: list[float]
     errors: int = 0
     lost: int = 0
+    usage: Usage | None = None
 
     @property
     def rate(self) -> float:
         return self.ops / self.seconds
+
+    @property
+    def cpu_us_per_op(self) -> float:
+        """CPU time of all replicas (user + system) per committed op, in microseconds."""
+        if self.usage is None or not self.ops:
+            return math.nan
+        return self.usage.nodes_cpu / self.ops * 1e6
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -344,26 +399,47 @@ def fmt(r: LoadResult) -> str:
     extra = ""
     if r.errors or r.lost:
         extra = f", {r.errors} errors, {r.lost} unanswered"
+    cpu = ""
+    if r.usage is not None:
+        u = r.usage
+        cpu = (
+            f"  cpu/op {r.cpu_us_per_op:5.0f} us (leader {u.leader_cpu / u.seconds:4.0%} of a "
+            f"core, machine idle {u.machine_idle:4.0%})"
+        )
     return (
         f"{r.rate:8.0f} ops/s  p50 {r.percentile(0.5) * 1e3:6.1f} ms  "
-        f"p99 {r.percentile(0.99) * 1e3:6.1f} ms{extra}"
+        f"p99 {r.percentile(0.99) * 1e3:6.1f} ms{cpu}{extra}"
     )
 
 
-async def measure_max(kind: str, args: argparse.Namespace) -> LoadResult:
-    async with cluster(kind, profile_dir=args.profile_dir) as c:
-        leader = await find_leader(c)
-        payload = os.urandom(args.size)
-        return await closed_loop(
-            leader.client_address, args.inflight, args.duration, args.warmup, payload
-        )
+def node_args(kind: str, args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.raft_node_args.split()) if kind == "ww.raft" else ()
 
 
-async def measure_at_rate(kind: str, rate: float, args: argparse.Namespace) -> LoadResult:
-    async with cluster(kind, profile_dir=args.profile_dir) as c:
+async def measure(kind: str, args: argparse.Namespace, rate: float = 0.0) -> LoadResult:
+    """One run on a fresh cluster: closed loop at `--inflight`, or open loop at `rate`."""
+    async with cluster(kind, profile_dir=args.profile_dir, extra_args=node_args(kind, args)) as c:
         leader = await find_leader(c)
         payload = os.urandom(args.size)
-        return await open_loop(leader.client_address, rate, args.duration, args.warmup, payload)
+        start = trio.current_time()
+        usage: list[Usage] = []
+
+        async def sample() -> None:
+            window = start + args.warmup
+            usage.append(await measure_usage(c, leader, window, window + args.duration))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample)
+            if rate:
+                result = await open_loop(
+                    leader.client_address, rate, args.duration, args.warmup, payload
+                )
+            else:
+                result = await closed_loop(
+                    leader.client_address, args.inflight, args.duration, args.warmup, payload
+                )
+        result.usage = usage[0]
+        return result
 
 
 def median_of(results: list[LoadResult], what: str) -> float:
@@ -385,7 +461,7 @@ async def run(args: argparse.Namespace) -> None:
     print("            is an mmap'd file that is never fsynced while running (weaker)")
     for i in range(args.repeat):
         for kind in kinds:
-            r = await measure_max(kind, args)
+            r = await measure(kind, args)
             results[kind].append(r)
             print(f"max rate   {kind:9s} run {i + 1}: {fmt(r)}", flush=True)
     summary: dict[str, Any] = {}
@@ -409,7 +485,7 @@ async def run(args: argparse.Namespace) -> None:
         rate = summary["ww.raft"]["ops_per_s"] / 2
         lat: list[LoadResult] = []
         for i in range(args.repeat):
-            r = await measure_at_rate("ww.raft", rate, args)
+            r = await measure("ww.raft", args, rate)
             lat.append(r)
             print(f"open loop  ww.raft   run {i + 1} at {rate:.0f}/s: {fmt(r)}", flush=True)
         p50, p99 = median_of(lat, "0.5") * 1e3, median_of(lat, "0.99") * 1e3
@@ -432,6 +508,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-pysyncobj", action="store_true")
     p.add_argument("--only-pysyncobj", action="store_true")
     p.add_argument("--skip-latency", action="store_true", help="no half-rate open-loop runs")
+    p.add_argument(
+        "--raft-node-args",
+        default="",
+        help="extra arguments for each ww.raft node, e.g. '--persist-in-thread'",
+    )
     p.add_argument("--profile-dir", default="", help="cProfile each node into this directory")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     return p.parse_args()
