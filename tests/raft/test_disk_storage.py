@@ -626,3 +626,13 @@ def test_a_failed_write_is_undone_and_the_storage_refuses_more(tmp_path: Path) -
     assert segment.stat().st_size == size  # the partial record was cut off again
     with open_disk(tmp_path) as s:
         assert (s.last_index(), s.initial_state()[0].commit) == (5, 4)
+
+
+def test_entries_with_a_hole_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with open_disk(tmp_path) as s:
+        s.save(HardState(1, 1, 0), [Entry(1, 1)], None)
+        with pytest.raises(ValueError, match="entries to append skip from 2 to 4"):
+            s.save(HardState(1, 1, 1), [Entry(1, 2), Entry(1, 4)], None)
+        assert (s.last_index(), s.initial_state()[0].commit) == (1, 0)
+    with open_disk(tmp_path) as s:
+        assert (s.last_index(), s.initial_state()[0].commit) == (1, 0)

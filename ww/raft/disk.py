@@ -143,7 +143,7 @@ class _Log:
         first = entries[0].index
         for i, e in enumerate(entries):
             if e.index != first + i:
-                raise ValueError(f"entries to append are not contiguous: {e.index} after {first}")
+                raise ValueError(f"entries to append skip from {first + i - 1} to {e.index}")
         if first > last + 1:
             raise UnavailableError(f"missing log entries: last index {last}, appending at {first}")
         return entries[offset + 1 - first :] if first <= offset else entries
@@ -174,7 +174,7 @@ def _size_limited_count(ents: list[Entry], lo: int, hi: int, max_size: int | Non
     return hi - lo
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Segment:
     seq: int
     floor: int  # the log's last index when the segment was started
