@@ -34,9 +34,9 @@ MT = MessageType
 
 def storage_with(
     voters: Iterable[int] = (),
-    learners: Iterable[int] = (),
     entries: Sequence[Entry] = (),
     term: int = 0,
+    learners: Iterable[int] = (),
 ) -> MemoryStorage:
     """A MemoryStorage for a cluster of `voters`, holding `entries` and hard state `term`."""
     s = MemoryStorage(ConfState(voters=tuple(voters), learners=tuple(learners)))
@@ -58,7 +58,7 @@ def new_raft(
 ) -> Raft:
     """A core with etcd's test defaults: pre-vote and check-quorum off unless asked for."""
     if storage is None:
-        storage = storage_with(voters, learners)
+        storage = storage_with(voters, learners=learners)
     kw.setdefault("pre_vote", False)
     kw.setdefault("check_quorum", False)
     rng = random.Random(id if seed is None else seed)
@@ -221,7 +221,9 @@ class Cluster:
             self.inbox.append(m)
         if rd.snapshot is not None:
             self.conf[i] = rd.snapshot.metadata.conf_state
-            self.applied[i] = [Entry(rd.snapshot.metadata.term, rd.snapshot.metadata.index, data=b"<snapshot>")]
+            self.applied[i] = [
+                Entry(rd.snapshot.metadata.term, rd.snapshot.metadata.index, data=b"<snapshot>")
+            ]
         for e in rd.committed_entries:
             if e.type == EntryType.CONF_CHANGE:
                 self.conf[i] = node.apply_conf_change(ConfChange.decode(e.data))
