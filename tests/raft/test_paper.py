@@ -1,4 +1,4 @@
-"""The rules of the Raft paper (§5.1–§5.4), one test per claim, after etcd's
+"""The rules of the Raft paper (§5.1 to §5.4), one test per claim, after etcd's
 raft_paper_test.go. Each test builds a state, steps messages into the core and checks the
 messages and state that come out."""
 
