@@ -31,6 +31,9 @@ class Network:
         self._group: dict[int, int] = {}  # node -> partition group; absent means group 0
         self.sent = 0
         self.dropped = 0
+        self.snapshot_reports: list[tuple[Message, bool]] = []
+        """Snapshot messages lost (False) or handed over (True), for the sender's
+        `report_snapshot`, as a real transport would report them."""
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -54,7 +57,7 @@ class Network:
         for m in messages:
             self.sent += 1
             if not self.connected(m.frm, m.to) or self.rng.random() < f.drop:
-                self.dropped += 1
+                self._lost(m)
                 continue
             copies = 2 if self.rng.random() < f.duplicate else 1
             for _ in range(copies):
@@ -70,9 +73,14 @@ class Network:
             if self.connected(m.frm, m.to):
                 due.append(m)
             else:
-                self.dropped += 1
+                self._lost(m)
         self.rng.shuffle(due)
         return due
+
+    def _lost(self, m: Message) -> None:
+        self.dropped += 1
+        if m.snapshot is not None:
+            self.snapshot_reports.append((m, False))
 
     def clear(self) -> None:
         self._queue.clear()

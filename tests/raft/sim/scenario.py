@@ -1,0 +1,240 @@
+"""One seeded simulation run: chaos, then healing, then the liveness and linearizability
+verdicts.
+
+Chaos: clients hammer the KV map through random nodes while the network drops, duplicates and
+delays messages, partitions come and go, nodes crash and restart from their storage, learners
+join, are promoted and voters are removed, and leadership is transferred. Healing: the network
+becomes reliable, every member is restarted; within `LIVENESS_BOUND` ticks a leader must emerge
+and a fresh proposal commit. Then every request still in flight settles, and the whole client
+history must be linearizable.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ww.raft.errors import RaftError
+from ww.raft.types import ConfChangeType
+
+from .cluster import ELECTION_TICK, Cluster, InvariantViolation, SimNode, SimOptions, is_leader
+from .kv import encode
+from .linearizability import check_kv
+from .network import Faults
+
+LIVENESS_BOUND = 20 * ELECTION_TICK
+"""Ticks from the end of all faults until a fresh proposal is applied on a leader."""
+
+KEYS = ("a", "b", "c")
+CLIENTS = 4
+MAX_EXTRA_NODES = 3
+
+
+@dataclass(slots=True)
+class RunStats:
+    seed: int
+    nodes: int
+    disk: bool
+    ticks: int
+    ops: int
+    unknown: int
+    crashes: int
+    partitions: int
+    conf_changes: int
+    snapshots_sent: int
+    recovery_ticks: int
+    max_term: int
+
+
+def options_for(seed: int) -> SimOptions:
+    """3 or 5 nodes, disk or memory storage, chosen by the seed so both alternate."""
+    return SimOptions(nodes=3 if seed % 2 == 0 else 5, disk=seed % 4 < 2)
+
+
+class Scenario:
+    def __init__(self, seed: int, workdir: Path, chaos_ticks: int = 300) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed ^ 0x5EED)
+        faults = Faults(
+            drop=self.rng.choice((0.0, 0.02, 0.1)),
+            duplicate=self.rng.choice((0.0, 0.05)),
+            max_delay=self.rng.choice((0, 2, 5)),
+        )
+        self.cluster = Cluster(seed, options_for(seed), workdir, faults)
+        self.chaos_ticks = chaos_ticks
+        self.next_value = 0
+        self.crashes = self.partitions = self.conf_changes = self.snapshots_sent = 0
+        self.cluster.on_outcome = self._count_snapshots
+
+    def _count_snapshots(self, node: SimNode, out: object) -> None:
+        self.snapshots_sent += sum(
+            1 for m in getattr(out, "messages", ()) if m.snapshot is not None
+        )
+
+    # -- chaos ------------------------------------------------------------------------------
+
+    def _clients(self) -> None:
+        c = self.cluster
+        busy = c.busy_clients()
+        for client in range(CLIENTS):
+            if client in busy or self.rng.random() > 0.3:
+                continue
+            node = c.nodes[self.rng.choice(sorted(c.nodes))]
+            if node.replica is None:
+                continue
+            key = self.rng.choice(KEYS)
+            kind = self.rng.choice(("put", "put", "cas", "get", "read", "read"))
+            arg: object = None
+            if kind == "put":
+                self.next_value += 1
+                arg = self.next_value
+            elif kind == "cas":
+                self.next_value += 1
+                arg = (
+                    self.rng.choice((None, *range(max(1, self.next_value - 4), self.next_value))),
+                    self.next_value,
+                )
+            c.submit(client, node, kind, key, arg)
+
+    def _fault(self) -> None:
+        c, r = self.cluster, self.rng.random()
+        alive = c.alive()
+        if r < 0.01 and alive:
+            c.crash(self.rng.choice(alive))
+            self.crashes += 1
+        elif r < 0.05:
+            down = [n for n in c.nodes.values() if n.replica is None]
+            if down:
+                c.start(self.rng.choice(down))
+        elif r < 0.06:
+            ids = sorted(c.nodes)
+            self.rng.shuffle(ids)
+            cut = self.rng.randint(1, len(ids) - 1)
+            c.net.partition([ids[:cut]])
+            self.partitions += 1
+        elif r < 0.08:
+            c.net.heal()
+        elif r < 0.09:
+            self._membership()
+        elif r < 0.095:
+            leader = c.leader()
+            if leader is not None and leader.replica is not None:
+                voters = [v for v in leader.replica.conf_state.voters if v != leader.id]
+                if voters:
+                    leader.replica.node.transfer_leader(self.rng.choice(voters))
+
+    def _membership(self) -> None:
+        c = self.cluster
+        leader = c.leader()
+        if leader is None or leader.replica is None:
+            return
+        conf = leader.replica.conf_state
+        choice = self.rng.random()
+        if choice < 0.4 and len(c.nodes) < c.options.nodes + MAX_EXTRA_NODES:
+            new_id = max(c.nodes) + 1
+            c.add_node(new_id)
+            ok = c.propose_conf_change(leader, ConfChangeType.ADD_LEARNER, new_id)
+        elif choice < 0.7 and conf.learners:
+            ok = c.propose_conf_change(
+                leader, ConfChangeType.ADD_NODE, self.rng.choice(conf.learners)
+            )
+        elif len(conf.voters) > 3 or (conf.learners and choice < 0.85):
+            target = self.rng.choice(conf.voters if len(conf.voters) > 3 else conf.learners)
+            ok = c.propose_conf_change(leader, ConfChangeType.REMOVE_NODE, target)
+        else:
+            return
+        self.conf_changes += ok
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> RunStats:
+        c = self.cluster
+        for _ in range(self.chaos_ticks):
+            self._fault()
+            self._clients()
+            c.tick()
+        recovery = self._heal()
+        self._settle()
+        bad = check_kv(c.history)
+        if bad:
+            raise InvariantViolation(f"seed {self.seed}: history not linearizable for keys {bad}")
+        return RunStats(
+            seed=self.seed,
+            nodes=c.options.nodes,
+            disk=c.options.disk,
+            ticks=c.now,
+            ops=len(c.history),
+            unknown=sum(1 for op in c.history if op.ret is None),
+            crashes=self.crashes,
+            partitions=self.partitions,
+            conf_changes=self.conf_changes,
+            snapshots_sent=self.snapshots_sent,
+            recovery_ticks=recovery,
+            max_term=max(n.term for n in c.nodes.values()),
+        )
+
+    def _heal(self) -> int:
+        """End all faults; return the ticks until a fresh proposal was applied on a leader."""
+        c = self.cluster
+        c.net.heal()
+        c.net.faults = Faults.reliable()
+        for n in c.nodes.values():
+            if n.replica is None:
+                c.start(n)
+        start = c.now
+        marker: bytes | None = None
+        marker_node: SimNode | None = None
+        done = False
+
+        def seen(node: SimNode, out: object) -> None:
+            nonlocal done
+            if node is marker_node and any(rid == marker for rid, _ in getattr(out, "results", ())):
+                done = True
+
+        c.on_outcome = seen
+        while not done:
+            if c.now - start > LIVENESS_BOUND:
+                raise InvariantViolation(
+                    f"seed {self.seed}: no proposal committed within {LIVENESS_BOUND} ticks "
+                    f"of healing (tick {c.now})"
+                )
+            leader = c.leader()
+            if leader is not None and leader is not marker_node and leader.replica is not None:
+                try:
+                    marker = leader.replica.propose(encode("put", "liveness", c.now))
+                    marker_node = leader
+                except RaftError:
+                    pass
+            c.tick()
+        c.on_outcome = None
+        return c.now - start
+
+    def _settle(self) -> None:
+        """Let every request in flight be answered or time out; then all live members must
+        have applied the same log."""
+        c = self.cluster
+        while c.requests:
+            c.tick()
+        target = None
+        for _ in range(LIVENESS_BOUND):
+            leader = c.leader()
+            if leader is not None and leader.replica is not None:
+                members = set(leader.replica.conf_state.voters) | set(
+                    leader.replica.conf_state.learners
+                )
+                target = leader.replica.applied
+                if all(
+                    c.nodes[m].replica is not None and c.nodes[m].replica.applied == target  # type: ignore[union-attr]
+                    for m in members
+                    if m in c.nodes
+                ):
+                    return
+            c.tick()
+        raise InvariantViolation(
+            f"seed {self.seed}: members did not converge on applied index {target}"
+        )
+
+
+def leader_count(c: Cluster) -> int:
+    return sum(1 for n in c.alive() if n.replica is not None and is_leader(n.replica))

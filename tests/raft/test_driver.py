@@ -1,0 +1,267 @@
+"""The trio driver: three replicas over an in-memory trio transport, on a mock clock.
+
+Every test takes pytest-trio's `autojump_clock` (MockClock(autojump_threshold=0)): time
+jumps ahead whenever all tasks wait, so seconds of timeouts pass in milliseconds.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+import trio.testing
+from sim.kv import KVStateMachine, encode
+
+from ww.raft.driver import (
+    FrameAssembler,
+    NotLeaderError,
+    RaftDriver,
+    RaftStoppedError,
+    RequestTimeoutError,
+    split_frame,
+)
+from ww.raft.memory import MemoryStorage
+from ww.raft.node import Replica
+from ww.raft.rawnode import Config
+from ww.raft.types import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
+
+VOTERS = (1, 2, 3)
+TICK = 0.05  # the driver's default: election timeouts of 0.5 to 1 s
+FAILOVER_MEDIAN_BOUND = 1.5
+ELECTION_TIMEOUT_MAX = 20 * TICK  # randomized in [10, 20) ticks
+
+
+class Router:
+    """An in-memory network: `send` hands each message straight to the target's driver;
+    nodes can be disconnected."""
+
+    def __init__(self) -> None:
+        self.drivers: dict[int, RaftDriver] = {}
+        self.cut: set[int] = set()
+
+    def link(self, node_id: int) -> Link:
+        return Link(self, node_id)
+
+
+class Link:
+    def __init__(self, router: Router, node_id: int) -> None:
+        self.router = router
+        self.node_id = node_id
+
+    def send(self, messages: list[Message]) -> None:
+        for m in messages:
+            target = self.router.drivers.get(m.to)
+            if target is not None and not {m.frm, m.to} & self.router.cut:
+                target.step(m)
+
+
+class Cluster:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.router = Router()
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.machines: dict[int, KVStateMachine] = {}
+
+    async def start(self, node_id: int, seed: int = 0, **driver_options: float) -> RaftDriver:
+        storage = MemoryStorage(ConfState(voters=VOTERS))
+        sm = KVStateMachine()
+        config = Config(id=node_id, storage=storage, rng=random.Random(f"{seed}/{node_id}"))
+        replica = Replica(config, storage, sm, rng=random.Random(f"{seed}/{node_id}/ids"))
+        driver = RaftDriver(replica, self.router.link(node_id), **driver_options)
+        self.router.drivers[node_id] = driver
+        self.machines[node_id] = sm
+        scope = trio.CancelScope()
+        self.scopes[node_id] = scope
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await driver.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        return driver
+
+    def crash(self, node_id: int) -> None:
+        self.scopes[node_id].cancel()
+        del self.router.drivers[node_id]
+
+    def leader(self) -> RaftDriver | None:
+        for node_id, d in self.router.drivers.items():
+            if d.replica.leader == node_id and node_id not in self.router.cut:
+                return d
+        return None
+
+    async def wait_for(self, predicate: Callable[[], object], within: float = 5.0) -> None:
+        with trio.fail_after(within):
+            while not predicate():
+                await trio.sleep(TICK)
+
+    async def wait_for_leader(self, within: float = 5.0) -> RaftDriver:
+        await self.wait_for(self.leader, within)
+        leader = self.leader()
+        assert leader is not None
+        return leader
+
+
+@pytest.fixture
+async def cluster(autojump_clock: trio.testing.MockClock) -> AsyncIterator[Cluster]:
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery)
+        for node_id in VOTERS:
+            await c.start(node_id)
+        yield c
+        nursery.cancel_scope.cancel()
+
+
+async def test_elects_a_leader_and_applies_a_proposal_on_every_node(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    assert await leader.propose(encode("put", "x", 1)) is None
+    assert await leader.propose(encode("get", "x")) == 1
+    await cluster.wait_for(lambda: all(m.data.get("x") == 1 for m in cluster.machines.values()))
+
+
+async def test_a_burst_of_proposals_is_batched_into_few_readies(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    saves = 0
+    storage = leader.replica.storage
+    save = storage.save
+
+    def counting_save(*args: object) -> None:
+        nonlocal saves
+        saves += 1
+        save(*args)  # type: ignore[arg-type]
+
+    storage.save = counting_save  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(leader.propose, encode("put", f"k{i}", i))
+    assert all(cluster.machines[leader.replica.id].data[f"k{i}"] == i for i in range(50))
+    assert saves <= 5
+
+
+async def test_read_index_on_a_follower_sees_the_latest_write(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    follower = next(d for d in cluster.router.drivers.values() if d is not leader)
+    await leader.propose(encode("put", "x", "fresh"))
+    index = await follower.read_index()
+    assert follower.replica.applied >= index
+    assert cluster.machines[follower.replica.id].data["x"] == "fresh"
+
+
+async def test_a_proposal_on_a_follower_is_forwarded_and_answered(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    follower = next(d for d in cluster.router.drivers.values() if d is not leader)
+    assert await follower.propose(encode("cas", "y", None, 5)) is True
+    assert await follower.propose(encode("cas", "y", None, 6)) is False
+    assert (
+        cluster.machines[leader.replica.id].data["y"] == 5
+        or await cluster.wait_for(lambda: cluster.machines[leader.replica.id].data.get("y") == 5)
+        is None
+    )
+
+
+async def test_leader_crash_elects_a_new_leader_and_writes_resume(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    await leader.propose(encode("put", "x", 1))
+    old_id = leader.replica.id
+    cluster.crash(old_id)
+    new_leader = await cluster.wait_for_leader()
+    assert new_leader.replica.id != old_id
+    assert await new_leader.propose(encode("get", "x")) == 1
+
+
+async def test_failover_with_default_timeouts_takes_well_under_one_and_a_half_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The time from a leader crash until writes commit again, over 15 clusters whose
+    election timeouts are randomized differently: the median must stay under 1.5 s."""
+    times = []
+    for seed in range(15):
+        async with trio.open_nursery() as nursery:
+            c = Cluster(nursery)
+            for node_id in VOTERS:
+                await c.start(node_id, seed=seed)
+            leader = await c.wait_for_leader()
+            await leader.propose(encode("put", "x", seed))
+            crashed_at = trio.current_time()
+            c.crash(leader.replica.id)
+            new_leader = await c.wait_for_leader()
+            assert await new_leader.propose(encode("get", "x")) == seed
+            times.append(trio.current_time() - crashed_at)
+            nursery.cancel_scope.cancel()
+    assert statistics.median(times) < FAILOVER_MEDIAN_BOUND
+    assert max(times) < 3 * ELECTION_TIMEOUT_MAX
+
+
+async def test_a_proposal_before_any_election_fails_with_not_leader(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    driver = cluster.router.drivers[1]
+    with pytest.raises(NotLeaderError, match="no leader is known"):
+        await driver.propose(encode("put", "x", 1))
+
+
+async def test_a_lost_proposal_times_out_with_an_unknown_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery)
+        drivers = [await c.start(n, request_timeout=0.3) for n in VOTERS]
+        leader = await c.wait_for_leader()
+        follower = next(d for d in drivers if d is not leader)
+        c.router.cut.add(follower.replica.id)
+        with pytest.raises(RequestTimeoutError, match="may or may not"):
+            await follower.propose(encode("put", "x", 1))
+        nursery.cancel_scope.cancel()
+
+
+async def test_transfer_leader_hands_over_leadership(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    target = next(n for n in VOTERS if n != leader.replica.id)
+    await leader.transfer_leader(target)
+    await cluster.wait_for(lambda: cluster.leader() is cluster.router.drivers[target], within=2.0)
+
+
+async def test_stopping_the_driver_fails_waiting_requests(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    follower_id = next(n for n in VOTERS if n != leader.replica.id)
+    follower = cluster.router.drivers[follower_id]
+    cluster.router.cut.add(follower_id)
+
+    async def crash_soon() -> None:
+        await trio.sleep(0.1)
+        cluster.crash(follower_id)
+
+    cluster.nursery.start_soon(crash_soon)
+    with pytest.raises(RaftStoppedError, match="stopped"):
+        await follower.propose(encode("put", "x", 1))
+
+
+def test_large_messages_split_into_frames_and_join_again() -> None:
+    snap = Snapshot(bytes(range(256)) * 400, SnapshotMetadata(index=9, term=2))
+    data = Message(MessageType.SNAP, to=2, frm=1, term=2, snapshot=snap).encode()
+    chunks = list(split_frame(data, 4096))
+    assert len(chunks) == -(-len(data) // 4096)
+    assembler = FrameAssembler()
+    joined = [assembler.feed(c) for c in chunks]
+    assert joined[:-1] == [None] * (len(chunks) - 1)
+    assert joined[-1] is not None
+    assert Message.decode(joined[-1]).snapshot == snap
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        FrameAssembler(max_size=100).feed(chunks[0])

@@ -1,0 +1,182 @@
+"""Raft under simulated faults: many seeded runs of the deterministic simulator.
+
+    pytest tests/raft/test_simulation.py                        # the default seeds
+    RAFT_SIM_SEEDS=10000 pytest tests/raft/test_simulation.py   # a soak
+    RAFT_SIM_SEED=1234 pytest tests/raft/test_simulation.py -k replay   # one seed again
+
+Each run checks the safety invariants after every Ready, liveness after the faults end, and
+the linearizability of the client history (see tests/raft/sim/).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from sim.cluster import ELECTION_TICK, Cluster, SimOptions, current_term, is_leader, lead_of
+from sim.linearizability import check_kv
+from sim.scenario import LIVENESS_BOUND, RunStats, Scenario
+
+from ww.raft.types import ConfChangeType
+
+DEFAULT_SEEDS = 200
+SEEDS_PER_BATCH = 25
+
+
+def _seed_count() -> int:
+    return int(os.environ.get("RAFT_SIM_SEEDS", DEFAULT_SEEDS))
+
+
+def run_seed(seed: int) -> RunStats:
+    with tempfile.TemporaryDirectory(prefix=f"raft-sim-{seed}-") as tmp:
+        try:
+            return Scenario(seed, Path(tmp)).run()
+        except Exception as e:
+            raise AssertionError(
+                f"seed {seed} failed: {e}\n"
+                f"replay: RAFT_SIM_SEED={seed} pytest tests/raft/test_simulation.py -k replay"
+            ) from e
+
+
+def _batches() -> list[range]:
+    n = _seed_count()
+    return [range(lo, min(lo + SEEDS_PER_BATCH, n)) for lo in range(0, n, SEEDS_PER_BATCH)]
+
+
+@pytest.mark.parametrize("seeds", _batches(), ids=lambda r: f"seeds{r.start}-{r.stop - 1}")
+def test_random_faults_keep_raft_safe_live_and_linearizable(seeds: range) -> None:
+    started = time.monotonic()
+    stats = [run_seed(seed) for seed in seeds]
+    # The runs must actually exercise what they claim to.
+    assert sum(s.crashes for s in stats) > 0
+    assert sum(s.partitions for s in stats) > 0
+    assert sum(s.snapshots_sent for s in stats) > 0
+    assert sum(s.conf_changes for s in stats) > 0
+    assert sum(s.ops - s.unknown for s in stats) > 10 * len(stats)
+    assert max(s.recovery_ticks for s in stats) <= LIVENESS_BOUND
+    print(
+        f"{len(stats)} seeds in {time.monotonic() - started:.1f} s; "
+        f"max recovery {max(s.recovery_ticks for s in stats)} ticks"
+    )
+
+
+def test_replay_one_seed() -> None:
+    """Replays the seed in RAFT_SIM_SEED (seed 0 when unset), printing what it did."""
+    stats = run_seed(int(os.environ.get("RAFT_SIM_SEED", 0)))
+    print(stats)
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+
+def _settled(seed: int, tmp: Path, nodes: int = 3) -> Cluster:
+    c = Cluster(seed, SimOptions(nodes=nodes, disk=False), tmp)
+    for _ in range(100):
+        c.tick()
+    assert c.leader() is not None
+    return c
+
+
+def test_a_rejoining_partitioned_follower_does_not_unseat_a_healthy_leader(tmp_path: Path) -> None:
+    c = _settled(1, tmp_path)
+    leader = c.leader()
+    assert leader is not None and leader.replica is not None
+    term = current_term(leader.replica)
+    follower = next(n for n in c.alive() if n is not leader)
+    c.net.isolate(follower.id)
+    for _ in range(10 * ELECTION_TICK):
+        c.tick()
+    assert follower.replica is not None
+    assert not is_leader(follower.replica)
+    c.net.heal()
+    for _ in range(10 * ELECTION_TICK):
+        c.tick()
+    assert c.leader() is leader
+    assert current_term(leader.replica) == term
+    assert lead_of(follower.replica) == leader.id
+
+
+def test_a_restarted_node_far_behind_catches_up_through_a_snapshot(tmp_path: Path) -> None:
+    c = Cluster(3, SimOptions(nodes=3, disk=True, snapshot_interval=5), tmp_path)
+    sent: list[int] = []
+    c.on_outcome = lambda node, out: sent.extend(
+        m.to for m in out.messages if m.snapshot is not None
+    )
+    for _ in range(100):
+        c.tick()
+    leader = c.leader()
+    assert leader is not None and leader.replica is not None
+    lagger = next(n for n in c.alive() if n is not leader)
+    c.crash(lagger)
+    for i in range(40):
+        c.submit(0, leader, "put", "k", i)
+        c.tick()
+    c.start(lagger)
+    for _ in range(100):
+        c.tick()
+    assert lagger.id in sent
+    assert lagger.replica is not None and lagger.replica.applied == leader.replica.applied
+    assert lagger.sm.data == leader.sm.data
+
+
+def test_liveness_after_a_long_partition_of_the_leader(tmp_path: Path) -> None:
+    c = _settled(5, tmp_path, nodes=5)
+    old = c.leader()
+    assert old is not None
+    c.net.isolate(old.id)
+    start = c.now
+    while True:
+        new = c.leader()
+        if new is not None and new is not old:
+            break
+        c.tick()
+        assert c.now - start <= LIVENESS_BOUND
+    assert new.replica is not None
+    assert c.submit(0, new, "put", "k", 1)
+    while c.requests:
+        c.tick()
+        assert c.now - start <= LIVENESS_BOUND
+    c.net.heal()
+    for _ in range(50):
+        c.tick()
+    assert old.replica is not None and not is_leader(old.replica)
+    assert check_kv(c.history) == []
+
+
+def test_the_simulation_is_deterministic(tmp_path: Path) -> None:
+    a = Scenario(11, tmp_path / "a").run()
+    b = Scenario(11, tmp_path / "b").run()
+    assert a == b
+
+
+def test_a_diverging_log_is_caught(tmp_path: Path) -> None:
+    """The checker must notice a committed entry that changes."""
+    c = _settled(2, tmp_path)
+    leader = c.leader()
+    assert leader is not None
+    c.submit(0, leader, "put", "k", 1)
+    for _ in range(20):
+        c.tick()
+    index = max(c.committed)
+    term, typ, data = c.committed[index]
+    with pytest.raises(AssertionError, match="committed there"):
+        c._check_committed(leader, index, term + 1, typ, data)
+
+
+def test_a_node_joining_before_any_compaction_learns_the_configuration(tmp_path: Path) -> None:
+    c = Cluster(4, SimOptions(nodes=3, disk=False, snapshot_interval=1000), tmp_path)
+    for _ in range(100):
+        c.tick()
+    leader = c.leader()
+    assert leader is not None and leader.replica is not None
+    assert leader.storage.first_index() == 1  # nothing compacted: no snapshot to send
+    joiner = c.add_node(4)
+    assert c.propose_conf_change(leader, ConfChangeType.ADD_LEARNER, 4)
+    for _ in range(50):
+        c.tick()
+    assert joiner.replica is not None
+    assert joiner.replica.conf_state.learners == (4,)
+    assert joiner.replica.applied == leader.replica.applied

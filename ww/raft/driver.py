@@ -1,0 +1,310 @@
+"""The trio driver: runs a `Replica` with a ticker and a transport.
+
+One task owns the replica. Everything that reaches it — ticks, inbound messages, proposals,
+reads — is queued and drained in one go, so a burst of proposals folds into one Ready and one
+`save` (one fsync) before the Ready's messages go out through the transport.
+
+    driver = RaftDriver(replica, transport)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        result = await driver.propose(b"command")   # waits until applied here
+        await driver.read_index()                   # then read the state machine
+
+A proposal may be made on any replica: a follower forwards it to the leader and answers it
+when the entry is applied locally. If no leader is known it fails at once with
+`NotLeaderError` (which names the leader when one is known). A proposal that is lost on the
+way (the leader crashed, the message was dropped) raises `RequestTimeoutError` after
+`request_timeout` seconds: its outcome is then unknown, and a command that must take effect
+once should carry its own client id and sequence number.
+
+The transport is anything with a non-blocking `send(messages)`; what it receives it hands to
+`driver.step(message)`. A snapshot message can be large: a transport with a frame limit splits
+the encoded message itself (see `split_frame` / `FrameAssembler`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import trio
+
+from ww.raft.node import NotLeaderError, RaftError, Replica, RequestDroppedError
+from ww.raft.types import ConfChange, ConfState, Message
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FrameAssembler",
+    "NotLeaderError",
+    "RaftDriver",
+    "RaftError",
+    "RaftStoppedError",
+    "RequestDroppedError",
+    "RequestTimeoutError",
+    "Transport",
+    "split_frame",
+]
+
+
+class Transport(Protocol):
+    def send(self, messages: Sequence[Message]) -> None:
+        """Queue messages for delivery; must not block. Delivery may fail silently."""
+        ...
+
+
+class RequestTimeoutError(RaftError):
+    """No answer in time: the request may or may not have taken effect."""
+
+
+class RaftStoppedError(RaftError):
+    """The driver stopped while the request was waiting."""
+
+
+class _Waiter:
+    __slots__ = ("_done", "error", "request_id", "result")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self.request_id = b""
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, result: Any) -> None:
+        if not self._done.is_set():
+            self.result = result
+            self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._done.set()
+
+    async def wait(self) -> Any:
+        await self._done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class RaftDriver:
+    """Runs one replica: ticks every `tick_interval` seconds, steps inbound messages,
+    processes Readys in batches and sends their messages through `transport`.
+
+    With `persist_in_thread` the storage writes of a Ready run in a worker thread, so new
+    messages and proposals keep queueing (and form the next batch) during an fsync.
+    """
+
+    def __init__(
+        self,
+        replica: Replica,
+        transport: Transport,
+        *,
+        tick_interval: float = 0.05,
+        request_timeout: float = 5.0,
+        persist_in_thread: bool = False,
+    ) -> None:
+        self.replica = replica
+        self.transport = transport
+        self.tick_interval = tick_interval
+        self.request_timeout = request_timeout
+        self.persist_in_thread = persist_in_thread
+        self.dropped_messages = 0
+        self._ticks = 0
+        self._inbox: list[Message] = []
+        self._commands: list[Callable[[], None]] = []
+        self._waiters: dict[bytes, _Waiter] = {}
+        self._wakeup = trio.Event()
+        self._running = False
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def step(self, message: Message) -> None:
+        """Hand over a message that arrived from the network. Never blocks."""
+        self._inbox.append(message)
+        self._wakeup.set()
+
+    async def propose(self, data: bytes) -> Any:
+        """Replicate `data`; returns the state machine's result once it is applied here."""
+        return await self._request(lambda: self.replica.propose(data))
+
+    async def propose_conf_change(self, cc: ConfChange) -> ConfState:
+        """Change the membership; returns the configuration once the change is applied."""
+        result: ConfState = await self._request(lambda: self.replica.propose_conf_change(cc))
+        return result
+
+    async def read_index(self) -> int:
+        """Wait until a linearizable read may be served from the local state machine;
+        returns the read index."""
+        index: int = await self._request(self.replica.read_index)
+        return index
+
+    async def campaign(self) -> None:
+        """Start an election here now."""
+        await self._command(self.replica.node.campaign)
+
+    async def transfer_leader(self, node_id: int) -> None:
+        """Ask the leader to hand leadership to `node_id`."""
+        await self._command(lambda: self.replica.node.transfer_leader(node_id))
+
+    def status(self) -> Any:
+        return self.replica.node.status()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. Pending requests then fail with RaftStoppedError."""
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ticker)
+                task_status.started()
+                await self._loop()
+        finally:
+            self._running = False
+            for waiter in self._waiters.values():
+                waiter.fail(RaftStoppedError("the raft driver stopped"))
+            self._waiters.clear()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self.tick_interval)
+            self._ticks += 1
+            self._wakeup.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            self._drain()
+            while self.replica.has_ready():
+                ready = self.replica.node.ready()
+                if self.persist_in_thread:
+                    await trio.to_thread.run_sync(self.replica.persist, ready)
+                else:
+                    self.replica.persist(ready)
+                out = self.replica.finish(ready)
+                if out.messages:
+                    self.transport.send(out.messages)
+                for request_id, result in out.results:
+                    self._settle(request_id, result, None)
+                for request_id, index in out.reads:
+                    self._settle(request_id, index, None)
+                for request_id in out.dropped:
+                    self._settle(
+                        request_id, None, RequestDroppedError("read lost to a leader change")
+                    )
+                self._drain()
+
+    def _drain(self) -> None:
+        ticks, self._ticks = self._ticks, 0
+        for _ in range(ticks):
+            self.replica.tick()
+        inbox, self._inbox = self._inbox, []
+        for message in inbox:
+            try:
+                self.replica.step(message)
+            except Exception as e:  # a malformed or unexpected message must not stop us
+                self.dropped_messages += 1
+                logger.warning("node %d: dropped %s: %s", self.replica.id, message.type.name, e)
+        commands, self._commands = self._commands, []
+        for command in commands:
+            command()
+
+    def _settle(self, request_id: bytes, result: Any, error: BaseException | None) -> None:
+        waiter = self._waiters.pop(request_id, None)
+        if waiter is None:
+            return
+        if error is None:
+            waiter.resolve(result)
+        else:
+            waiter.fail(error)
+
+    async def _request(self, submit: Callable[[], bytes]) -> Any:
+        if not self._running:
+            raise RaftStoppedError("the raft driver is not running")
+        waiter = _Waiter()
+
+        def command() -> None:
+            try:
+                waiter.request_id = submit()
+            except RaftError as e:  # refused: no leader, too many uncommitted bytes, ...
+                waiter.fail(e)
+            else:
+                self._waiters[waiter.request_id] = waiter
+
+        self._commands.append(command)
+        self._wakeup.set()
+        try:
+            with trio.fail_after(self.request_timeout):
+                return await waiter.wait()
+        except trio.TooSlowError:
+            raise RequestTimeoutError(
+                f"no answer within {self.request_timeout} s; the request may or may not "
+                "have taken effect"
+            ) from None
+        finally:
+            if waiter.request_id and self._waiters.pop(waiter.request_id, None) is not None:
+                self.replica.forget(waiter.request_id)
+
+    async def _command(self, fn: Callable[[], None]) -> None:
+        waiter = _Waiter()
+
+        def command() -> None:
+            try:
+                fn()
+            except Exception as e:
+                waiter.fail(e)
+            else:
+                waiter.resolve(None)
+
+        self._commands.append(command)
+        self._wakeup.set()
+        await waiter.wait()
+
+
+# -- framing large messages -------------------------------------------------------------------
+
+_HEADER = 9  # 8 bytes of total length, 1 byte "last chunk" flag
+
+
+def split_frame(data: bytes, max_chunk: int) -> Iterator[bytes]:
+    """Split an encoded message into chunks of at most `max_chunk` bytes (plus a small
+    header) for transports that limit frame sizes; `FrameAssembler` joins them again."""
+    if max_chunk < 1:
+        raise ValueError("max_chunk must be positive")
+    n = max(1, math.ceil(len(data) / max_chunk))
+    for i in range(n):
+        piece = data[i * max_chunk : (i + 1) * max_chunk]
+        yield len(data).to_bytes(8, "big") + bytes([i == n - 1]) + piece
+
+
+class FrameAssembler:
+    """Joins the chunks of `split_frame` arriving in order on one stream."""
+
+    def __init__(self, max_size: int = 1 << 31) -> None:
+        self.max_size = max_size
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Add one chunk; returns the whole frame when this was its last chunk."""
+        if len(chunk) < _HEADER:
+            raise ValueError("chunk shorter than its header")
+        total = int.from_bytes(chunk[:8], "big")
+        if total > self.max_size:
+            raise ValueError(f"frame of {total} bytes exceeds the limit of {self.max_size}")
+        self._parts.append(chunk[_HEADER:])
+        self._size += len(chunk) - _HEADER
+        if self._size > total:
+            self._parts, self._size = [], 0
+            raise ValueError("chunks exceed the announced frame length")
+        if not chunk[8]:
+            return None
+        data = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        if len(data) != total:
+            raise ValueError(f"frame has {len(data)} bytes, announced {total}")
+        return data
