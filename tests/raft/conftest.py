@@ -120,6 +120,15 @@ class Network:
                 p.step(m)
             queue.extend(self.filter(p.read_messages()))
 
+    def tick(self, times: int = 1, only: Iterable[int] | None = None) -> None:
+        """Tick the live nodes (or `only` those) `times` times, delivering what they send."""
+        for _ in range(times):
+            for i, p in self.peers.items():
+                if p is None or (only is not None and i not in only):
+                    continue
+                p.tick()
+                self.send(*self.filter(p.read_messages()))
+
     def campaign(self, i: int) -> None:
         self.send(Message(type=MT.HUP, frm=i, to=i))
 
