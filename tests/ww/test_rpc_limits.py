@@ -11,8 +11,16 @@ from contextlib import asynccontextmanager
 import msgpack
 import pytest
 import trio
+import trio.testing
 
-from ww.rpc import Capability, CapabilityError, Connection, RemoteError, serve_connection
+from ww.rpc import (
+    Capability,
+    CapabilityError,
+    Connection,
+    ConnectionLost,
+    RemoteError,
+    serve_connection,
+)
 from ww.rpc.wire import encode_frame
 
 MAX_FRAME = 1024
@@ -109,3 +117,56 @@ async def test_sender_refuses_a_message_over_the_frame_limit() -> None:
             with pytest.raises(RemoteError, match="exceeds the frame limit of 1024"):
                 await conn.bootstrap().big(2000)
             assert await conn.bootstrap().big(10) == b"x" * 10
+
+
+class Slow(Capability):
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+
+    async def wait(self) -> str:
+        await self.gate.wait()
+        return "done"
+
+    async def open(self) -> None:
+        self.gate.set()
+
+
+async def test_too_many_concurrent_calls_get_an_error_not_a_crash() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    slow = Slow()
+    async with (
+        Connection.open(left, slow, max_answers=2),
+        Connection.open(right) as client,
+        trio.open_nursery() as nursery,
+    ):
+        results: list[str] = []
+
+        async def wait() -> None:
+            results.append(await client.bootstrap().wait())
+
+        nursery.start_soon(wait)
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RemoteError, match=r"too many concurrent calls \(limit 2\)"):
+            await client.bootstrap().wait()
+        slow.gate.set()
+    assert results == ["done", "done"]
+
+
+async def test_stream_items_beyond_credit_close_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A producer that ignores the credit window is a protocol error at the consumer."""
+    caplog.set_level(logging.INFO, logger="ww.rpc")
+    left, right = trio.testing.memory_stream_pair()
+    async with (
+        Connection.open(right) as client,
+        client.bootstrap().stream("anything", window=2) as items,
+    ):
+        request = await left.receive_some()
+        qid = msgpack.unpackb(request[4:])[1]
+        await left.send_all(b"".join(encode_frame(msgpack.packb([5, qid, i])) for i in range(3)))
+        with pytest.raises(ConnectionLost, match="more items than its credit"):
+            async for _ in items:
+                pass
+    assert any("more items than its credit" in r.getMessage() for r in caplog.records)

@@ -53,6 +53,12 @@ RECEIVE_SIZE = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
 """Queued outgoing bytes above which senders wait for the writer."""
 
+MAX_IDLE_WORKERS = 128
+"""Tasks kept waiting per connection to run the next incoming call."""
+
+MAX_ANSWERS = 10_000
+"""Incoming calls and streams that may run at once on one connection; more get an error."""
+
 RELEASE_TIMEOUT = 5.0
 """Seconds `_on_release` callbacks get when a connection closes."""
 
@@ -156,11 +162,12 @@ class _Forwarder(Capability):
 class _Inbound:
     """Client side of one stream: received items and the credit owed to the producer."""
 
-    __slots__ = ("consumed", "grant_every", "recv", "send")
+    __slots__ = ("consumed", "credit", "grant_every", "recv", "send")
 
     def __init__(self, window: int) -> None:
         self.send, self.recv = trio.open_memory_channel[tuple[int, Any]](math.inf)
-        self.consumed = 0
+        self.credit = window  # items the producer may still send
+        self.consumed = 0  # items taken since the last grant
         self.grant_every = max(1, (window + 1) // 2)
 
 
@@ -200,6 +207,7 @@ class RefStream:
         if kind == _ITEM:
             st.consumed += 1
             if st.consumed >= st.grant_every:
+                st.credit += st.consumed
                 self._conn._send_control(Credit(self._qid, st.consumed))
                 st.consumed = 0
             return value
@@ -219,10 +227,12 @@ class Connection:
         bootstrap: Capability | None = None,
         *,
         max_frame: int = MAX_FRAME,
+        max_answers: int = MAX_ANSWERS,
         name: str | None = None,
     ) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        self.max_answers = max_answers
         self.name = name or f"conn-{id(self):x}"
         self.closed = trio.Event()
         self.close_reason: str | None = None
@@ -244,6 +254,7 @@ class Connection:
         self._inbound: dict[int, _Inbound] = {}
         # questions the peer asked: qid -> cancel scope or _Outbound
         self._answers: dict[int, trio.CancelScope | _Outbound] = {}
+        self._idle_workers: list[trio.lowlevel.Task] = []
         # exports added while encoding one message, to roll back if it fails
         self._encoding: list[int] = []
         # refs made while decoding one message, to release if nobody wants it
@@ -276,6 +287,7 @@ class Connection:
         bootstrap: Capability | None = None,
         *,
         max_frame: int = MAX_FRAME,
+        max_answers: int = MAX_ANSWERS,
         name: str | None = None,
     ) -> AsyncIterator[Connection]:
         """Run a connection over `stream` for the duration of the block.
@@ -283,7 +295,7 @@ class Connection:
         `bootstrap` is the capability the peer gets from its ``conn.bootstrap()``. Leaving the
         block closes the connection and releases everything exported on it.
         """
-        conn = cls(stream, bootstrap, max_frame=max_frame, name=name)
+        conn = cls(stream, bootstrap, max_frame=max_frame, max_answers=max_answers, name=name)
         try:
             async with trio.open_nursery() as nursery:
                 conn._nursery = nursery
@@ -377,6 +389,11 @@ class Connection:
     def _lookup(self, qid: int, cap_id: int, method: str, stream: bool) -> Any:
         """The function to run for an incoming call or stream (None after answering with
         an error), and its target object."""
+        if len(self._answers) >= self.max_answers:
+            self._reply_error(
+                qid, "CapabilityError", f"too many concurrent calls (limit {self.max_answers})"
+            )
+            return None, None
         try:
             obj = self._exports.get(cap_id)
         except KeyError:
@@ -414,7 +431,31 @@ class Connection:
             raise ProtocolError(f"question id {qid} reused")
         scope = trio.CancelScope()
         self._answers[qid] = scope
-        self._nursery.start_soon(self._run_call, qid, scope, coro)  # type: ignore[union-attr]
+        idle = self._idle_workers
+        if idle:
+            trio.lowlevel.reschedule(idle.pop(), outcome.Value((qid, scope, coro)))
+        else:
+            self._nursery.start_soon(self._worker, qid, scope, coro)  # type: ignore[union-attr]
+
+    async def _worker(self, qid: int, scope: trio.CancelScope, coro: Any) -> None:
+        """Run incoming calls: this one, then whichever the reader hands over next.
+
+        Handing a call to a parked worker is cheaper than starting a task for it; at most
+        MAX_IDLE_WORKERS wait, so a burst of slow calls still gets one task each.
+        """
+        idle = self._idle_workers
+        task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            idle.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            await self._run_call(qid, scope, coro)
+            if len(idle) >= MAX_IDLE_WORKERS or self._closing:
+                return
+            idle.append(task)
+            qid, scope, coro = await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def _run_call(
         self, qid: int, scope: trio.CancelScope, coro: Coroutine[Any, Any, Any]
@@ -537,6 +578,9 @@ class Connection:
         if state is None:
             self._discard_decoded()
             return
+        state.credit -= 1
+        if state.credit < 0:
+            raise ProtocolError(f"stream {msg.qid} sent more items than its credit")
         state.send.send_nowait((_ITEM, msg.value))
 
     def _on_end(self, msg: End) -> None:
@@ -787,12 +831,15 @@ async def serve_connection(
     bootstrap: Capability | None = None,
     *,
     max_frame: int = MAX_FRAME,
+    max_answers: int = MAX_ANSWERS,
     name: str | None = None,
 ) -> None:
     """Serve `bootstrap` to the peer on `stream` until either side closes; never raises
     (except trio.Cancelled). A bad peer is logged and disconnected."""
     try:
-        async with Connection.open(stream, bootstrap, max_frame=max_frame, name=name) as conn:
+        async with Connection.open(
+            stream, bootstrap, max_frame=max_frame, max_answers=max_answers, name=name
+        ) as conn:
             await conn.closed.wait()
     except Exception:
         log.exception("%s: connection failed", name or "connection")
