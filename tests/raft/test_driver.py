@@ -253,6 +253,16 @@ async def test_stopping_the_driver_fails_waiting_requests(
         await follower.propose(encode("put", "x", 1))
 
 
+async def test_undecodable_bytes_are_dropped_and_counted(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    leader.step_encoded(b"\x93garbage")
+    leader.step_encoded(Message(MessageType.HEARTBEAT, to=leader.replica.id, frm=2).encode()[:-3])
+    assert leader.dropped_messages == 2
+    assert await leader.propose(encode("put", "x", 1)) is None
+
+
 def test_large_messages_split_into_frames_and_join_again() -> None:
     snap = Snapshot(bytes(range(256)) * 400, SnapshotMetadata(index=9, term=2))
     data = Message(MessageType.SNAP, to=2, frm=1, term=2, snapshot=snap).encode()

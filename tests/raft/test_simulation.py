@@ -20,7 +20,7 @@ from sim.cluster import ELECTION_TICK, Cluster, SimOptions, current_term, is_lea
 from sim.linearizability import check_kv
 from sim.scenario import LIVENESS_BOUND, RunStats, Scenario
 
-from ww.raft.types import ConfChangeType
+from ww.raft.types import ConfChangeSingle, ConfChangeType
 
 DEFAULT_SEEDS = 200
 SEEDS_PER_BATCH = 25
@@ -174,7 +174,7 @@ def test_a_node_joining_before_any_compaction_learns_the_configuration(tmp_path:
     assert leader is not None and leader.replica is not None
     assert leader.storage.first_index() == 1  # nothing compacted: no snapshot to send
     joiner = c.add_node(4)
-    assert c.propose_conf_change(leader, ConfChangeType.ADD_LEARNER, 4)
+    assert c.propose_conf_change(leader, ConfChangeSingle(ConfChangeType.ADD_LEARNER, 4))
     for _ in range(50):
         c.tick()
     assert joiner.replica is not None

@@ -18,8 +18,10 @@ way (the leader crashed, the message was dropped) raises `RequestTimeoutError` a
 once should carry its own client id and sequence number.
 
 The transport is anything with a non-blocking `send(messages)`; what it receives it hands to
-`driver.step(message)`. A snapshot message can be large: a transport with a frame limit splits
-the encoded message itself (see `split_frame` / `FrameAssembler`).
+`driver.step(message)` (or the bytes to `driver.step_encoded`). It reports whether a snapshot
+message reached its peer with `driver.report_snapshot(peer, ok)` (the leader otherwise retries
+it after a timeout). A snapshot message can be large: a transport with a frame limit splits the
+encoded message itself (see `split_frame` / `FrameAssembler`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Protocol
 import trio
 
 from ww.raft.node import NotLeaderError, RaftError, Replica, RequestDroppedError
-from ww.raft.types import ConfChange, ConfState, Message
+from ww.raft.types import ConfChange, ConfState, Message, MessageDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,27 @@ class RaftDriver:
     def step(self, message: Message) -> None:
         """Hand over a message that arrived from the network. Never blocks."""
         self._inbox.append(message)
+        self._wakeup.set()
+
+    def step_encoded(self, data: bytes) -> None:
+        """Hand over an encoded message; one that does not decode is dropped and counted in
+        `dropped_messages`."""
+        try:
+            message = Message.decode(data)
+        except MessageDecodeError as e:
+            self.dropped_messages += 1
+            logger.warning("node %d: dropped an undecodable message: %s", self.replica.id, e)
+            return
+        self.step(message)
+
+    def report_snapshot(self, node_id: int, ok: bool) -> None:
+        """For transports: a snapshot message to `node_id` was delivered, or was lost."""
+        self._commands.append(lambda: self.replica.node.report_snapshot(node_id, ok))
+        self._wakeup.set()
+
+    def report_unreachable(self, node_id: int) -> None:
+        """For transports: sending to `node_id` failed."""
+        self._commands.append(lambda: self.replica.node.report_unreachable(node_id))
         self._wakeup.set()
 
     async def propose(self, data: bytes) -> Any:

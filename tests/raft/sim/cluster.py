@@ -25,7 +25,7 @@ from ww.raft.memory import MemoryStorage
 from ww.raft.node import Outcome, Replica
 from ww.raft.rawnode import Config, Ready
 from ww.raft.storage import LogStorage
-from ww.raft.types import ConfChange, ConfChangeSingle, ConfChangeType, ConfState, Message
+from ww.raft.types import ConfChange, ConfChangeSingle, ConfState, Message
 
 from .kv import KVStateMachine, encode
 from .linearizability import Op
@@ -302,9 +302,10 @@ class Cluster:
 
     # -- membership -------------------------------------------------------------------------
 
-    def propose_conf_change(self, node: SimNode, change: ConfChangeType, target: int) -> bool:
+    def propose_conf_change(self, node: SimNode, *changes: ConfChangeSingle) -> bool:
+        """Propose the changes (several at once go through a joint configuration)."""
         assert node.replica is not None
-        cc = ConfChange((ConfChangeSingle(change, target),))
+        cc = ConfChange(changes)
         try:
             node.replica.propose_conf_change(cc)
         except RaftError:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ww.raft.errors import RaftError
-from ww.raft.types import ConfChangeType
+from ww.raft.types import ConfChangeSingle, ConfChangeType
 
 from .cluster import ELECTION_TICK, Cluster, InvariantViolation, SimNode, SimOptions, is_leader
 from .kv import encode
@@ -125,26 +125,34 @@ class Scenario:
                     leader.replica.node.transfer_leader(self.rng.choice(voters))
 
     def _membership(self) -> None:
+        """One membership change through the leader: a new node joins as a learner or a
+        voter, a learner is promoted, a member is removed, or (through a joint
+        configuration) a learner replaces a voter."""
         c = self.cluster
         leader = c.leader()
         if leader is None or leader.replica is None:
             return
         conf = leader.replica.conf_state
+        voters, learners = conf.voters, conf.learners
         choice = self.rng.random()
+        changes: list[ConfChangeSingle] = []
         if choice < 0.4 and len(c.nodes) < c.options.nodes + MAX_EXTRA_NODES:
             new_id = max(c.nodes) + 1
             c.add_node(new_id)
-            ok = c.propose_conf_change(leader, ConfChangeType.ADD_LEARNER, new_id)
-        elif choice < 0.7 and conf.learners:
-            ok = c.propose_conf_change(
-                leader, ConfChangeType.ADD_NODE, self.rng.choice(conf.learners)
-            )
-        elif len(conf.voters) > 3 or (conf.learners and choice < 0.85):
-            target = self.rng.choice(conf.voters if len(conf.voters) > 3 else conf.learners)
-            ok = c.propose_conf_change(leader, ConfChangeType.REMOVE_NODE, target)
-        else:
-            return
-        self.conf_changes += ok
+            kind = ConfChangeType.ADD_LEARNER if choice < 0.3 else ConfChangeType.ADD_NODE
+            changes = [ConfChangeSingle(kind, new_id)]
+        elif choice < 0.6 and learners:
+            changes = [ConfChangeSingle(ConfChangeType.ADD_NODE, self.rng.choice(learners))]
+        elif choice < 0.8 and learners and len(voters) >= 3:
+            changes = [
+                ConfChangeSingle(ConfChangeType.ADD_NODE, self.rng.choice(learners)),
+                ConfChangeSingle(ConfChangeType.REMOVE_NODE, self.rng.choice(voters)),
+            ]
+        elif len(voters) > 3 or learners:
+            target = self.rng.choice(voters if len(voters) > 3 else learners)
+            changes = [ConfChangeSingle(ConfChangeType.REMOVE_NODE, target)]
+        if changes:
+            self.conf_changes += c.propose_conf_change(leader, *changes)
 
     # -- the run ----------------------------------------------------------------------------
 
