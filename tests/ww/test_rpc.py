@@ -205,6 +205,11 @@ async def test_unknown_method_wrong_arity_unknown_cap_are_remote_errors() -> Non
             await ref.count(3)
         with pytest.raises(RemoteError, match="unknown or released capability 77"):
             await Ref(client, 77, tracked=False).inc()
+        with pytest.raises(RemoteError, match="no bootstrap capability"):
+            await server.bootstrap().anything()
+        with pytest.raises(RemoteError, match=r"no method 'xxxx.*\.\.\.$") as info:
+            await ref.call("x" * 100_000)
+        assert len(info.value.message) <= 4096
         # The connection is still fine.
         assert await ref.add(1, 2) == 3
         assert not server.closed.is_set()
@@ -484,3 +489,21 @@ async def test_serve_connection_returns_when_peer_leaves() -> None:
             assert await client.bootstrap().fast() == "fast"
         with trio.fail_after(5):
             await done.wait()
+
+
+async def test_on_release_runs_once_after_the_last_connection_drops_the_object() -> None:
+    service = Service()
+    async with memory_pair(service) as (server_1, client_1):
+        async with memory_pair(service) as (server_2, client_2):
+            on_1 = await client_1.bootstrap().get_counter()
+            on_2 = await client_2.bootstrap().get_counter()
+            await on_1.release()
+            await client_1.bootstrap().fast()
+            assert server_1.export_count() == 0
+            assert not service.counter.released.is_set()
+            assert await on_2.inc() == 1
+        # The second connection closed: now the object is released, once.
+        with trio.fail_after(5):
+            await service.counter.released.wait()
+        assert service.counter.release_calls == 1
+        assert server_2.export_count() == 0

@@ -59,6 +59,9 @@ MAX_IDLE_WORKERS = 128
 MAX_ANSWERS = 10_000
 """Incoming calls and streams that may run at once on one connection; more get an error."""
 
+MAX_ERROR_MESSAGE = 4096
+"""Longer error messages are cut to this many characters."""
+
 RELEASE_TIMEOUT = 5.0
 """Seconds `_on_release` callbacks get when a connection closes."""
 
@@ -397,7 +400,11 @@ class Connection:
         try:
             obj = self._exports.get(cap_id)
         except KeyError:
-            self._reply_error(qid, "CapabilityError", f"unknown or released capability {cap_id}")
+            if cap_id == BOOTSTRAP_ID:
+                why = "this peer offers no bootstrap capability"
+            else:
+                why = f"unknown or released capability {cap_id}"
+            self._reply_error(qid, "CapabilityError", why)
             return None, None
         if type(obj) is _Forwarder:
             return (obj._relay_stream if stream else obj._relay), None
@@ -552,7 +559,9 @@ class Connection:
 
     def _reply_error(self, qid: int, type_name: str, message: str) -> None:
         if not self._closing:
-            self._send_nowait(self._encode(Error(qid, type_name, message)))
+            if len(message) > MAX_ERROR_MESSAGE:
+                message = message[: MAX_ERROR_MESSAGE - 3] + "..."
+            self._send_nowait(self._encode(Error(qid, type_name[:200], message)))
 
     # --- answers to our questions ------------------------------------------------------------
 
