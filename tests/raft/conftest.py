@@ -11,7 +11,7 @@ import contextlib
 import random
 import sys
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -22,13 +22,28 @@ from ww.raft.memory import MemoryStorage
 from ww.raft.rawnode import RawNode, Ready
 from ww.raft.types import (
     ConfChange,
+    ConfChangeSingle,
+    ConfChangeType,
     ConfState,
     Entry,
     EntryType,
     HardState,
     Message,
     MessageType,
+    Snapshot,
+    SnapshotMetadata,
 )
+
+__all__ = [
+    "ConfChange",
+    "ConfChangeSingle",
+    "ConfChangeType",
+    "ConfState",
+    "Entry",
+    "Snapshot",
+    "SnapshotMetadata",
+    "StateType",
+]
 
 MT = MessageType
 
@@ -188,6 +203,7 @@ class Cluster:
         self.sent: list[Message] = []
         self.readys: list[tuple[int, Ready]] = []
         self.snapshot_reports = True
+        self.drop_if: Callable[[Message], bool] = lambda m: False
         for i in ids:
             self.add(i, ConfState(voters=tuple(voters)) if i in voters else ConfState())
 
@@ -248,7 +264,7 @@ class Cluster:
                     progressed = True
             inbox, self.inbox = self.inbox, []
             for m in inbox:
-                if (m.frm, m.to) in self.cut_links or m.type in self.ignore:
+                if (m.frm, m.to) in self.cut_links or m.type in self.ignore or self.drop_if(m):
                     continue
                 if m.to in self.down or m.to not in self.nodes:
                     continue
@@ -270,6 +286,7 @@ class Cluster:
             self.stabilize()
 
     def elect(self, i: int) -> None:
+        self.stabilize()  # apply the bootstrap entries first: campaign waits for them
         self.nodes[i].campaign()
         self.stabilize()
         assert self.raft(i).state == StateType.LEADER, self.raft(i).state
