@@ -1,6 +1,6 @@
 """Throughput and round-trip latency through a ww channel, against a bare trio TCP echo.
 
-    python benchmarks/ww_rpc.py [--count 20000] [--rtt-count 2000] [--inflight 64] [--repeat 3]
+    python benchmarks/ww_rpc.py [--count 10000] [--rtt-count 1000] [--inflight 64] [--repeat 3]
 
 ww: two hosts (`ww start`, two processes on loopback, joined into one cluster). A ROM process
 spawned on host B makes two channels, hangs them at `/<B>/bench/{in,out}` and serves them: it
@@ -33,6 +33,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -56,10 +57,12 @@ requires = ["trio"]
 """
 
 ROM_SOURCE = r'''
-"""serve: make channels at /<me>/bench/{in,out} and serve them. drive PEER ...: measure."""
+"""serve: make channels at /<me>/bench/{in,out} and serve them.
+oneway|rtt PEER SIZE COUNT INFLIGHT: measure against PEER's server; print one JSON line."""
 
 import json
 import statistics
+import time
 from time import perf_counter
 
 import trio
@@ -71,7 +74,7 @@ async def main(host, args):
     if args[0] == "serve":
         await serve(host, int(args[1]))
     else:
-        await drive(host, args[1], int(args[2]), int(args[3]), int(args[4]), int(args[5]))
+        await drive(host, args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
 
 
 async def serve(host, capacity):
@@ -81,6 +84,8 @@ async def serve(host, capacity):
     outbox = await host.channel(capacity)
     await (await root.walk(f"/{me}/bench/out")).store(outbox)
     await (await root.walk(f"/{me}/bench/in")).store(inbox)
+    ready = await (await root.walk(f"/{me}/bench/ready")).load()
+    await ready.send(b"ready")
     seen = 0
     async with inbox.stream("recv_stream") as messages:
         async for message in messages:
@@ -94,76 +99,102 @@ async def serve(host, capacity):
                 seen = 0
 
 
-async def drive(host, peer, size, count, inflight, rtt_count):
+async def drive(host, mode, peer, size, count, inflight):
     root = await host.root()
     inbox = await (await root.walk(f"/{peer}/bench/in")).load()
     outbox = await (await root.walk(f"/{peer}/bench/out")).load()
     async with outbox.stream("recv_stream") as replies:
         replies = replies.__aiter__()
-        # one way, pipelined
-        payload = SINK + bytes(size - 1)
-        start = perf_counter()
-        remaining = count
+        cpu = time.process_time()
+        if mode == "oneway":
+            payload = SINK + bytes(size - 1)
+            start = perf_counter()
+            remaining = count
 
-        async def sender():
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                await inbox.send(payload)
+            async def sender():
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    await inbox.send(payload)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(inflight):
-                nursery.start_soon(sender)
-        await inbox.send(FLUSH)
-        seen = int(await replies.__anext__())
-        elapsed = perf_counter() - start
-        assert seen == count, (seen, count)
-        # round trips, one at a time
-        echo = ECHO + bytes(size - 1)
-        rtts = []
-        for _ in range(rtt_count):
-            t0 = perf_counter()
-            await inbox.send(echo)
-            reply = await replies.__anext__()
-            rtts.append(perf_counter() - t0)
-            assert len(reply) == size
-    rtts.sort()
-    print(json.dumps({
-        "size": size,
-        "msgs_per_s": count / elapsed,
-        "p50_ms": statistics.median(rtts) * 1e3,
-        "p99_ms": rtts[int(len(rtts) * 0.99) - 1] * 1e3,
-    }))
+            async with trio.open_nursery() as nursery:
+                for _ in range(inflight):
+                    nursery.start_soon(sender)
+            await inbox.send(FLUSH)
+            seen = int(await replies.__anext__())
+            elapsed = perf_counter() - start
+            assert seen == count, (seen, count)
+            result = {"msgs_per_s": count / elapsed}
+        else:
+            echo = ECHO + bytes(size - 1)
+            rtts = []
+            for _ in range(count):
+                t0 = perf_counter()
+                await inbox.send(echo)
+                reply = await replies.__anext__()
+                rtts.append(perf_counter() - t0)
+                assert len(reply) == size
+            rtts.sort()
+            result = {
+                "p50_ms": statistics.median(rtts) * 1e3,
+                "p99_ms": rtts[int(len(rtts) * 0.99) - 1] * 1e3,
+            }
+        result["cpu_s"] = time.process_time() - cpu
+    print(json.dumps(result))
 '''
 
 
 # -- ww: two hosts, two ROM processes -----------------------------------------------------------
 
 
+@dataclass(slots=True)
+class HostProcess:
+    address: tuple[str, int]
+    pid: int
+
+
 @asynccontextmanager
-async def host_process(tmp: Path, name: str, peers: list[str]) -> AsyncIterator[tuple[str, int]]:
-    """A `ww start` child process on a free port; yields its address once it is listening."""
-    log_path = tmp / f"{name}.log"
-    argv = [sys.executable, "-m", "ww", "start", "--listen", f"{HOST}:0"]
+async def host_process(
+    tmp: Path, name: str, peers: list[str], profile: Path | None = None
+) -> AsyncIterator[HostProcess]:
+    """A `ww start` child process on a free port; yields it once it is listening."""
+    argv = [sys.executable, "-m", "ww"]
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, __file__, "--profiled-host", str(profile / f"host-{name}.prof")]
+    argv += ["start", "--listen", f"{HOST}:0"]
     argv += ["--data-dir", str(tmp / name)]
     for peer in peers:
         argv += ["--peer", peer]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
     try:
+        seen = b""
         with trio.fail_after(20):
-            while (match := LISTENING.search(log_path.read_text(errors="replace"))) is None:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"host {name} exited:\n{log_path.read_text()}")
-                await trio.sleep(0.05)
-        yield match.group(1), int(match.group(2))
+            while (match := LISTENING.search(seen.decode(errors="replace"))) is None:
+                chunk = await proc.stderr.receive_some()
+                if not chunk:
+                    raise RuntimeError(f"host {name} exited:\n{seen.decode(errors='replace')}")
+                seen += chunk
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, proc.stderr)
+            yield HostProcess((match.group(1), int(match.group(2))), proc.pid)
+            proc.terminate()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with trio.CancelScope(shield=True):
+            proc.terminate()
+            await proc.wait()
+
+
+async def drain(stream: trio.abc.ReceiveStream) -> None:
+    async for _ in stream:
+        pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @asynccontextmanager
@@ -174,12 +205,6 @@ async def client(address: tuple[str, int]) -> AsyncIterator[Any]:
     stream = await open_client_stream(*address)
     async with stream, Connection.open(stream) as conn:
         yield conn.bootstrap()
-
-
-async def wait_until(predicate: Any, what: str, timeout: float = 20.0) -> None:
-    with trio.fail_after(timeout):
-        while not await predicate():
-            await trio.sleep(0.05)
 
 
 async def bench_ww(args: argparse.Namespace) -> dict[int, list[dict[str, float]]]:
@@ -193,53 +218,61 @@ async def bench_ww(args: argparse.Namespace) -> dict[int, list[dict[str, float]]
         (src / "rom.toml").write_text(ROM_TOML)
         (src / "bench.py").write_text(ROM_SOURCE)
         rom = build_rom(src)
-        async with (
-            host_process(tmp, "a", []) as addr_a,
-            host_process(tmp, "b", [f"{addr_a[0]}:{addr_a[1]}"]) as addr_b,
-            client(addr_a) as host_a,
-            client(addr_b) as host_b,
-        ):
-            peer_b = await host_b.id()
-            view_a = await host_a.view()
-
-            async def joined() -> bool:
-                return len(await view_a.hosts()) == 2
-
-            await wait_until(joined, "host A sees host B")
-            for _ in range(args.repeat):
-                for size in SIZES:
-                    results[size].append(await one_ww_run(host_a, host_b, peer_b, rom, size, args))
-                    print(f"  ww  {size:>6} B: {fmt(results[size][-1])}", flush=True)
+        async with host_process(tmp, "a", [], args.profile) as a:  # noqa: SIM117 (b needs a)
+            async with (
+                host_process(tmp, "b", [f"{a.address[0]}:{a.address[1]}"], args.profile) as b,
+                client(a.address) as host_a,
+                client(b.address) as host_b,
+            ):
+                view_a = await host_a.view()
+                with trio.fail_after(20):  # membership is gossip: wait for it to converge
+                    while len(await view_a.hosts()) < 2:
+                        await trio.sleep(0.05)
+                for _ in range(args.repeat):
+                    for size in SIZES:
+                        result = await one_ww_run(a, b, host_a, host_b, rom, size, args)
+                        results[size].append(result)
+                        print(f"  ww  {size:>6} B: {fmt(result)}", flush=True)
+                        print(f"{'':14}{fmt_cpu(result)}", flush=True)
     return results
 
 
 async def one_ww_run(
-    host_a: Any, host_b: Any, peer_b: str, rom: bytes, size: int, args: argparse.Namespace
+    a: HostProcess,
+    b: HostProcess,
+    host_a: Any,
+    host_b: Any,
+    rom: bytes,
+    size: int,
+    args: argparse.Namespace,
 ) -> dict[str, float]:
-    server = await host_b.spawn(rom, ["serve", str(args.capacity)])
-    root_b = await host_b.root()
-
-    async def ready() -> bool:
-        try:
-            bench = await root_b.walk(f"/{peer_b}/bench")
-            return {"in", "out"} <= {name.strip("/") for name in await bench.ls()}
-        except Exception:
-            return False
-
-    await wait_until(ready, "the server ROM's channels")
+    """Serve on B, then drive from A: one way, then round trips. CPU per message per process."""
+    peer_b = await host_b.id()
+    ready = await host_b.channel(1)
+    async with ready:
+        await (await (await host_b.root()).walk(f"/{peer_b}/bench/ready")).store(ready)
+        server = await host_b.spawn(rom, ["serve", str(args.capacity)])
+        with trio.fail_after(20):
+            await ready.recv()
+    server_pid = (await server.info())["pid"]
     count = args.count if size < 1000 else max(args.count // 10, 1000)
-    driver = await host_a.spawn(
-        rom,
-        ["drive", peer_b, str(size), str(count), str(args.inflight), str(args.rtt_count)],
-    )
-    code = await driver.wait()
-    info = await driver.info()
-    out = (await host_a.logs(info["pid"])).decode(errors="replace")
+    result: dict[str, float] = {}
+    for mode, n in (("oneway", count), ("rtt", args.rtt_count)):
+        pids = {"host A": a.pid, "host B": b.pid, "ROM B": server_pid}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        driver = await host_a.spawn(rom, [mode, peer_b, str(size), str(n), str(args.inflight)])
+        code = await driver.wait()
+        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        out = (await host_a.logs((await driver.info())["pid"])).decode(errors="replace")
+        if code != 0:
+            raise RuntimeError(f"driver ROM exited with {code}:\n{out}")
+        measured = json.loads(out.strip().splitlines()[-1])
+        cpu = {"ROM A": measured.pop("cpu_s")} | {k: after[k] - before[k] for k in pids}
+        result |= measured
+        result |= {f"{mode} cpu_us {k}": v / n * 1e6 for k, v in cpu.items()}
     await server.kill()
     await server.wait()
-    if code != 0:
-        raise RuntimeError(f"driver ROM exited with {code}:\n{out}")
-    return json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 # -- bare trio TCP ------------------------------------------------------------------------------
@@ -335,6 +368,16 @@ async def bench_tcp(args: argparse.Namespace) -> dict[int, list[dict[str, float]
 # -- report -------------------------------------------------------------------------------------
 
 
+def fmt_cpu(r: dict[str, float]) -> str:
+    """CPU microseconds per message in each process, for the one-way run."""
+    parts = [
+        f"{k.removeprefix('oneway cpu_us ')} {v:.0f}"
+        for k, v in r.items()
+        if k.startswith("oneway cpu_us")
+    ]
+    return "cpu us/msg one way: " + ", ".join(parts)
+
+
 def fmt(r: dict[str, float]) -> str:
     return (
         f"{r['msgs_per_s']:>9,.0f} msgs/s one way   "
@@ -356,6 +399,7 @@ async def run(args: argparse.Namespace) -> None:
     for size in SIZES:
         w, t = median_of(ww[size]), median_of(tcp[size])
         print(f"{size:>6} B  ww  {fmt(w)}")
+        print(f"{size:>6} B      {fmt_cpu(w)}")
         print(f"{size:>6} B  tcp {fmt(t)}")
         print(
             f"{size:>6} B  ratio: throughput {w['msgs_per_s'] / t['msgs_per_s']:.3f}, "
@@ -363,16 +407,43 @@ async def run(args: argparse.Namespace) -> None:
         )
 
 
+def profiled_host(out: Path, ww_args: list[str]) -> None:
+    """`ww ARGS` under cProfile counting CPU time (not time spent waiting for the CPU)."""
+    import cProfile
+    import time
+
+    from ww.cli import main as ww_main
+
+    profile = cProfile.Profile(time.process_time)
+    profile.enable()
+    try:
+        ww_main(ww_args)
+    finally:
+        profile.disable()
+        profile.dump_stats(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=20_000, help="small messages per one-way run")
-    parser.add_argument("--rtt-count", type=int, default=2_000, help="round trips per run")
+    parser.add_argument("--count", type=int, default=10_000, help="small messages per one-way run")
+    parser.add_argument("--rtt-count", type=int, default=1_000, help="round trips per run")
     parser.add_argument("--inflight", type=int, default=64, help="concurrent senders")
     parser.add_argument("--capacity", type=int, default=1024, help="channel buffer")
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the hosts under cProfile (CPU time) and write DIR/host-{a,b}.prof",
+    )
     parser.add_argument("--tcp-server", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.tcp_server:
+    parser.add_argument("--profiled-host", type=Path, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.profiled_host:
+        profiled_host(args.profiled_host, rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    elif args.tcp_server:
         trio.run(tcp_server)
     else:
         trio.run(run, args)
