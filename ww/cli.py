@@ -412,9 +412,10 @@ def build_parser() -> Parser:
     )
     p.add_argument("--no-dial", action="store_true", help="run without a host (host is None)")
     p.add_argument("rom", metavar="ROM", help="a .rom file, or a ROM source directory to build")
-    p.add_argument(
+    rom_args = p.add_argument(
         "args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the ROM"
     )
+    rom_args.required = False  # may be empty; argparse would name it in "required" errors
 
     command("ps", cmd_ps, "List the processes on the host.", client)
 

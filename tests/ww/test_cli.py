@@ -68,6 +68,8 @@ def test_help_lists_every_command() -> None:
         (["kill", "seven"], "invalid int value: 'seven'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["keygen"], "the following arguments are required: -o/--output"),
+        (["run"], "the following arguments are required: ROM ("),
+        (["start", "--ttl", "0"], "'0' is not a positive number of seconds"),
     ],
 )
 def test_bad_arguments_are_one_line_with_exit_code_2(args: list[str], complaint: str) -> None:
