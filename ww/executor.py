@@ -129,7 +129,7 @@ class Executor:
     def __init__(
         self, data_dir: str | Path, *, kill_grace: float = KILL_GRACE, python: str | None = None
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).absolute()
         self.roms_dir = self.data_dir / "roms"
         self.logs_dir = self.data_dir / "logs"
         self.kill_grace = kill_grace

@@ -215,10 +215,20 @@ def _load(invocation: _Invocation) -> Rom:
     return rom
 
 
-async def _serve(rom: Rom, args: list[str], fd: int) -> int:
+def _host_socket(fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise RomError(f"--fd {fd} is not an open socket ({exc.strerror or exc})") from None
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise RomError(f"--fd {fd} is not a stream socket")
+    return sock
+
+
+async def _serve(rom: Rom, args: list[str], sock: socket.socket) -> int:
     from ww.rpc import Connection
 
-    sock = socket.socket(fileno=fd)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     code: int | None = None
     async with Connection.open(stream) as conn, trio.open_nursery() as nursery:
@@ -246,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         invocation = _parse(sys.argv[1:] if argv is None else argv)
         rom = _load(invocation)
+        sock = _host_socket(invocation.fd)
     except RomError as exc:
         print(f"ww.guest: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
@@ -254,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return trio.run(_serve, rom, invocation.args, invocation.fd)
+        return trio.run(_serve, rom, invocation.args, sock)
     finally:
         sys.stdout.flush()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import types
@@ -175,6 +176,10 @@ def test_guest_refuses_bad_invocations_with_one_line(
     path = tmp_path / "app.rom"
     path.write_bytes(rom.data)
     (tmp_path / "junk.rom").write_bytes(b"junk")
+    runnable = make_rom(tmp_path / "ok", {"app.py": "async def main(h, a):\n    pass\n"})
+    (tmp_path / "ok.rom").write_bytes(runnable.data)
+    closed = os.open(os.devnull, os.O_RDONLY)
+    os.close(closed)  # a descriptor number that is not open
     cases = [
         ([], "usage"),
         (["--fd", "x", str(path)], "--fd"),
@@ -182,6 +187,7 @@ def test_guest_refuses_bad_invocations_with_one_line(
         (["--fd", "9", str(tmp_path / "junk.rom")], "not a zip"),
         (["--fd", "9", "--cid", "0" * 64, str(path)], "cache is corrupt"),
         (["--fd", "9", str(path)], "no_such_pkg_ww"),
+        (["--fd", str(closed), str(tmp_path / "ok.rom")], "not an open socket"),
     ]
     for argv, words in cases:
         assert guest.main(argv) == EXIT_CANNOT_START
