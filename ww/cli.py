@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -108,29 +108,33 @@ async def walk(host: Any, path: str) -> Any:
 async def cmd_start(args: argparse.Namespace) -> int:
     from ww.host import HostConfig, run_host
 
-    data_dir = args.data_dir or default_data_dir(args.listen)
-    config = HostConfig(
-        listen=args.listen,
-        data_dir=Path(data_dir),
-        peers=list(args.peer),
-        ns=args.ns,
-        meta=dict(args.meta),
-        cluster_key_path=Path(args.key) if args.key else None,
-        heartbeat_interval=args.heartbeat,
-        ttl=args.ttl,
-    )
-    log.debug("starting host with %s", config)
-    await run_host(config)
+    with ExitStack() as cleanup:
+        if args.data_dir:
+            data_dir = Path(args.data_dir)
+        elif args.listen[1] == 0:  # a throwaway host: a fresh identity, removed at exit
+            data_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ww-host-")))
+        else:
+            data_dir = default_data_dir(args.listen)
+        config = HostConfig(
+            listen=args.listen,
+            data_dir=data_dir,
+            peers=list(args.peer),
+            ns=args.ns,
+            meta=dict(args.meta),
+            cluster_key_path=Path(args.key) if args.key else None,
+            heartbeat_interval=args.heartbeat,
+            ttl=args.ttl,
+        )
+        log.debug("starting host with %s", config)
+        await run_host(config)
     return 0
 
 
 def default_data_dir(listen: tuple[str, int]) -> Path:
-    """One directory (and so one identity) per listening address; a fresh one for port 0."""
+    """One directory, and so one identity, per listening address, under the user data dir."""
     import platformdirs
 
     host, port = listen
-    if port == 0:
-        return Path(tempfile.mkdtemp(prefix="ww-host-"))
     return Path(platformdirs.user_data_dir("ww")) / "hosts" / f"{host}_{port}"
 
 
@@ -331,7 +335,7 @@ def build_parser() -> Parser:
         "--data-dir",
         metavar="DIR",
         help="where the host keeps its identity key and ROM cache (default: one directory per "
-        "listen address under the user data dir; a fresh temporary one for port 0)",
+        "listen address under the user data dir; for port 0, a temporary one removed at exit)",
     )
     p.add_argument(
         "--peer",
