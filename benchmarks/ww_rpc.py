@@ -8,10 +8,13 @@ counts what arrives on `in` and, when asked, echoes to `out`. A second ROM proce
 host A finds them through the anchor tree, so every message goes ROM A -> host A -> host B ->
 ROM B (and back for a round trip).
 
-  - one way: `--count` messages of 100 bytes (then 10 KB) sent with `--inflight` concurrent
-    senders; then a flush that the server answers with the count it saw. msgs/s is `--count`
-    over the time from the first send to the answer.
+  - one way: `--count` messages of 100 bytes (a tenth as many, at least 1000, of 10 KB) sent
+    with `--inflight` concurrent senders, then a flush that the server answers with the count
+    it saw. msgs/s is the count over the time from the first send to the answer.
   - round trip: `--rtt-count` echoes one at a time (unloaded); p50 and p99.
+  - CPU: microseconds of CPU (user + system) per message in each of the four processes during
+    the one-way run, which says where the time goes independently of how busy the machine is.
+    `--profile DIR` also runs both hosts under cProfile (CPU time) for a closer look.
 
 Bare TCP: the same measurements, same framing tags, against a trio TCP server in a child process
 (a 4-byte length prefix per message, one `send_all` per message, from one task).
