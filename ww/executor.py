@@ -208,7 +208,7 @@ class Executor:
             raise RuntimeError("the executor is not running; use `async with Executor(...)`")
         if not all(isinstance(a, str) for a in args):
             raise ValueError("ROM arguments must be strings")
-        preexec = _limits(memory_limit, cpu_seconds)
+        preexec = _child_setup(memory_limit, cpu_seconds)
         rom.check_requires()
         rom_path = self._store(rom)
 
@@ -387,7 +387,7 @@ class Executor:
         return path
 
 
-def _limits(memory_limit: int | None, cpu_seconds: float | None) -> Callable[[], None] | None:
+def _child_setup(memory_limit: int | None, cpu_seconds: float | None) -> Callable[[], None]:
     """A preexec_fn setting the child's resource limits (checked here, in the parent)."""
     if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit <= 0):
         raise ValueError(f"memory_limit must be a positive number of bytes, not {memory_limit!r}")
@@ -395,11 +395,11 @@ def _limits(memory_limit: int | None, cpu_seconds: float | None) -> Callable[[],
         not isinstance(cpu_seconds, int | float) or not cpu_seconds > 0
     ):
         raise ValueError(f"cpu_seconds must be a positive number, not {cpu_seconds!r}")
-    if memory_limit is None and cpu_seconds is None:
-        return None
     cpu = math.ceil(cpu_seconds) if cpu_seconds is not None else None
 
     def apply() -> None:  # runs in the child between fork and exec
+        # A crashing ROM must not drop core files into the host's working directory.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if memory_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         if cpu is not None:

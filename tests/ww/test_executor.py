@@ -277,6 +277,26 @@ async def test_cpu_limit_stops_a_busy_rom(executor: Executor, tmp_path: Path) ->
     assert await handle.wait() == -signal.SIGXCPU
 
 
+async def test_limits_are_set_in_the_child(executor: Executor, tmp_path: Path) -> None:
+    rom = make_rom(
+        tmp_path,
+        """
+        import resource
+
+        async def main(host, args):
+            for name in ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_CORE"):
+                await host.note(f"{name} {resource.getrlimit(getattr(resource, name))}")
+        """,
+    )
+    handle, probe = await spawn(executor, rom, memory_limit=300 << 20, cpu_seconds=4.5)
+    assert await handle.wait() == 0
+    assert probe.notes == [
+        f"RLIMIT_AS {(300 << 20, 300 << 20)}",
+        "RLIMIT_CPU (5, 6)",
+        "RLIMIT_CORE (0, 0)",  # always: a crashing ROM drops no core files
+    ]
+
+
 async def test_bad_limits_are_refused(executor: Executor, tmp_path: Path) -> None:
     rom = make_rom(tmp_path, "async def main(host, args):\n    pass\n")
     with pytest.raises(ValueError, match="memory_limit"):
