@@ -48,7 +48,8 @@ def operation(rng: random.Random, s: LogStorage) -> None:
     elif r < 0.09:
         index = max(last, snap_index + 1) + rng.randint(0, 3)
         snap = Snapshot(rng.randbytes(2000), SnapshotMetadata(index, term + 1, CONF))
-        s.save(HardState(term + 1, 0, index), [], snap)
+        after = [Entry(term + 1, index + i, data=rng.randbytes(50)) for i in range(1, 3)]
+        s.save(HardState(term + 1, 0, index), after[: rng.randint(0, 2)], snap)
     else:
         start = last + 1
         if rng.random() < 0.1 and last > hs.commit:
