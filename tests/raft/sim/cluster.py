@@ -78,6 +78,11 @@ class _TrackedKV(KVStateMachine):
         self._on_apply(index, self.digest)
         return result
 
+    def restore(self, data: bytes) -> None:
+        super().restore(data)
+        if self.index:
+            self._on_apply(self.index, self.digest)
+
 
 @dataclass(slots=True)
 class SimOptions:
@@ -161,8 +166,6 @@ class Cluster:
             compaction_margin=self.options.compaction_margin,
             rng=random.Random(self.rng.getrandbits(64)),
         )
-        if node.sm.index:
-            self._check_digest(node.sm.index, node.sm.digest)
 
     def crash(self, node: SimNode) -> None:
         """Lose everything in memory; what `save` wrote survives."""
@@ -323,6 +326,14 @@ class Cluster:
                 self._fail(f"node {node.id} rewrites entry {e.index} at or below its commit")
         for e in ready.committed_entries:
             self._check_committed(node, e.index, e.term, int(e.type), e.data)
+        snap = ready.snapshot
+        if snap is not None and not snap.is_empty():
+            known = self.committed.get(snap.metadata.index)
+            if known is not None and known[0] != snap.metadata.term:
+                self._fail(
+                    f"node {node.id} got a snapshot at {snap.metadata.index} of term "
+                    f"{snap.metadata.term}, but term {known[0]} was committed there"
+                )
 
     def _check_persisted(self, node: SimNode, ready: Ready) -> None:
         hs = ready.hard_state
