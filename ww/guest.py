@@ -85,7 +85,7 @@ class _RomFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
         found = self.rom.find_module(fullname)
         if found is None:
             raise ImportError(f"{fullname} is not a module of ROM {self.rom.name!r}")
-        return self.rom.source(found[0]).decode("utf-8")
+        return importlib.util.decode_source(self.rom.source(found[0]))
 
     def is_package(self, fullname: str) -> bool:
         found = self.rom.find_module(fullname)
@@ -94,9 +94,12 @@ class _RomFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
         return found[1]
 
     def exec_module(self, module: ModuleType) -> None:
-        origin = module.__spec__.origin if module.__spec__ else None
-        code = compile(self.get_source(module.__name__), origin or "<rom>", "exec")
-        exec(code, module.__dict__)
+        spec = module.__spec__
+        found = self.rom.find_module(module.__name__)
+        if spec is None or spec.origin is None or found is None:
+            raise ImportError(f"{module.__name__} is not a module of ROM {self.rom.name!r}")
+        # Compiled from bytes, so a PEP 263 coding line is honoured as for any module.
+        exec(compile(self.rom.source(found[0]), spec.origin, "exec"), module.__dict__)
 
 
 @contextmanager

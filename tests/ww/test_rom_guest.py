@@ -193,3 +193,15 @@ def test_guest_refuses_bad_invocations_with_one_line(
         assert guest.main(argv) == EXIT_CANNOT_START
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (argv, err)
+
+
+async def test_a_module_with_a_coding_line_is_decoded_as_declared(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "latin.py").write_bytes(b"# -*- coding: latin-1 -*-\nWORD = 'caf\xe9'\n")
+    rom = make_rom(
+        tmp_path,
+        {"app.py": "import latin\nasync def main(host, args):\n    host.append(latin.WORD)\n"},
+    )
+    seen: list[Any] = []
+    assert await run_local(rom, [], seen) == 0
+    assert seen == ["café"]
