@@ -482,7 +482,8 @@ def _build(src: Path, building: tuple[Path, ...]) -> bytes:
 
 
 def _collect_modules(src: Path, skip: set[Path]) -> dict[str, bytes]:
-    """Every .py file under `src`, except in hidden, cache, embedded or nested ROM dirs."""
+    """Every .py file under `src`, except in hidden, cache, embedded, nested ROM or
+    symlinked directories."""
     modules: dict[str, bytes] = {}
 
     def walk(directory: Path) -> None:
@@ -490,8 +491,8 @@ def _collect_modules(src: Path, skip: set[Path]) -> dict[str, bytes]:
             if entry.name.startswith(".") or entry.name == "__pycache__":
                 continue
             if entry.is_dir():
-                if entry.resolve() in skip or (entry / "rom.toml").exists():
-                    continue
+                if entry.is_symlink() or entry.resolve() in skip or (entry / "rom.toml").exists():
+                    continue  # symlinked directories are not followed (no loops, no escapes)
                 walk(entry)
             elif entry.suffix == ".py" and entry.is_file():
                 rel = entry.relative_to(src).as_posix()

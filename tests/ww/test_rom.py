@@ -130,6 +130,7 @@ def test_build_collects_packages_and_skips_caches_and_hidden(tmp_path: Path) -> 
         },
         'name = "app"\nversion = "1"\nentry = "app.core:main"\n',
     )
+    (root / "loop").symlink_to(root.parent)  # not followed
     rom = Rom.load(build_rom(root))
     assert rom.manifest.modules == ("app/__init__.py", "app/core.py")
     assert rom.find_module("app") == ("app/__init__.py", True)
