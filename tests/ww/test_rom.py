@@ -328,17 +328,30 @@ def test_per_file_bomb_is_refused() -> None:
     refused(rom_with(manifest(data=["bomb"]), ("data/bomb", bomb)), "per-file limit")
 
 
+def central_entries(data: bytes) -> list[int]:
+    """Offsets of the central directory entries of a zip archive."""
+    offsets, at = [], data.find(b"PK\x01\x02")
+    while at != -1:
+        offsets.append(at)
+        at = data.find(b"PK\x01\x02", at + 46)
+    return offsets
+
+
 def test_total_bomb_is_refused() -> None:
     count = MAX_TOTAL_BYTES // MAX_FILE_BYTES + 1
-    each = b"\0" * MAX_FILE_BYTES
-    extra = [(f"data/b{i}", each) for i in range(count)]
-    refused(rom_with(manifest(data=[f"b{i}" for i in range(count)]), *extra), "unpacks to")
+    names = [f"b{i}" for i in range(count)]
+    data = bytearray(rom_with(manifest(data=names), *[(f"data/{n}", b"") for n in names]))
+    # Each member claims the per-file maximum; together they claim past the total limit.
+    for at in central_entries(bytes(data)):
+        if data[at + 46 : at + 51] == b"data/":
+            struct.pack_into("<I", data, at + 24, MAX_FILE_BYTES)
+    refused(bytes(data), "unpacks to", str(MAX_TOTAL_BYTES))
 
 
 def test_bomb_with_a_lying_size_header_is_refused() -> None:
-    data = bytearray(rom_with(manifest(data=["bomb"]), ("data/bomb", b"\0" * (MAX_FILE_BYTES + 1))))
-    # Rewrite the bomb's central directory entry to claim it unpacks to 100 bytes.
-    at = data.rindex(b"PK\x01\x02")
+    data = bytearray(rom_with(manifest(data=["bomb"]), ("data/bomb", b"\0" * (4 << 20))))
+    # The bomb's central directory entry claims it unpacks to 100 bytes.
+    at = central_entries(bytes(data))[-1]
     assert data[at + 46 : at + 46 + 9] == b"data/bomb"
     struct.pack_into("<I", data, at + 24, 100)
     refused(bytes(data), "'data/bomb'")
