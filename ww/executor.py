@@ -17,6 +17,7 @@ is released (the capabilities' `_on_release` hooks run) before `wait()` returns.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -371,8 +372,9 @@ class Executor:
         return rom
 
     def _store(self, rom: Rom) -> Path:
+        """The cache file of `rom`, written (durably) unless an intact copy is there."""
         path = self.cache_path(rom.cid)
-        if path.exists():
+        if _sha256_of(path) == rom.cid:
             return path
         tmp = path.with_name(f".{rom.cid}.{secrets.token_hex(4)}.tmp")
         try:
@@ -414,6 +416,14 @@ def _child_env() -> dict[str, str]:
     root = str(Path(ww.__file__).resolve().parent.parent)  # so `-m ww.guest` works anywhere
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
+
+
+def _sha256_of(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

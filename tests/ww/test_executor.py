@@ -361,3 +361,8 @@ async def test_a_corrupt_cache_entry_is_dropped(executor: Executor, tmp_path: Pa
     executor.cache_path(cid).write_bytes(rom.data + b"tampered")
     assert executor.cache_get(cid) is None
     assert not executor.cache_path(cid).exists()
+    executor.cache_put(rom)
+    executor.cache_path(cid).write_bytes(b"tampered")
+    handle, _ = await spawn(executor, rom)  # spawning rewrites a damaged copy
+    assert await handle.wait() == 0
+    assert executor.cache_path(cid).read_bytes() == rom.data
