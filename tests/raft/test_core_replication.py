@@ -312,3 +312,27 @@ def test_learners_receive_the_log_but_do_not_count_for_commit(kit):
     assert kit.log_of(n.raft(3))[-1][2] == b"y"
     assert r1.raft_log.committed == 2  # y is on 1 and the learner only
     assert r1.state == StateType.LEADER
+
+
+def test_proposals_made_together_on_a_follower_are_forwarded_as_one_message(kit):
+    c = kit.Cluster([1, 2, 3])
+    c.elect(1)
+    for i in range(50):
+        c.nodes[2].propose(b"f%d" % i)
+    rd = c.nodes[2].ready()
+    (prop,) = [m for m in rd.messages if m.type == MT.PROP]
+    assert prop.to == 1 and len(prop.entries) == 50
+    c.inbox.extend(rd.messages)
+    c.nodes[2].advance(rd)
+    c.stabilize()
+    assert c.data_applied(3)[-50:] == [b"f%d" % i for i in range(50)]
+
+
+def test_a_batch_is_appended_whole_or_refused_whole(kit):
+    c = kit.Cluster([1, 2, 3], max_uncommitted_entries_size=100)
+    c.elect(1)
+    c.nodes[1].propose_batch([b"a" * 40, b"b" * 40])
+    last = c.raft(1).raft_log.last_index()
+    with pytest.raises(UncommittedSizeLimitError):
+        c.nodes[1].propose_batch([b"c" * 10, b"d" * 20])
+    assert c.raft(1).raft_log.last_index() == last

@@ -179,6 +179,7 @@ class Raft:
         )
         self.rng = c.rng if c.rng is not None else random.Random()
         self._append_pending = False
+        self._forward_buffer: list[Entry] = []
         self._step: Callable[[Message], None] = self._step_follower
         self._tick: Callable[[], None] = self._tick_election
 
@@ -234,15 +235,22 @@ class Raft:
         return msgs
 
     def has_pending_appends(self) -> bool:
-        return self._append_pending
+        return self._append_pending or bool(self._forward_buffer)
 
     def flush_appends(self) -> None:
-        """Send the entries proposals appended since the last flush: a whole batch of
-        proposals goes out as one append per follower (more only past max_size_per_msg)."""
+        """Send what proposals produced since the last flush: on a leader, the new entries
+        as one append per follower (more only past max_size_per_msg); on a follower, the
+        proposals to forward as one message to the leader."""
         if self._append_pending:
             self._append_pending = False
             if self.state == StateType.LEADER:
                 self.bcast_append()
+        if self._forward_buffer:
+            ents, self._forward_buffer = self._forward_buffer, []
+            if self.state == StateType.FOLLOWER and self.lead != NONE:
+                self.send(Message(type=MT.PROP, to=self.lead, entries=tuple(ents)))
+            else:
+                self.stats.drop("forwarded_proposals_lost")
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -465,6 +473,10 @@ class Raft:
         self.pending_conf_index = 0
         self.uncommitted_size = 0
         self._append_pending = False
+        if self._forward_buffer:
+            # The leader we meant to forward to is gone (as a forwarded message may be lost).
+            self.stats.drop("forwarded_proposals_lost")
+            self._forward_buffer = []
         self.read_only = ReadOnly(self.read_only_option)
         self.pending_read_index_messages = []
 
@@ -915,7 +927,8 @@ class Raft:
                 raise ProposalDroppedError(
                     f"proposal dropped: forwarding to leader {self.lead} is disabled"
                 )
-            self.send(replace(m, to=self.lead))
+            # Held until the next flush: proposals made together are forwarded together.
+            self._forward_buffer.extend(m.entries)
         elif t == MT.APP:
             self.election_elapsed = 0
             self.lead = m.frm

@@ -16,6 +16,7 @@ The loop a driver runs::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from ww.raft.core import Config, Raft, StateType, Stats
@@ -26,8 +27,8 @@ from ww.raft.errors import (
     StepLocalMessageError,
     StepPeerNotFoundError,
 )
-from ww.raft.tracker import Progress
 from ww.raft.storage import Storage
+from ww.raft.tracker import Progress
 from ww.raft.types import (
     EMPTY_HARD_STATE,
     LOCAL_MESSAGES,
@@ -153,14 +154,20 @@ class RawNode:
         UncommittedSizeLimitError) if it cannot be accepted now."""
         self._propose(Entry(term=0, index=0, data=data))
 
+    def propose_batch(self, datas: Sequence[bytes]) -> None:
+        """Propose several entries at once: all are appended, or none (the uncommitted-size
+        limit counts them together)."""
+        if datas:
+            self._propose(*(Entry(term=0, index=0, data=d) for d in datas))
+
     def propose_conf_change(self, cc: ConfChange) -> None:
         """Propose a membership change. Raises ConfChangeError on the leader if it cannot
         apply (another is pending, or it would not leave / enter a joint config correctly)."""
         self._propose(Entry(term=0, index=0, type=EntryType.CONF_CHANGE, data=cc.encode()))
 
-    def _propose(self, e: Entry) -> None:
+    def _propose(self, *entries: Entry) -> None:
         try:
-            self.raft.step(Message(type=MessageType.PROP, frm=self.raft.id, entries=(e,)))
+            self.raft.step(Message(type=MessageType.PROP, frm=self.raft.id, entries=entries))
         except ProposalDroppedError:
             self.raft.stats.dropped_proposals += 1
             raise
