@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -477,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as group:  # turned into one line; -v shows where it came from
         exc = unwrap(group)
+        if isinstance(exc, BrokenPipeError):  # e.g. `ww sub t | head -1`: the reader is done
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         if verbosity:
             log.error("%s failed", args.command, exc_info=exc)
         message = describe_error(exc)
