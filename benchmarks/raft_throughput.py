@@ -34,10 +34,10 @@ import msgpack
 import trio
 
 HERE = Path(__file__).resolve().parent
-NODE_SCRIPTS = {
-    "ww.raft": Path(os.environ.get("RAFT_NODE_SCRIPT", HERE / "_raft_node.py")),
-    "pysyncobj": HERE / "_pysyncobj_node.py",
-}
+NODE_SCRIPTS = {"ww.raft": HERE / "_raft_node.py", "pysyncobj": HERE / "_pysyncobj_node.py"}
+NODE_SCRIPT_OVERRIDE = "RAFT_BENCH_NODE_SCRIPT"
+"""An environment variable naming another ww.raft node script (e.g. one that patches the
+driver to try an optimization); used by both benchmarks."""
 HOST = "127.0.0.1"
 
 
@@ -103,6 +103,7 @@ async def cluster(
 ) -> AsyncIterator[Cluster]:
     """Start `size` replicas of `kind` as processes; stop them and delete their data at exit."""
     tmp = Path(tempfile.mkdtemp(prefix=f"raftbench-{kind}-"))
+    script = os.environ.get(NODE_SCRIPT_OVERRIDE, "") if kind == "ww.raft" else ""
     c = Cluster(kind)
     try:
         with trio.fail_after(20):
@@ -111,7 +112,7 @@ async def cluster(
                 log_path = tmp / f"node{node_id}.log"
                 cmd = [
                     sys.executable,
-                    str(NODE_SCRIPTS[kind]),
+                    script or str(NODE_SCRIPTS[kind]),
                     "--id",
                     str(node_id),
                     "--data-dir",
@@ -392,6 +393,38 @@ async def open_loop(
     return LoadResult(len(latencies), duration, latencies, errors, lost)
 
 
+# -- the machine -------------------------------------------------------------------------------
+
+
+def probe_machine(seconds: float = 1.0) -> str:
+    """One line on what else the machine is doing: fdatasync latency in the temp directory,
+    idle CPU and load average. Benchmarks on a busy machine are slower; this says how busy."""
+    import time
+
+    fd, path = tempfile.mkstemp(prefix="raftbench-fsync-")
+    times = []
+    try:
+        end = time.monotonic() + seconds
+        idle0, total0 = machine_cpu()
+        while time.monotonic() < end:
+            os.write(fd, b"x" * 4096)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+        idle1, total1 = machine_cpu()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    times.sort()
+    idle = (idle1 - idle0) / max(1, total1 - total0)
+    load = Path("/proc/loadavg").read_text().split()[0]
+    return (
+        f"machine: {os.cpu_count()} cpus, {idle:.0%} idle, load average {load}; "
+        f"fdatasync of 4 KiB p50 {times[len(times) // 2] * 1e3:.2f} ms, "
+        f"p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms"
+    )
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 
 
@@ -459,6 +492,7 @@ async def run(args: argparse.Namespace) -> None:
     )
     print("durability: ww.raft DiskStorage fsyncs before replying/sending; PySyncObj's journal")
     print("            is an mmap'd file that is never fsynced while running (weaker)")
+    print(probe_machine(), flush=True)
     for i in range(args.repeat):
         for kind in kinds:
             r = await measure(kind, args)
@@ -494,6 +528,7 @@ async def run(args: argparse.Namespace) -> None:
             f"median     ww.raft at half max ({rate:.0f}/s): p50 {p50:.1f} ms  "
             f"p99 {p99:.1f} ms (target p99 < 50 ms)"
         )
+    print(probe_machine())
     if args.json:
         print(json.dumps(summary))
 
