@@ -145,12 +145,13 @@ async def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise CliError(f"{out} already exists; pass --force to overwrite it")
-    if out.exists():
-        out.unlink()
-    try:
-        generate_cluster_key(out)
-    except OSError as exc:
-        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    if not out.parent.is_dir():
+        raise CliError(f"cannot write {out}: there is no directory {out.parent}")
+    # Write beside it, then rename: an old key is replaced whole or not at all.
+    fresh = out.with_name(f".{out.name}.new")
+    fresh.unlink(missing_ok=True)
+    generate_cluster_key(fresh)
+    os.replace(fresh, out)
     log.info("wrote cluster key %s; keep it secret, give it to every host with --key", out)
     return 0
 
@@ -230,13 +231,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     rom = load_rom(Path(args.rom))
     if args.no_dial:
-        return exit_code(await run_local(rom, list(args.args), None))
+        return await run_local(rom, list(args.args), None)
     async with dial(args) as host:
-        return exit_code(await run_local(rom, list(args.args), host))
-
-
-def exit_code(result: object) -> int:
-    return result if isinstance(result, int) else 0
+        return await run_local(rom, list(args.args), host)
 
 
 async def cmd_ps(args: argparse.Namespace) -> int:
