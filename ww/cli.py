@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -313,15 +314,29 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
-        name: str, handler: Callable[..., Awaitable[int]], text: str, *parents: Parser
+        name: str,
+        handler: Callable[..., Awaitable[int]],
+        text: str,
+        *parents: Parser,
+        example: str | None = None,
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(
-            name, help=text, description=text, parents=[common, *parents], formatter_class=Help
+            name,
+            help=text,
+            description=textwrap.fill(text, 80),
+            epilog=f"example:\n  {example}" if example else None,
+            parents=[common, *parents],
+            formatter_class=Help,
         )
         p.set_defaults(handler=handler)
         return p
 
-    p = command("start", cmd_start, "Start a host and serve until Ctrl-C or SIGTERM.")
+    p = command(
+        "start",
+        cmd_start,
+        "Start a host and serve until Ctrl-C or SIGTERM.",
+        example="ww start --listen 127.0.0.1:2021 --peer 127.0.0.1:2020 --meta role=worker",
+    )
     p.add_argument(
         "--listen",
         type=parse_address,
@@ -392,15 +407,22 @@ def build_parser() -> Parser:
         "Publish MESSAGE to TOPIC; without MESSAGE, publish each line of stdin.",
         client,
     )
-    p.add_argument("topic", metavar="TOPIC")
-    p.add_argument("message", nargs="?", metavar="MESSAGE")
+    p.add_argument("topic", metavar="TOPIC", help="topic name, e.g. test")
+    p.add_argument(
+        "message", nargs="?", metavar="MESSAGE", help="the message; omit it to read stdin"
+    )
 
     p = command(
         "sub", cmd_sub, "Print each message published to TOPIC, one per line, until Ctrl-C.", client
     )
-    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("topic", metavar="TOPIC", help="topic name, e.g. test")
 
-    p = command("build", cmd_build, "Build a ROM file from a ROM source directory (rom.toml).")
+    p = command(
+        "build",
+        cmd_build,
+        "Build a ROM file from a ROM source directory (rom.toml).",
+        example="ww build roms/hello -o hello.rom",
+    )
     p.add_argument("dir", metavar="DIR", help="ROM source directory, e.g. roms/hello")
     p.add_argument(
         "-o", "--output", metavar="FILE", help="the .rom file to write (default: ./<DIR name>.rom)"
@@ -409,8 +431,10 @@ def build_parser() -> Parser:
     p = command(
         "run",
         cmd_run,
-        "Run a ROM here, with the Host capability of the dialed host (or none with --no-dial).",
+        "Run a ROM here, with the Host capability of the dialed host (or none with --no-dial). "
+        "Options go before ROM; everything after ROM is passed to the ROM.",
         client,
+        example="ww run --dial 127.0.0.1:2021 hello.rom PEER_ID",
     )
     p.add_argument("--no-dial", action="store_true", help="run without a host (host is None)")
     p.add_argument("rom", metavar="ROM", help="a .rom file, or a ROM source directory to build")
@@ -422,10 +446,10 @@ def build_parser() -> Parser:
     command("ps", cmd_ps, "List the processes on the host.", client)
 
     p = command("kill", cmd_kill, "Stop a process on the host.", client)
-    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("pid", type=int, metavar="PID", help="process id, as `ww ps` lists it")
 
     p = command("logs", cmd_logs, "Print the captured stdout and stderr of a process.", client)
-    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("pid", type=int, metavar="PID", help="process id, as `ww ps` lists it")
     return parser
 
 
