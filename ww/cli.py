@@ -323,7 +323,7 @@ def build_parser() -> Parser:
         p: argparse.ArgumentParser = sub.add_parser(
             name,
             help=text,
-            description=textwrap.fill(text, 80),
+            description=textwrap.fill(text, 80, break_on_hyphens=False),
             epilog=f"example:\n  {example}" if example else None,
             parents=[common, *parents],
             formatter_class=Help,
