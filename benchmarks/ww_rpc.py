@@ -12,6 +12,8 @@ ROM B (and back for a round trip).
     with `--inflight` concurrent senders, then a flush that the server answers with the count
     it saw. msgs/s is the count over the time from the first send to the answer.
   - round trip: `--rtt-count` echoes one at a time (unloaded); p50 and p99.
+  - batched (ww only): one way again with `--batch` messages per send (a list as one value):
+    what batching would buy, the same path carrying many messages per RPC frame.
   - CPU: microseconds of CPU (user + system) per message in each of the four processes during
     the one-way run, which says where the time goes independently of how busy the machine is.
     `--profile DIR` also runs both hosts under cProfile (CPU time) for a closer look.
@@ -61,7 +63,7 @@ requires = ["trio"]
 
 ROM_SOURCE = r'''
 """serve: make channels at /<me>/bench/{in,out} and serve them.
-oneway|rtt PEER SIZE COUNT INFLIGHT: measure against PEER's server; print one JSON line."""
+oneway|batch|rtt PEER SIZE COUNT INFLIGHT BATCH: measure against PEER's server; print JSON."""
 
 import json
 import statistics
@@ -77,7 +79,7 @@ async def main(host, args):
     if args[0] == "serve":
         await serve(host, int(args[1]))
     else:
-        await drive(host, args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
+        await drive(host, args[0], args[1], *map(int, args[2:6]))
 
 
 async def serve(host, capacity):
@@ -92,6 +94,9 @@ async def serve(host, capacity):
     seen = 0
     async with inbox.stream("recv_stream") as messages:
         async for message in messages:
+            if isinstance(message, list):  # a batch of SINK messages in one send
+                seen += len(message)
+                continue
             tag = message[:1]
             if tag == SINK:
                 seen += 1
@@ -102,22 +107,25 @@ async def serve(host, capacity):
                 seen = 0
 
 
-async def drive(host, mode, peer, size, count, inflight):
+async def drive(host, mode, peer, size, count, inflight, batch):
     root = await host.root()
     inbox = await (await root.walk(f"/{peer}/bench/in")).load()
     outbox = await (await root.walk(f"/{peer}/bench/out")).load()
     async with outbox.stream("recv_stream") as replies:
         replies = replies.__aiter__()
         cpu = time.process_time()
-        if mode == "oneway":
+        if mode in ("oneway", "batch"):
             payload = SINK + bytes(size - 1)
+            per_send = batch if mode == "batch" else 1
+            if mode == "batch":
+                payload = [payload] * batch
             start = perf_counter()
             remaining = count
 
             async def sender():
                 nonlocal remaining
                 while remaining > 0:
-                    remaining -= 1
+                    remaining -= per_send
                     await inbox.send(payload)
 
             async with trio.open_nursery() as nursery:
@@ -127,7 +135,7 @@ async def drive(host, mode, peer, size, count, inflight):
             seen = int(await replies.__anext__())
             elapsed = perf_counter() - start
             assert seen == count, (seen, count)
-            result = {"msgs_per_s": count / elapsed}
+            result = {"msgs_per_s" if mode == "oneway" else "batched_msgs_per_s": count / elapsed}
         else:
             echo = ECHO + bytes(size - 1)
             rtts = []
@@ -260,10 +268,14 @@ async def one_ww_run(
     server_pid = (await server.info())["pid"]
     count = args.count if size < 1000 else max(args.count // 10, 1000)
     result: dict[str, float] = {}
-    for mode, n in (("oneway", count), ("rtt", args.rtt_count)):
+    modes = [("oneway", count), ("rtt", args.rtt_count)]
+    if args.batch > 1:
+        modes.append(("batch", count - count % args.batch))
+    for mode, n in modes:
         pids = {"host A": a.pid, "host B": b.pid, "ROM B": server_pid}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        driver = await host_a.spawn(rom, [mode, peer_b, str(size), str(n), str(args.inflight)])
+        params = [mode, peer_b, *map(str, (size, n, args.inflight, args.batch))]
+        driver = await host_a.spawn(rom, params)
         code = await driver.wait()
         after = {name: cpu_seconds(pid) for name, pid in pids.items()}
         out = (await host_a.logs((await driver.info())["pid"])).decode(errors="replace")
@@ -382,10 +394,13 @@ def fmt_cpu(r: dict[str, float]) -> str:
 
 
 def fmt(r: dict[str, float]) -> str:
-    return (
+    text = (
         f"{r['msgs_per_s']:>9,.0f} msgs/s one way   "
         f"rtt p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
     )
+    if "batched_msgs_per_s" in r:
+        text += f"   batched {r['batched_msgs_per_s']:,.0f} msgs/s"
+    return text
 
 
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -432,6 +447,12 @@ def main() -> None:
     parser.add_argument("--rtt-count", type=int, default=1_000, help="round trips per run")
     parser.add_argument("--inflight", type=int, default=64, help="concurrent senders")
     parser.add_argument("--capacity", type=int, default=1024, help="channel buffer")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=64,
+        help="also run one way with this many messages per send, a list in one value (1: skip)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
     parser.add_argument(
         "--profile",
