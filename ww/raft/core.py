@@ -136,6 +136,28 @@ class Stats:
         self.dropped_messages[reason] += 1
 
 
+_VOTE_TYPES = frozenset({MT.VOTE, MT.VOTE_RESP, MT.PRE_VOTE, MT.PRE_VOTE_RESP})
+_TERMLESS_TYPES = frozenset({MT.PROP, MT.READ_INDEX})
+
+
+def _with_sender(m: Message, frm: int, term: int) -> Message:
+    """`m` from `frm` at `term` (dataclasses.replace, without its cost on the hot path)."""
+    return Message(
+        m.type,
+        m.to,
+        frm,
+        term,
+        m.log_term,
+        m.index,
+        m.entries,
+        m.commit,
+        m.snapshot,
+        m.reject,
+        m.reject_hint,
+        m.context,
+    )
+
+
 def _vote_resp_type(t: MT) -> MT:
     return MT.VOTE_RESP if t == MT.VOTE else MT.PRE_VOTE_RESP
 
@@ -256,14 +278,15 @@ class Raft:
 
     def send(self, m: Message) -> None:
         frm = m.frm if m.frm != NONE else self.id
-        if m.type in (MT.VOTE, MT.VOTE_RESP, MT.PRE_VOTE, MT.PRE_VOTE_RESP):
+        if m.type in _VOTE_TYPES:
             assert m.term != 0, f"term should be set when sending {m.type.name}"
-            m = replace(m, frm=frm)
-        elif m.type in (MT.PROP, MT.READ_INDEX):
-            # Forwarded to the leader; they carry no term (treated like local messages).
-            m = replace(m, frm=frm, term=0)
+            term = m.term
+        elif m.type in _TERMLESS_TYPES:
+            term = 0  # forwarded to the leader: no term, like a local message
         else:
-            m = replace(m, frm=frm, term=self.term)
+            term = self.term
+        if frm != m.frm or term != m.term:
+            m = _with_sender(m, frm, term)
         self.msgs.append(m)
 
     def send_append(self, to: int) -> None:
@@ -348,7 +371,8 @@ class Raft:
     def append_entry(self, entries: Sequence[Entry]) -> None:
         """Append entries (their term and index are assigned here) to the leader's log."""
         li = self.raft_log.last_index()
-        ents = [replace(e, term=self.term, index=li + 1 + i) for i, e in enumerate(entries)]
+        term = self.term
+        ents = [Entry(term, li + 1 + i, e.type, e.data) for i, e in enumerate(entries)]
         size = payload_size(ents)
         if (
             self.max_uncommitted_size > 0
@@ -364,7 +388,10 @@ class Raft:
         self.uncommitted_size += size
         li = self.raft_log.append(ents)
         self.prs.progress[self.id].maybe_update(li)
-        self.maybe_commit()
+        if len(self.prs.config.voters.ids()) == 1:
+            # Only a quorum of one can commit on the leader's own acknowledgement: no other
+            # voter holds the new entries yet.
+            self.maybe_commit()
 
     def reduce_uncommitted_size(self, entries: Sequence[Entry]) -> None:
         self.uncommitted_size = max(0, self.uncommitted_size - payload_size(entries))

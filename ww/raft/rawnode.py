@@ -230,10 +230,14 @@ class RawNode:
 
     def has_ready(self) -> bool:
         r = self.raft
-        if self._soft_state() != self._prev_soft:
+        prev_soft, prev_hard = self._prev_soft, self._prev_hard
+        if r.lead != prev_soft.lead or r.state != prev_soft.raft_state:
             return True
-        hs = r.hard_state()
-        if not hs.is_empty() and hs != self._prev_hard:
+        if (r.term, r.vote, r.raft_log.committed) != (
+            prev_hard.term,
+            prev_hard.vote,
+            prev_hard.commit,
+        ) and not r.hard_state().is_empty():
             return True
         return bool(
             r.raft_log.has_pending_snapshot()
