@@ -1088,6 +1088,7 @@ class Raft:
             return cs
         # The quorum may have changed: maybe commit, and tell the (new) followers.
         if self.maybe_commit():
+            self._release_pending_read_index_messages()
             self.bcast_append()
         else:
             for i in sorted(self.prs.progress):
