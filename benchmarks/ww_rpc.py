@@ -245,6 +245,7 @@ async def bench_ww(args: argparse.Namespace) -> dict[int, list[dict[str, float]]
                         results[size].append(result)
                         print(f"  ww  {size:>6} B: {fmt(result)}", flush=True)
                         print(f"{'':14}{fmt_cpu(result)}", flush=True)
+                        print(f"{'':14}{fmt_cpu(result, 'rtt')}", flush=True)
     return results
 
 
@@ -383,14 +384,15 @@ async def bench_tcp(args: argparse.Namespace) -> dict[int, list[dict[str, float]
 # -- report -------------------------------------------------------------------------------------
 
 
-def fmt_cpu(r: dict[str, float]) -> str:
-    """CPU microseconds per message in each process, for the one-way run."""
-    parts = [
-        f"{k.removeprefix('oneway cpu_us ')} {v:.0f}"
-        for k, v in r.items()
-        if k.startswith("oneway cpu_us")
-    ]
-    return "cpu us/msg one way: " + ", ".join(parts)
+def fmt_cpu(r: dict[str, float], mode: str = "oneway") -> str:
+    """CPU microseconds per message (one way) or per round trip (rtt) in each process.
+
+    A round trip is sequential, so on an idle machine its latency is at least the sum."""
+    prefix = f"{mode} cpu_us "
+    cpu = {k.removeprefix(prefix): v for k, v in r.items() if k.startswith(prefix)}
+    unit = "round trip" if mode == "rtt" else "msg one way"
+    parts = ", ".join(f"{name} {v:.0f}" for name, v in cpu.items())
+    return f"cpu us/{unit}: {parts} (sum {sum(cpu.values()):.0f})"
 
 
 def fmt(r: dict[str, float]) -> str:
@@ -418,6 +420,7 @@ async def run(args: argparse.Namespace) -> None:
         w, t = median_of(ww[size]), median_of(tcp[size])
         print(f"{size:>6} B  ww  {fmt(w)}")
         print(f"{size:>6} B      {fmt_cpu(w)}")
+        print(f"{size:>6} B      {fmt_cpu(w, 'rtt')}")
         print(f"{size:>6} B  tcp {fmt(t)}")
         print(
             f"{size:>6} B  ratio: throughput {w['msgs_per_s'] / t['msgs_per_s']:.3f}, "
