@@ -124,16 +124,25 @@ def test_a_transfer_campaign_overrides_the_lease(kit):
     assert (resp.type, resp.reject) == (MT.VOTE_RESP, False)
 
 
-def test_a_node_freed_from_a_partition_cannot_disrupt_with_check_quorum(kit):
+def test_a_stuck_candidate_is_ignored_within_the_lease_and_freed_by_the_next_heartbeat(kit):
+    # Without pre-vote an isolated node campaigns at ever higher terms (etcd's
+    # TestFreeStuckCandidateWithCheckQuorum).
     n = kit.Network.of(3, check_quorum=True)
     n.campaign(1)
     n.isolate(3)
-    n.tick(100, only=[3])  # candidate at ever higher terms
+    n.tick(100, only=[3])
+    r1, r3 = n.raft(1), n.raft(3)
+    assert r3.state == C and r3.term > r1.term
     n.recover()
-    n.tick(1, only=[3])
+    n.campaign(3)  # its vote requests fall within the lease: 1 and 2 ignore them
+    assert r1.state == L and r1.term == 1
+    assert r3.state == C
+    # The leader's next heartbeat is answered with the higher term: it steps down, so the
+    # stuck node is not locked out forever.
+    n.send(Message(type=MT.BEAT, frm=1, to=1))
+    assert r1.state == F and r1.term == r3.term
     n.campaign(3)
-    assert n.raft(1).state == L
-    assert n.raft(2).lead == 1
+    assert r3.state == L
 
 
 # -- leadership transfer ----------------------------------------------------------------------
