@@ -224,3 +224,17 @@ def test_a_learner_never_campaigns(kit):
     assert r.read_messages() == []
     r.step(Message(type=MT.TIMEOUT_NOW, frm=1, to=3, term=1))
     assert r.state == F
+
+
+def test_with_pre_vote_and_check_quorum_the_survivors_elect_a_new_leader_in_bounded_time(kit):
+    n = kit.Network.of(3, pre_vote=True, check_quorum=True)
+    n.campaign(1)
+    n.isolate(1)  # the leader dies
+    et = n.raft(2).election_timeout
+    ticks = 0
+    while L not in (n.raft(2).state, n.raft(3).state) and ticks < 4 * et:
+        n.tick(1, only=[2, 3])
+        ticks += 1
+    assert {n.raft(2).state, n.raft(3).state} == {L, F}
+    assert ticks < 3 * et  # one randomized timeout plus the lease
+    assert max(n.raft(2).term, n.raft(3).term) == 2  # pre-vote wasted no terms
