@@ -113,7 +113,10 @@ async def _serve_raft(args: argparse.Namespace) -> None:
     )
     config = Config(id=args.id, storage=storage)
     replica = Replica(config, storage, CountingStateMachine())
-    transport = TcpTransport({i: a for i, a in peers.items() if i != args.id})
+    transport = TcpTransport(
+        {i: a for i, a in peers.items() if i != args.id},
+        on_unreachable=lambda node_id: driver.report_unreachable(node_id),
+    )
     options: dict[str, Any] = {"persist_in_thread": args.persist_in_thread}
     if args.tick_interval is not None:
         options["tick_interval"] = args.tick_interval

@@ -6,7 +6,8 @@ Raft messages between processes on loopback: length-prefixed msgpack frames over
 One outbound connection per peer, written by its own task. `send()` never blocks the raft
 loop: it encodes each message, appends the frame to the peer's queue and returns; when a
 queue is full the message is dropped (Raft retransmits). A broken connection is closed, its
-queue is dropped, and the task reconnects after a short pause. Inbound connections are read
+queue is dropped, raft is told the peer is unreachable (once per outage), and the task
+reconnects after a short pause. Inbound connections are read
 frame by frame; a frame that does not decode is dropped and counted.
 
 Client protocol (served by _raft_node.py and _pysyncobj_node.py alike): a stream of msgpack
@@ -89,9 +90,10 @@ class FrameReader:
 
 
 class _Peer:
-    __slots__ = ("address", "queue", "wakeup")
+    __slots__ = ("address", "node_id", "queue", "wakeup")
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, node_id: int, address: tuple[str, int]) -> None:
+        self.node_id = node_id
         self.address = address
         self.queue: deque[bytes] = deque()
         self.wakeup = trio.Event()
@@ -106,10 +108,12 @@ class TcpTransport:
         *,
         queue_limit: int = 4096,
         reconnect_delay: float = 0.05,
+        on_unreachable: Callable[[int], None] | None = None,
     ) -> None:
-        self._peers = {node_id: _Peer(addr) for node_id, addr in peers.items()}
+        self._peers = {node_id: _Peer(node_id, addr) for node_id, addr in peers.items()}
         self._queue_limit = queue_limit
         self._reconnect_delay = reconnect_delay
+        self._on_unreachable = on_unreachable
         self.stats = TransportStats()
 
     # -- outbound ---------------------------------------------------------------------------
@@ -139,14 +143,20 @@ class TcpTransport:
             )
 
     async def _sender(self, peer: _Peer) -> None:
+        reachable = True
         while True:
             try:
                 with trio.fail_after(1.0):
                     stream = await trio.open_tcp_stream(*peer.address)
             except (OSError, trio.TooSlowError):
+                self.stats.dropped_disconnected += len(peer.queue)
                 peer.queue.clear()
+                if reachable:
+                    reachable = False
+                    self._report_unreachable(peer)
                 await trio.sleep(self._reconnect_delay)
                 continue
+            reachable = True
             self.stats.connects += 1
             try:
                 async with stream:
@@ -163,7 +173,14 @@ class TcpTransport:
                 log.debug("connection to %s lost: %s", peer.address, e)
                 self.stats.dropped_disconnected += len(peer.queue)
                 peer.queue.clear()
+                reachable = False
+                self._report_unreachable(peer)
                 await trio.sleep(self._reconnect_delay)
+
+    def _report_unreachable(self, peer: _Peer) -> None:
+        """Tell raft once per outage, so a leader probes that follower instead of streaming."""
+        if self._on_unreachable is not None:
+            self._on_unreachable(peer.node_id)
 
     # -- inbound ----------------------------------------------------------------------------
 
