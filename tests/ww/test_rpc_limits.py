@@ -12,6 +12,8 @@ import msgpack
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ww.rpc import (
     Capability,
@@ -170,3 +172,74 @@ async def test_stream_items_beyond_credit_close_the_connection(
             async for _ in items:
                 pass
     assert any("more items than its credit" in r.getMessage() for r in caplog.records)
+
+
+class Target(Capability):
+    async def ping(self, *args: object) -> object:
+        return args
+
+    async def items(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+
+_id = st.integers(0, 4) | st.integers(-1, 2**64 - 1)
+_cap = st.builds(msgpack.ExtType, st.integers(0, 3), st.binary(min_size=0, max_size=9))
+_value = st.none() | st.integers(0, 3) | st.text(max_size=4) | _cap
+_name = st.sampled_from(["ping", "items", "nope", "_on_release"]) | st.text(max_size=4)
+_args = st.lists(_value, max_size=3)
+_shaped = st.one_of(
+    st.tuples(st.just(0), _id, _id, _name, _args),  # Call
+    st.tuples(st.just(1), _id, _value),  # Return
+    st.tuples(st.just(2), _id, st.text(max_size=4), st.text(max_size=4)),  # Error
+    st.tuples(st.just(3), _id, _id),  # Release
+    st.tuples(st.just(4), _id, _id, _name, _args, _id),  # StreamStart
+    st.tuples(st.just(5), _id, _value),  # Item
+    st.tuples(st.just(6), _id),  # End
+    st.tuples(st.just(7), _id, _id),  # Credit
+    st.tuples(st.just(8), _id),  # Cancel
+).map(list)
+_junk = st.lists(_value | _id | _args, max_size=6)
+_message = _shaped | _junk
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_message, min_size=1, max_size=6))
+def test_fuzz_messages_into_a_live_connection(messages: list[list[object]]) -> None:
+    """Arbitrary (often nonsensical) messages never make serve_connection raise; a
+    connection that survives them still answers a well-formed call."""
+
+    async def scenario() -> None:
+        left, right = trio.testing.memory_stream_pair()
+        done = trio.Event()
+
+        async def serve() -> None:
+            await serve_connection(left, Target())
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            frames = [encode_frame(msgpack.packb(message)) for message in messages]
+            probe = encode_frame(msgpack.packb([0, 2**40, 0, "ping", ["probe"]]))
+            await right.send_all(b"".join(frames) + probe)
+            received = b""
+            with trio.fail_after(5):
+                while b"probe" not in received:  # until it answers the probe ...
+                    data = await right.receive_some()
+                    if not data:
+                        break  # ... or closes this connection, which is allowed
+                    received += data
+            await right.aclose()
+            with trio.fail_after(5):
+                await done.wait()
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ww.rpc")
+    logger.addHandler(handler)
+    try:
+        trio.run(scenario)
+    finally:
+        logger.removeHandler(handler)
+    assert errors == [], [r.getMessage() for r in errors]
