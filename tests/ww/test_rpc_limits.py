@@ -234,8 +234,12 @@ def test_fuzz_messages_into_a_live_connection(messages: list[list[object]]) -> N
                 await done.wait()
 
     errors: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.ERROR)
-    handler.emit = errors.append  # type: ignore[method-assign]
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record)
+
+    handler = Collect(logging.ERROR)
     logger = logging.getLogger("ww.rpc")
     logger.addHandler(handler)
     try:
