@@ -212,9 +212,10 @@ class Raft:
         if not hs.is_empty():
             self._load_state(hs)
         if c.applied > 0:
-            if c.applied > self.raft_log.committed:
+            if not self.raft_log.applied <= c.applied <= self.raft_log.committed:
                 raise ConfigError(
-                    f"config: applied ({c.applied}) is past the committed index "
+                    f"config: applied ({c.applied}) must be between the snapshot index "
+                    f"({self.raft_log.applied}) and the committed index "
                     f"({self.raft_log.committed})"
                 )
             self.raft_log.applied_to(c.applied)
