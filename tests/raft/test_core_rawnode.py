@@ -307,3 +307,18 @@ def test_no_well_typed_message_makes_step_raise(role, msgs):
         n.tick()
         if n.has_ready():
             persist(n, s)
+
+
+@pytest.mark.parametrize(("limit", "want"), [(100, [1, 1, 1, 1, 1]), (120, [2, 2, 1]), (0, [5])])
+def test_committed_entries_are_handed_out_within_max_committed_size_per_ready(limit, want):
+    s = MemoryStorage(ConfState(voters=(1,)))
+    n = node(voters=(1,), storage=s, max_committed_size_per_ready=limit)
+    persist(n, s)
+    n.campaign()
+    persist(n, s)
+    n.propose_batch([b"x" * 40] * 5)  # 56 bytes each, counted
+    sizes = []
+    while n.has_ready():
+        rd = persist(n, s)
+        sizes.append(len([e for e in rd.committed_entries if e.data]))
+    assert sizes == want
