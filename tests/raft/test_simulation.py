@@ -180,3 +180,29 @@ def test_a_node_joining_before_any_compaction_learns_the_configuration(tmp_path:
     assert joiner.replica is not None
     assert joiner.replica.conf_state.learners == (4,)
     assert joiner.replica.applied == leader.replica.applied
+
+
+def test_a_vote_survives_a_restart(tmp_path: Path) -> None:
+    c = Cluster(6, SimOptions(nodes=3, disk=True), tmp_path)
+    for _ in range(100):
+        c.tick()
+    leader = c.leader()
+    assert leader is not None
+    candidate, voter = (n for n in c.alive() if n is not leader)
+    c.net.isolate(leader.id)
+    for _ in range(3 * ELECTION_TICK):
+        c.tick()  # the followers' lease on the old leader runs out
+    assert candidate.replica is not None
+    candidate.replica.node.campaign()
+    while c.leader() in (None, leader):
+        c.tick()
+    new_leader = c.leader()
+    assert new_leader is not None and new_leader.replica is not None
+    term = current_term(new_leader.replica)
+    assert voter.replica is not None
+    assert voter.replica.node.status().hard_state.vote == new_leader.id
+    c.crash(voter)
+    c.start(voter)
+    assert voter.replica is not None
+    hard_state = voter.replica.node.status().hard_state
+    assert (hard_state.term, hard_state.vote) == (term, new_leader.id)

@@ -24,6 +24,7 @@ from ww.raft.errors import RaftError
 from ww.raft.memory import MemoryStorage
 from ww.raft.node import Outcome, Replica
 from ww.raft.rawnode import Config, Ready
+from ww.raft.read_only import ReadOnlyOption
 from ww.raft.storage import LogStorage
 from ww.raft.types import ConfChange, ConfChangeSingle, ConfState, Message
 
@@ -93,6 +94,7 @@ class SimOptions:
     max_size_per_msg: int = 256
     max_inflight_msgs: int = 4
     request_timeout: int = 60  # ticks
+    read_only_option: ReadOnlyOption = ReadOnlyOption.SAFE
 
 
 class Cluster:
@@ -156,6 +158,7 @@ class Cluster:
             max_inflight_msgs=self.options.max_inflight_msgs,
             check_quorum=True,
             pre_vote=True,
+            read_only_option=self.options.read_only_option,
             rng=random.Random(self.rng.getrandbits(64)),
         )
         node.replica = Replica(

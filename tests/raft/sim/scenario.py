@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ww.raft.errors import RaftError
+from ww.raft.read_only import ReadOnlyOption
 from ww.raft.types import ConfChangeSingle, ConfChangeType
 
 from .cluster import ELECTION_TICK, Cluster, InvariantViolation, SimNode, SimOptions, is_leader
@@ -48,8 +49,14 @@ class RunStats:
 
 
 def options_for(seed: int) -> SimOptions:
-    """3 or 5 nodes, disk or memory storage, chosen by the seed so both alternate."""
-    return SimOptions(nodes=3 if seed % 2 == 0 else 5, disk=seed % 4 < 2)
+    """3 or 5 nodes, disk or memory storage, and for one seed in four lease-based reads,
+    chosen by the seed so that every combination comes round."""
+    lease = (seed // 4) % 4 == 3
+    return SimOptions(
+        nodes=3 if seed % 2 == 0 else 5,
+        disk=seed % 4 < 2,
+        read_only_option=ReadOnlyOption.LEASE_BASED if lease else ReadOnlyOption.SAFE,
+    )
 
 
 class Scenario:
@@ -102,6 +109,14 @@ class Scenario:
         alive = c.alive()
         if r < 0.01 and alive:
             c.crash(self.rng.choice(alive))
+            self.crashes += 1
+        elif r < 0.02 and alive:
+            # A quick restart, preferably in the middle of an election: whatever the node
+            # said (a vote above all) must survive in its storage.
+            electing = [n for n in alive if n.replica is not None and n.replica.leader == 0]
+            node = self.rng.choice(electing or alive)
+            c.crash(node)
+            c.start(node)
             self.crashes += 1
         elif r < 0.05:
             down = [n for n in c.nodes.values() if n.replica is None]
