@@ -31,7 +31,7 @@ def test_frames_split_across_reads_and_batched_in_one() -> None:
     bodies = [b"", b"a", b"hello" * 100]
     stream = b"".join(encode_frame(b) for b in bodies)
     decoder = FrameDecoder()
-    got: list[bytes] = []
+    got: list[bytes | bytearray] = []
     for i in range(len(stream)):
         got += decoder.feed(stream[i : i + 1])
     assert got == bodies
@@ -128,7 +128,7 @@ def test_fuzz_wellformed_msgpack_raises_only_protocol_error(fields: list[object]
 def test_fuzz_frames_survive_any_split(bodies: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(encode_frame(b) for b in bodies)
     decoder = FrameDecoder()
-    got: list[bytes] = []
+    got: list[bytes | bytearray] = []
     pos, i = 0, 0
     while pos < len(stream):
         step = cuts[i % len(cuts)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import struct
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -38,7 +39,6 @@ from ww.rpc.wire import (
     Return,
     StreamStart,
     decode_message,
-    encode_frame,
     message_fields,
     pack_cap_id,
     unpack_cap_id,
@@ -66,6 +66,10 @@ RELEASE_TIMEOUT = 5.0
 """Seconds `_on_release` callbacks get when a connection closes."""
 
 _HOLDERS = Holders()
+_LEN = struct.Struct(">I")
+
+Frame = bytes | tuple[bytes, bytes]
+"""An encoded frame: small ones in one piece, large ones as (header, body)."""
 
 
 class Ref:
@@ -643,7 +647,7 @@ class Connection:
 
     # --- encoding ------------------------------------------------------------------------------
 
-    def _encode(self, msg: Message) -> bytes:
+    def _encode(self, msg: Message) -> Frame:
         """One frame for `msg`; capabilities in it are exported (rolled back on failure)."""
         encoding = self._encoding
         encoding.clear()
@@ -661,11 +665,12 @@ class Connection:
             raise
         finally:
             encoding.clear()
-        if len(body) > self.max_frame:
+        size = len(body)
+        if size > self.max_frame:
             raise CapabilityError(
-                f"message of {len(body)} bytes exceeds the frame limit of {self.max_frame} bytes"
+                f"message of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
             )
-        return encode_frame(body)
+        return _LEN.pack(size) + body if size < 512 else (_LEN.pack(size), body)
 
     def _encode_special(self, obj: object) -> msgpack.ExtType:
         if isinstance(obj, Capability):
@@ -713,9 +718,15 @@ class Connection:
 
     # --- I/O -------------------------------------------------------------------------------------
 
-    def _send_nowait(self, frame: bytes) -> None:
-        self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
+    def _send_nowait(self, frame: Frame) -> None:
+        if isinstance(frame, bytes):
+            self._outbox.append(frame)
+            self._outbox_bytes += len(frame)
+        else:  # a large body beside its header, so it is copied once, by the writer's join
+            header, body = frame
+            self._outbox.append(header)
+            self._outbox.append(body)
+            self._outbox_bytes += 4 + len(body)
         self._writer_lot.unpark()
 
     def _send_control(self, msg: Message) -> None:

@@ -43,29 +43,32 @@ class FrameDecoder:
         self._buf = bytearray()
         self.max_frame = max_frame
 
-    def feed(self, data: bytes | bytearray) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes | bytearray]:
         """Add received bytes; return the bodies of all frames now complete.
 
         Raises ProtocolError when a frame announces a body larger than `max_frame`.
         """
         buf = self._buf
-        buf += data
-        frames: list[bytes] = []
+        if buf:
+            buf += data
+            data = buf
+        frames: list[bytes | bytearray] = []
         pos = 0
-        size = len(buf)
+        size = len(data)
+        limit = self.max_frame
         while size - pos >= 4:
-            (length,) = _LEN.unpack_from(buf, pos)
-            if length > self.max_frame:
-                raise ProtocolError(
-                    f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"
-                )
+            (length,) = _LEN.unpack_from(data, pos)
+            if length > limit:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit} bytes")
             end = pos + 4 + length
             if end > size:
                 break
-            frames.append(bytes(buf[pos + 4 : end]))
+            frames.append(data[pos + 4 : end])
             pos = end
-        if pos:
+        if data is buf:
             del buf[:pos]
+        else:
+            buf += data[pos:]
         return frames
 
     @property
@@ -205,7 +208,7 @@ def message_fields(msg: Message) -> list[Any]:
     return _FIELDS[type(msg)](msg)
 
 
-def decode_message(body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Message:
+def decode_message(body: bytes | bytearray, ext_hook: Callable[[int, bytes], Any]) -> Message:
     """Decode one frame body into a message; raises ProtocolError and nothing else.
 
     `ext_hook(code, data)` turns capability references into objects; it may raise
