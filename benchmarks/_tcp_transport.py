@@ -241,25 +241,29 @@ class _ClientConnection:
         return lambda code, value: self._send([rid, code, value])
 
     async def serve(self) -> None:
+        """Serve until the client goes away or sends garbage; never raises."""
         try:
             async with self._stream, trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
+                nursery.start_soon(self._writer, nursery.cancel_scope)
                 await self._reader()
                 nursery.cancel_scope.cancel()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         finally:
             self._closed = True
 
     async def _reader(self) -> None:
         unpacker = msgpack.Unpacker(max_buffer_size=1 << 24)
-        while True:
-            data = await self._stream.receive_some(1 << 16)
-            if not data:
-                return
-            unpacker.feed(data)
-            for req in unpacker:
-                self._dispatch(req)
+        try:
+            while True:
+                data = await self._stream.receive_some(1 << 16)
+                if not data:
+                    return
+                unpacker.feed(data)
+                for req in unpacker:
+                    self._dispatch(req)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except (ValueError, msgpack.UnpackException) as e:
+            log.warning("closed a client connection that sent something other than msgpack: %r", e)
 
     def _dispatch(self, req: Any) -> None:
         if not isinstance(req, list) or len(req) < 2 or not isinstance(req[0], int):
@@ -273,14 +277,17 @@ class _ClientConnection:
         else:
             self._send([rid, "err", f"unknown request {op!r}"])
 
-    async def _writer(self) -> None:
-        while True:
-            if not self._out:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-            batch = b"".join(self._out)
-            self._out.clear()
-            await self._stream.send_all(batch)
+    async def _writer(self, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                if not self._out:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                batch = b"".join(self._out)
+                self._out.clear()
+                await self._stream.send_all(batch)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
 
 
 async def serve_clients(listener: trio.SocketListener, handler: ClientHandler) -> None:
