@@ -23,6 +23,7 @@ import logging
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ IDENTITY_FILE = "identity.pem"
 HANDSHAKE_TIMEOUT = 10.0
 ACCEPTED = b"\x01"
 CERT_LIFETIME = datetime.timedelta(days=30)
+CONTEXT_REFRESH = datetime.timedelta(days=1)
 CLOCK_SKEW = datetime.timedelta(hours=1)
 
 
@@ -236,16 +238,21 @@ class Identity:
 
 # --- TLS ---------------------------------------------------------------------------------------
 
-_CONTEXTS: dict[tuple[str, str, bool], ssl.SSLContext] = {}
+_CONTEXTS: dict[tuple[str, str, bool], tuple[float, ssl.SSLContext]] = {}
 
 
 def tls_context(cluster_key: ClusterKey, identity: Identity, *, server: bool) -> ssl.SSLContext:
     """A TLS 1.3 context that presents a certificate for `identity` issued by the cluster key
-    and requires the peer to present one too. Cached per (key, identity, side)."""
+    and requires the peer to present one too.
+
+    Cached per (key, identity, side); remade with a fresh certificate once a day, so a
+    long-running host never presents an expired one.
+    """
     cache_key = (cluster_key.fingerprint, identity.peer_id, server)
-    ctx = _CONTEXTS.get(cache_key)
-    if ctx is not None:
-        return ctx
+    cached = _CONTEXTS.get(cache_key)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < CONTEXT_REFRESH.total_seconds():
+        return cached[1]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
@@ -263,7 +270,7 @@ def tls_context(cluster_key: ClusterKey, identity: Identity, *, server: bool) ->
         ctx.load_cert_chain(name)
     finally:
         os.unlink(name)
-    _CONTEXTS[cache_key] = ctx
+    _CONTEXTS[cache_key] = (now, ctx)
     return ctx
 
 
@@ -342,11 +349,13 @@ def server_stream_wrapper(
     the TLS stream; a peer without such a certificate gets AuthError (after at most
     HANDSHAKE_TIMEOUT seconds), before any capability is offered.
     """
-    ctx = None if cluster_key is None else tls_context(cluster_key, identity, server=True)
+    if cluster_key is not None:
+        tls_context(cluster_key, identity, server=True)  # fail now, not at the first peer
 
     async def wrap(stream: trio.abc.Stream) -> trio.abc.Stream:
-        if ctx is None:
+        if cluster_key is None:
             return stream
+        ctx = tls_context(cluster_key, identity, server=True)
         tls = trio.SSLStream(stream, ctx, server_side=True)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):

@@ -197,3 +197,22 @@ async def test_plain_tcp_without_key(tmp_path: Path) -> None:
         assert peer_id_of(stream) is None
         async with Connection.open(stream) as conn:
             assert await conn.bootstrap().greet("tcp") == "hello tcp"
+
+
+def test_issued_certificate_names_the_peer_and_is_short_lived(
+    keys: tuple[ClusterKey, ClusterKey],
+) -> None:
+    import datetime
+
+    from cryptography.x509.oid import NameOID
+
+    key, other = keys
+    identity = Identity.generate()
+    cert = key.issue(identity.key, identity.peer_id)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == identity.peer_id
+    assert cert.issuer == key.ca_certificate().subject
+    lifetime = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    assert datetime.timedelta(days=29) < lifetime <= datetime.timedelta(days=30)
+    cert.verify_directly_issued_by(key.ca_certificate())
+    with pytest.raises(ValueError):
+        cert.verify_directly_issued_by(other.ca_certificate())
