@@ -36,7 +36,7 @@ class CountingLog(SyncObj):  # type: ignore[misc]
         super().__init__(self_addr, others, conf)
         self.applied = 0
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def put(self, data: bytes) -> int:
         self.applied += 1
         return self.applied

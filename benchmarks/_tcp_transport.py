@@ -31,7 +31,7 @@ import os
 import struct
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,7 +70,7 @@ class FrameReader:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         buf = self._buf
         buf += data
         out: list[bytes] = []
@@ -136,11 +136,11 @@ class TcpTransport:
         async with trio.open_nursery() as nursery:
             for peer in self._peers.values():
                 nursery.start_soon(self._sender, peer)
-            await trio.serve_listeners(
-                lambda stream: self._receive(stream, deliver),
-                [listener],
-                handler_nursery=nursery,
-            )
+
+            async def receive(stream: trio.SocketStream) -> None:
+                await self._receive(stream, deliver)
+
+            await trio.serve_listeners(receive, [listener], handler_nursery=nursery)
 
     async def _sender(self, peer: _Peer) -> None:
         reachable = True
@@ -184,7 +184,7 @@ class TcpTransport:
 
     # -- inbound ----------------------------------------------------------------------------
 
-    async def _receive(self, stream: trio.SocketStream, deliver: Callable[[Message], None]) -> None:
+    async def _receive(self, stream: trio.abc.Stream, deliver: Callable[[Message], None]) -> None:
         reader = FrameReader()
         try:
             async with stream:
@@ -224,7 +224,7 @@ class ClientHandler(Protocol):
 class _ClientConnection:
     """One client: reads pipelined requests, batches replies into as few writes as possible."""
 
-    def __init__(self, stream: trio.SocketStream, handler: ClientHandler) -> None:
+    def __init__(self, stream: trio.abc.Stream, handler: ClientHandler) -> None:
         self._stream = stream
         self._handler = handler
         self._out: list[bytes] = []
@@ -291,9 +291,10 @@ class _ClientConnection:
 
 
 async def serve_clients(listener: trio.SocketListener, handler: ClientHandler) -> None:
-    await trio.serve_listeners(
-        lambda stream: _ClientConnection(stream, handler).serve(), [listener]
-    )
+    async def serve(stream: trio.SocketStream) -> None:
+        await _ClientConnection(stream, handler).serve()
+
+    await trio.serve_listeners(serve, [listener])
 
 
 # -- process plumbing shared with _pysyncobj_node.py -------------------------------------------
@@ -316,7 +317,7 @@ async def exit_when_stdin_closes(cancel: Callable[[], None]) -> None:
 
 
 def node_arguments(
-    description: str, extra: list[tuple[str, type, Any, str]] = ()
+    description: str, extra: Sequence[tuple[str, type, Any, str]] = ()
 ) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     for flag, kind, default, help_text in extra:

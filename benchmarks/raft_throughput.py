@@ -318,7 +318,7 @@ async def closed_loop(
     def request() -> bytes:
         rid = conn.next_rid()
         sent_at[rid] = trio.current_time()
-        return msgpack.packb([rid, "put", payload])
+        return bytes(msgpack.packb([rid, "put", payload]))
 
     start = trio.current_time()
     window_start = start + warmup
