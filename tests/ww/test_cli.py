@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def ww(
     *args: str, cwd: Path | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "ww", *args],
