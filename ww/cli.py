@@ -81,7 +81,7 @@ def format_address(address: tuple[str, int]) -> str:
 async def dial(args: argparse.Namespace) -> AsyncIterator[Any]:
     """Connect to the host named by --dial (and --key) and yield its Host capability."""
     from ww.auth import load_cluster_key, open_client_stream
-    from ww.rpc import Connection
+    from ww.rpc import Connection, ConnectionLost
 
     address: tuple[str, int] = args.dial
     cluster_key = load_cluster_key(args.key) if args.key else None
@@ -95,7 +95,17 @@ async def dial(args: argparse.Namespace) -> AsyncIterator[Any]:
             "start one with `ww start` or pass --dial HOST:PORT"
         ) from exc
     async with stream, Connection.open(stream) as conn:
-        yield conn.bootstrap()
+        host = conn.bootstrap()
+        try:
+            await host.id()  # a host with a key closes a connection that did not use it
+        except ConnectionLost as exc:
+            hint = "is it still running?"
+            if not args.key:
+                hint = "if it was started with --key, pass the same --key FILE"
+            raise CliError(
+                f"the host at {format_address(address)} closed the connection; {hint}"
+            ) from exc
+        yield host
 
 
 async def walk(host: Any, path: str) -> Any:
@@ -506,11 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s failed", args.command, exc_info=exc)
         message = describe_error(exc)
         if type(exc).__name__ == "ConnectionLost" and hasattr(args, "dial"):
-            message = f"the host at {format_address(args.dial)} closed the connection; " + (
-                "is it still running?"
-                if args.key
-                else "if it was started with --key, pass the same --key FILE"
-            )
+            message = f"lost the connection to the host at {format_address(args.dial)}"
         print(f"ww {args.command}: error: {message}", file=sys.stderr)
         return exc.code if isinstance(exc, CliError) else EXIT_ERROR
 
