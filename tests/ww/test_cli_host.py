@@ -162,3 +162,17 @@ async def test_sub_stops_cleanly_on_ctrl_c(host_factory: HostFactory) -> None:
         await err.drain()
         assert await proc.wait() == 0
     assert not any("Traceback" in line for line in err.seen), err.seen
+
+
+async def test_sub_says_in_one_line_when_its_host_goes_away(host_factory: HostFactory) -> None:
+    a = await host_factory.start()
+    argv = [sys.executable, "-m", "ww", "sub", "--dial", a.address, "t"]
+    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stderr is not None
+    err = Lines(proc.stderr)
+    with trio.fail_after(20):
+        await err.until(re.compile("subscribed to t"))
+        a.kill()
+        await err.drain()
+        assert await proc.wait() == 1
+    assert err.seen[-1] == f"ww sub: error: lost the connection to the host at {a.address}"
