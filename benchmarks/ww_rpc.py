@@ -413,9 +413,11 @@ async def run(args: argparse.Namespace) -> None:
     print(
         f"ww_rpc: {os.cpu_count()} cpus, python {sys.version.split()[0]}, trio {trio.__version__}"
     )
+    load_before = os.getloadavg()[0]
     tcp = await bench_tcp(args)
     ww = await bench_ww(args)
-    print(f"\nmedians of {args.repeat} runs (ww / tcp):")
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    print(f"\nmedians of {args.repeat} runs (ww / tcp), {load}:")
     for size in SIZES:
         w, t = median_of(ww[size]), median_of(tcp[size])
         print(f"{size:>6} B  ww  {fmt(w)}")
