@@ -99,7 +99,8 @@ def test_a_large_random_linearizable_history_is_accepted_quickly() -> None:
         elif kind == "get":
             results[i] = state
         else:
-            expected, new = arg  # type: ignore[misc]
+            assert isinstance(arg, tuple)
+            expected, new = arg
             results[i] = state == expected
             if state == expected:
                 state = new
