@@ -204,6 +204,8 @@ async def host_factory(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[H
     finally:
         with trio.CancelScope(shield=True):
             await factory.stop_all()
+        for host in factory.hosts:  # shown by pytest when the test failed
+            print(f"--- host {host.name} {host.peer} at {host.address} ---\n{host.output()}")
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:

@@ -85,6 +85,8 @@ async def test_pubsub_fans_out_across_three_hosts_once_each(host_factory: HostFa
     expected = sorted(f"{h.name}-{i}".encode() for h in hosts for i in range(per_host))
     received: dict[str, list[bytes]] = {h.name: [] for h in hosts}
 
+    done = trio.Semaphore(0)
+
     async def subscribe(h: HostProcess) -> None:
         async with h.connect() as host:
             topic = await (await host.pubsub()).join("fan")
@@ -92,19 +94,23 @@ async def test_pubsub_fans_out_across_three_hosts_once_each(host_factory: HostFa
                 async for data in messages:
                     received[h.name].append(data)
                     if len(received[h.name]) == len(expected):
-                        return
+                        done.release()
 
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            for h in hosts:
-                nursery.start_soon(subscribe, h)
-            for h in hosts:
-                await wait_for(lambda h=h: _subscribed(h))
-            for h in hosts:
-                async with h.connect() as host:
-                    topic = await (await host.pubsub()).join("fan")
-                    for i in range(per_host):
-                        await topic.publish(f"{h.name}-{i}".encode())
+    async with trio.open_nursery() as nursery:
+        for h in hosts:
+            nursery.start_soon(subscribe, h)
+        for h in hosts:
+            await wait_for(lambda h=h: _subscribed(h))
+        for h in hosts:
+            async with h.connect() as host:
+                topic = await (await host.pubsub()).join("fan")
+                for i in range(per_host):
+                    await topic.publish(f"{h.name}-{i}".encode())
+        with trio.move_on_after(15):
+            for _ in hosts:
+                await done.acquire()
+            await trio.sleep(0.2)  # room for a duplicate to show up, were there one
+        nursery.cancel_scope.cancel()
     for name, got in received.items():
         assert sorted(got) == expected, name
 

@@ -80,6 +80,7 @@ class Link:
         self.local = local
         local.link = self
         self.dropped = 0
+        self.remote_leases: dict[int, Ref] = {}  # local lease id -> the peer's RemoteLease
         self._closed = trio.Event()
         self._out_send, self._out_recv = trio.open_memory_channel[Envelope](OUTBOX)
 
@@ -99,8 +100,10 @@ class Link:
             pass
 
     def close(self) -> None:
+        """End the link; the leases held through it die with its connection."""
         self._closed.set()
         self._out_send.close()
+        self.remote_leases.clear()
 
     async def run(self) -> None:
         """Send envelopes and heartbeats until the link closes; never raises."""

@@ -93,7 +93,6 @@ class Host:
         self._link_changed = trio.Event()
         self._dialing: set[str] = set()
         self._next_dial: dict[str, tuple[float, float]] = {}  # peer -> (not before, backoff)
-        self._remote_leases: dict[tuple[int, int], Ref] = {}  # (lease id, link id) -> lease
         self._processes: dict[int, ProcessRecord] = {}
 
     # --- capabilities for a connection ------------------------------------------------------
@@ -155,10 +154,13 @@ class Host:
         if peer == self.peer_id:
             raise CapabilityError(f"host {peer} dialed itself")
         try:
-            if self.view.merge([hello.get("record")], self.now()):
-                log.info("host %s joined the view", peer)
+            record, age = HostRecord.from_wire(hello.get("record"))
         except GossipError as e:
             raise CapabilityError(str(e)) from None
+        if record.peer != peer:
+            raise CapabilityError(f"hello from host {peer} carries the record of {record.peer}")
+        if self.view.observe(record, age, self.now()):
+            log.info("host %s joined the view", peer)
         return peer
 
     # --- pubsub -------------------------------------------------------------------------------
@@ -191,17 +193,16 @@ class Host:
         """The anchor at `parts` on the host that owns it, held there for `lease`."""
         peer = parts[0]
         link = await self._link_to(peer)
-        key = (lease.id, id(link))
-        remote = self._remote_leases.get(key)
+        remote = link.remote_leases.get(lease.id)
         if remote is None:
             remote = await link.ref.call("lease")
             if lease.ended or link.closed:
                 self.nursery.start_soon(remote.release)
                 raise CapabilityError(f"the connection to /{peer} went away; try again")
-            self._remote_leases[key] = remote
+            link.remote_leases[lease.id] = remote
 
             def drop() -> None:
-                if self._remote_leases.pop(key, None) is not None:
+                if link.remote_leases.pop(lease.id, None) is not None:
                     self.nursery.start_soon(remote.release)
 
             lease.on_end(drop)
@@ -437,7 +438,7 @@ class Host:
             "links": len(self._live_links()),
             "hosts": len(self.view.live(self.now())),
             "processes": sum(1 for r in self._processes.values() if r.handle.exit_code is None),
-            "remote_leases": len(self._remote_leases),
+            "remote_leases": sum(len(link.remote_leases) for link in self.links.values()),
         }
 
 
