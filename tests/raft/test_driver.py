@@ -23,6 +23,7 @@ from ww.raft.driver import (
     NotLeaderError,
     RaftDriver,
     RaftStoppedError,
+    RequestDroppedError,
     RequestTimeoutError,
     split_frame,
 )
@@ -199,6 +200,18 @@ async def test_read_index_on_a_follower_sees_the_latest_write(
     index = await follower.read_index()
     assert follower.replica.applied >= index
     assert cluster.machines[follower.replica.id].data["x"] == "fresh"
+
+
+async def test_a_read_lost_with_its_leader_fails_fast_when_a_new_term_begins(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    follower = next(d for d in cluster.router.drivers.values() if d is not leader)
+    cluster.router.cut.add(leader.replica.id)
+    started = trio.current_time()
+    with pytest.raises(RequestDroppedError):
+        await follower.read_index()
+    assert trio.current_time() - started < follower.request_timeout
 
 
 async def test_a_proposal_on_a_follower_is_forwarded_and_answered(

@@ -142,6 +142,7 @@ class Replica:
         self._snapshot_index = self.applied
         self.node = RawNode(dataclasses.replace(config, storage=storage, applied=self.applied))
         self.leader = NONE
+        self.term = storage.initial_state()[0].term
         self._proposals: set[bytes] = set()
         self._reads: list[_PendingRead] = []
 
@@ -228,9 +229,14 @@ class Replica:
     def finish(self, ready: Ready) -> Outcome:
         """The rest of a persisted Ready: install, apply, snapshot, advance."""
         out = Outcome(messages=list(ready.messages))
-        if ready.soft_state is not None and ready.soft_state.lead != self.leader:
+        new_leader = ready.soft_state is not None and ready.soft_state.lead != self.leader
+        new_term = ready.hard_state is not None and ready.hard_state.term != self.term
+        if ready.soft_state is not None:
             self.leader = ready.soft_state.lead
-            # Reads not yet confirmed may have been lost with the old leader.
+        if ready.hard_state is not None:
+            self.term = ready.hard_state.term
+        if new_leader or new_term:
+            # Reads not yet confirmed may have been lost with the old leadership.
             out.dropped = [r.request_id for r in self._reads if r.index == 0]
             self._reads = [r for r in self._reads if r.index != 0]
         snapshot = ready.snapshot
