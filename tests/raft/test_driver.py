@@ -329,3 +329,16 @@ def test_large_messages_split_into_frames_and_join_again() -> None:
     assert Message.decode(joined[-1]).snapshot == snap
     with pytest.raises(ValueError, match="exceeds the limit"):
         FrameAssembler(max_size=100).feed(chunks[0])
+
+
+def test_frames_refuse_chunks_that_contradict_their_header() -> None:
+    assert [FrameAssembler().feed(c) for c in split_frame(b"", 10)] == [b""]
+    first, second = split_frame(b"0123456789", 5)
+    assembler = FrameAssembler()
+    with pytest.raises(ValueError, match="shorter than its header"):
+        assembler.feed(b"\x00")
+    assert assembler.feed(first) is None
+    with pytest.raises(ValueError, match="exceed the announced"):
+        assembler.feed(first[:9] + b"too many bytes")
+    with pytest.raises(ValueError, match="announced 10"):
+        FrameAssembler().feed(second)
