@@ -231,6 +231,13 @@ class Raft:
             self.prs.config,
         )
 
+    def __repr__(self) -> str:
+        return (
+            f"Raft(id={self.id}, {self.state.value}, term={self.term}, vote={self.vote}, "
+            f"lead={self.lead}, commit={self.raft_log.committed}, "
+            f"last={self.raft_log.last_index()})"
+        )
+
     # -- state ---------------------------------------------------------------------------------
 
     def hard_state(self) -> HardState:
