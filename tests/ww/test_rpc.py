@@ -507,3 +507,23 @@ async def test_on_release_runs_once_after_the_last_connection_drops_the_object()
             await service.counter.released.wait()
         assert service.counter.release_calls == 1
         assert server_2.export_count() == 0
+
+
+async def test_call_cancelled_before_it_starts_never_runs_and_workers_carry_on() -> None:
+    service = Service()
+    async with memory_pair(service) as (server, client):
+        ref = client.bootstrap()
+        # Call and Cancel leave in one write, so the server reads both before the call runs.
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ref.slow()
+        with trio.fail_after(5):
+            await service.slow_cancelled.wait()
+        # Workers that ran cancelled calls serve the next ones normally.
+        for i in range(20):
+            assert await ref.add(i, 1) == i + 1
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(ref.fast)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server._answers == {}

@@ -181,6 +181,23 @@ class _Inbound:
 _ITEM, _END, _FAIL = range(3)
 
 
+class _Job:
+    """One incoming call: its coroutine, and the scope of the worker running it."""
+
+    __slots__ = ("cancelled", "coro", "qid", "scope")
+
+    def __init__(self, qid: int, coro: Coroutine[Any, Any, Any]) -> None:
+        self.qid = qid
+        self.coro = coro
+        self.scope: trio.CancelScope | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
 class _Outbound:
     """Server side of one stream: its cancel scope and the credit the consumer granted."""
 
@@ -259,8 +276,8 @@ class Connection:
         self._next_qid = 1
         self._questions: dict[int, trio.lowlevel.Task] = {}
         self._inbound: dict[int, _Inbound] = {}
-        # questions the peer asked: qid -> cancel scope or _Outbound
-        self._answers: dict[int, trio.CancelScope | _Outbound] = {}
+        # questions the peer asked: qid -> _Job (calls) or _Outbound (streams)
+        self._answers: dict[int, _Job | _Outbound] = {}
         self._idle_workers: list[trio.lowlevel.Task] = []
         # exports added while encoding one message, to roll back if it fails
         self._encoding: list[int] = []
@@ -440,45 +457,65 @@ class Connection:
         if qid in self._answers:
             coro.close()
             raise ProtocolError(f"question id {qid} reused")
-        scope = trio.CancelScope()
-        self._answers[qid] = scope
+        job = _Job(qid, coro)
+        self._answers[qid] = job
         idle = self._idle_workers
         if idle:
-            trio.lowlevel.reschedule(idle.pop(), outcome.Value((qid, scope, coro)))
+            trio.lowlevel.reschedule(idle.pop(), outcome.Value(job))
         else:
-            self._nursery.start_soon(self._worker, qid, scope, coro)  # type: ignore[union-attr]
+            self._nursery.start_soon(self._worker, job)  # type: ignore[union-attr]
 
-    async def _worker(self, qid: int, scope: trio.CancelScope, coro: Any) -> None:
+    async def _worker(self, job: _Job) -> None:
         """Run incoming calls: this one, then whichever the reader hands over next.
 
-        Handing a call to a parked worker is cheaper than starting a task for it; at most
-        MAX_IDLE_WORKERS wait, so a burst of slow calls still gets one task each.
+        Handing a call to a parked worker is cheaper than starting a task for it, and one
+        cancel scope serves the worker's calls until one of them is cancelled. At most
+        MAX_IDLE_WORKERS wait, so a burst of slow calls still gets a task each.
         """
+        while True:
+            with trio.CancelScope() as scope:
+                while True:
+                    job.scope = scope
+                    if job.cancelled:
+                        scope.cancel()
+                    try:
+                        await self._run_call(job)
+                    finally:
+                        job.scope = None
+                    next_job = await self._next_job()
+                    if next_job is None:
+                        return
+                    job = next_job
+            # A call was cancelled, which spends the scope: go on with a fresh one.
+            next_job = await self._next_job()
+            if next_job is None:
+                return
+            job = next_job
+
+    async def _next_job(self) -> _Job | None:
+        """Park until the reader hands over a call; None when this worker should end."""
         idle = self._idle_workers
+        if len(idle) >= MAX_IDLE_WORKERS or self._closing:
+            return None
         task = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             idle.remove(task)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        while True:
-            await self._run_call(qid, scope, coro)
-            if len(idle) >= MAX_IDLE_WORKERS or self._closing:
-                return
-            idle.append(task)
-            qid, scope, coro = await trio.lowlevel.wait_task_rescheduled(abort)
+        idle.append(task)
+        job: _Job = await trio.lowlevel.wait_task_rescheduled(abort)
+        return job
 
-    async def _run_call(
-        self, qid: int, scope: trio.CancelScope, coro: Coroutine[Any, Any, Any]
-    ) -> None:
+    async def _run_call(self, job: _Job) -> None:
+        qid = job.qid
         try:
-            with scope:
-                try:
-                    result = await coro
-                except Exception as exc:
-                    self._reply_exception(qid, exc)
-                    return
-                await self._reply(Return(qid, result))
+            try:
+                result = await job.coro
+            except Exception as exc:
+                self._reply_exception(qid, exc)
+                return
+            await self._reply(Return(qid, result))
         finally:
             self._answers.pop(qid, None)
 
