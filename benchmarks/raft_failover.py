@@ -18,7 +18,14 @@ import statistics
 
 import msgpack
 import trio
-from raft_throughput import ClientConnection, Cluster, NodeProcess, cluster, find_leader
+from raft_throughput import (
+    ClientConnection,
+    Cluster,
+    NodeProcess,
+    cluster,
+    find_leader,
+    run_bounded,
+)
 
 
 async def keep_proposing(
@@ -136,13 +143,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    budget = args.repeat * (args.load + 60) + 30
-
-    async def bounded() -> None:
-        with trio.fail_after(budget):
-            await run(args)
-
-    trio.run(bounded)
+    run_bounded(lambda: run(args), args.repeat * (args.load + 60) + 30)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import socket
 import statistics
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,8 @@ class NodeProcess:
 class Cluster:
     kind: str
     nodes: dict[int, NodeProcess] = field(default_factory=dict)
+    processes: list[trio.Process] = field(default_factory=list)
+    """Every process started, including one still starting up."""
 
     def live(self) -> list[NodeProcess]:
         return [n for n in self.nodes.values() if n.alive()]
@@ -127,6 +129,7 @@ async def cluster(
                     proc = await trio.lowlevel.open_process(
                         cmd, stdin=-1, stdout=-1, stderr=log_file
                     )
+                c.processes.append(proc)
                 assert proc.stdout is not None
                 ports = json.loads(await _read_line(proc.stdout))
                 c.nodes[node_id] = NodeProcess(
@@ -138,7 +141,7 @@ async def cluster(
                 assert n.proc.stdin is not None
                 await n.proc.stdin.send_all(line)
         yield c
-    except BaseException:
+    except Exception:
         if c.nodes:
             print(c.logs(), file=sys.stderr)
         raise
@@ -149,17 +152,18 @@ async def cluster(
 
 
 async def _stop(c: Cluster) -> None:
-    for n in c.nodes.values():
-        if n.proc.stdin is not None:
+    """Close every node's stdin (they exit on that), then kill what is still running."""
+    for proc in c.processes:
+        if proc.stdin is not None:
             with suppress(OSError, trio.BrokenResourceError):
-                await n.proc.stdin.aclose()
+                await proc.stdin.aclose()
     with trio.move_on_after(5):
-        for n in c.nodes.values():
-            await n.proc.wait()
-    for n in c.nodes.values():
-        if n.alive():
-            n.proc.kill()
-            await n.proc.wait()
+        for proc in c.processes:
+            await proc.wait()
+    for proc in c.processes:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 # -- the client --------------------------------------------------------------------------------
@@ -402,6 +406,7 @@ def probe_machine(seconds: float = 1.0) -> str:
     import time
 
     fd, path = tempfile.mkstemp(prefix="raftbench-fsync-")
+    os.unlink(path)  # nothing to leave behind, however the process ends
     times = []
     try:
         end = time.monotonic() + seconds
@@ -414,7 +419,6 @@ def probe_machine(seconds: float = 1.0) -> str:
         idle1, total1 = machine_cpu()
     finally:
         os.close(fd)
-        os.unlink(path)
     times.sort()
     idle = (idle1 - idle0) / max(1, total1 - total0)
     load = Path("/proc/loadavg").read_text().split()[0]
@@ -553,16 +557,35 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def run_bounded(benchmark: Callable[[], Awaitable[None]], budget: float) -> None:
+    """Run a benchmark under a time limit. SIGTERM or SIGHUP stops it like Ctrl-C does: the
+    clusters are stopped and their directories deleted before the process exits."""
+    stopped_by: list[int] = []
+
+    async def bounded() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                    async for signum in signals:
+                        stopped_by.append(signum)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            with trio.fail_after(budget):
+                await benchmark()
+            nursery.cancel_scope.cancel()
+
+    trio.run(bounded)
+    if stopped_by:
+        sys.exit(f"stopped by signal {signal.Signals(stopped_by[0]).name}")
+
+
 def main() -> None:
     args = parse_args()
     runs = args.repeat * 3
-    budget = runs * (args.duration + args.warmup + 30) + 60
-
-    async def bounded() -> None:
-        with trio.fail_after(budget):
-            await run(args)
-
-    trio.run(bounded)
+    run_bounded(lambda: run(args), runs * (args.duration + args.warmup + 30) + 60)
 
 
 if __name__ == "__main__":
