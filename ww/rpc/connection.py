@@ -287,7 +287,7 @@ class Connection:
         # outgoing frames
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
-        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._writer_waiting: trio.lowlevel.Task | None = None
         self._drained_lot = trio.lowlevel.ParkingLot()
         self._handlers: dict[type, Callable[[Any], None]] = {
             Call: self._on_call,
@@ -764,7 +764,10 @@ class Connection:
             self._outbox.append(header)
             self._outbox.append(body)
             self._outbox_bytes += 4 + len(body)
-        self._writer_lot.unpark()
+        writer = self._writer_waiting
+        if writer is not None:
+            self._writer_waiting = None
+            trio.lowlevel.reschedule(writer)
 
     def _send_control(self, msg: Message) -> None:
         if not self._closing:
@@ -774,12 +777,22 @@ class Connection:
         while self._outbox_bytes > HIGH_WATER and not self._closing:
             await self._drained_lot.park()
 
+    async def _wait_for_frames(self) -> None:
+        """Park the writer until `_send_nowait` queues a frame."""
+        self._writer_waiting = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._writer_waiting = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
     async def _write_loop(self) -> None:
         reason = None
         try:
             while True:
                 if not self._outbox:
-                    await self._writer_lot.park()
+                    await self._wait_for_frames()
                     continue
                 data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
                 self._outbox.clear()
