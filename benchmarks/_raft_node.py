@@ -31,9 +31,6 @@ from ww.raft.node import Replica
 from ww.raft.rawnode import Config
 from ww.raft.types import ConfState
 
-# -- the ww.raft node --------------------------------------------------------------------------
-
-
 CLUSTER_ID = "raft-benchmark"
 
 
