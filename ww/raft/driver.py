@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import trio
 
 from ww.raft.node import NotLeaderError, RaftError, Replica, RequestDroppedError
+from ww.raft.rawnode import Status
 from ww.raft.types import ConfChange, ConfState, Message, MessageDecodeError
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,14 @@ class RaftStoppedError(RaftError):
 
 
 class _Waiter:
-    __slots__ = ("_done", "error", "request_id", "result")
+    __slots__ = ("_done", "abandoned", "error", "request_id", "result")
 
     def __init__(self) -> None:
         self._done = trio.Event()
         self.request_id = b""
         self.result: Any = None
         self.error: BaseException | None = None
+        self.abandoned = False  # the caller stopped waiting before the request was made
 
     def resolve(self, result: Any) -> None:
         if not self._done.is_set():
@@ -172,7 +174,9 @@ class RaftDriver:
         """Ask the leader to hand leadership to `node_id`."""
         await self._command(lambda: self.replica.node.transfer_leader(node_id))
 
-    def status(self) -> Any:
+    def status(self) -> Status:
+        """The core's status: term, vote, commit, role, leader, configuration, and on the
+        leader every follower's progress."""
         return self.replica.node.status()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -217,7 +221,9 @@ class RaftDriver:
                     self._settle(request_id, index, None)
                 for request_id in out.dropped:
                     self._settle(
-                        request_id, None, RequestDroppedError("read lost to a leader change")
+                        request_id,
+                        None,
+                        RequestDroppedError("the read was lost to a leadership change; retry it"),
                     )
                 self._drain()
 
@@ -251,6 +257,8 @@ class RaftDriver:
         waiter = _Waiter()
 
         def command() -> None:
+            if waiter.abandoned:
+                return
             try:
                 waiter.request_id = submit()
             except RaftError as e:  # refused: no leader, too many uncommitted bytes, ...
@@ -269,10 +277,13 @@ class RaftDriver:
                 "have taken effect"
             ) from None
         finally:
+            waiter.abandoned = True
             if waiter.request_id and self._waiters.pop(waiter.request_id, None) is not None:
                 self.replica.forget(waiter.request_id)
 
     async def _command(self, fn: Callable[[], None]) -> None:
+        if not self._running:
+            raise RaftStoppedError("the raft driver is not running")
         waiter = _Waiter()
 
         def command() -> None:
