@@ -527,3 +527,31 @@ async def test_call_cancelled_before_it_starts_never_runs_and_workers_carry_on()
                 nursery.start_soon(ref.fast)
         await trio.testing.wait_all_tasks_blocked()
         assert server._answers == {}
+
+
+async def test_consumer_can_time_out_waiting_for_an_item_and_carry_on() -> None:
+    class Gated(Capability):
+        def __init__(self) -> None:
+            self.gate = trio.Event()
+
+        async def items(self) -> AsyncIterator[str]:
+            yield "first"
+            await self.gate.wait()
+            yield "second"
+
+        async def open(self) -> None:
+            self.gate.set()
+
+    async with memory_pair(Gated()) as (_, client):
+        ref = client.bootstrap()
+        async with ref.stream("items") as items:
+            assert await items.__anext__() == "first"
+            with trio.move_on_after(0.05) as waited:
+                await items.__anext__()
+            assert waited.cancelled_caught
+            await ref.open()
+            assert await items.__anext__() == "second"
+            with pytest.raises(StopAsyncIteration):
+                await items.__anext__()
+            with pytest.raises(StopAsyncIteration):  # the end stays the end
+                await items.__anext__()

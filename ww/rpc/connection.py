@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import struct
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
@@ -169,13 +169,36 @@ class _Forwarder(Capability):
 class _Inbound:
     """Client side of one stream: received items and the credit owed to the producer."""
 
-    __slots__ = ("consumed", "credit", "grant_every", "recv", "send")
+    __slots__ = ("consumed", "credit", "grant_every", "items", "waiter")
 
     def __init__(self, window: int) -> None:
-        self.send, self.recv = trio.open_memory_channel[tuple[int, Any]](math.inf)
+        self.items: deque[tuple[int, Any]] = deque()
+        self.waiter: trio.lowlevel.Task | None = None
         self.credit = window  # items the producer may still send
         self.consumed = 0  # items taken since the last grant
         self.grant_every = max(1, (window + 1) // 2)
+
+    def push(self, kind: int, value: Any) -> None:
+        self.items.append((kind, value))
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    async def wait(self) -> None:
+        """Until something was pushed (or checkpoint when something already is)."""
+        if self.items:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        if self.waiter is not None:
+            raise trio.BusyResourceError("another task is already iterating this stream")
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 _ITEM, _END, _FAIL = range(3)
@@ -227,16 +250,17 @@ class RefStream:
 
     async def __anext__(self) -> Any:
         st = self._state
-        kind, value = await st.recv.receive()
+        await st.wait()
+        kind, value = st.items[0]
         if kind == _ITEM:
+            st.items.popleft()
             st.consumed += 1
             if st.consumed >= st.grant_every:
                 st.credit += st.consumed
                 self._conn._send_control(Credit(self._qid, st.consumed))
                 st.consumed = 0
             return value
-        # Keep the terminal marker for further calls.
-        st.send.send_nowait((kind, value))
+        # The end (or failure) stays queued, so further calls see it again.
         if kind == _END:
             raise StopAsyncIteration
         raise value
@@ -398,15 +422,11 @@ class Connection:
         finally:
             if self._inbound.pop(qid, None) is not None and not self._closing:
                 self._send_nowait(self._encode(Cancel(qid)))
-            state.send.close()
             # Release capabilities in items that arrived but were never consumed.
-            while True:
-                try:
-                    kind, value = state.recv.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            for kind, value in state.items:
                 if kind == _ITEM:
                     _release_refs_in(value)
+            state.items.clear()
 
     # --- answering -------------------------------------------------------------------------
 
@@ -621,7 +641,7 @@ class Connection:
             return
         state = self._inbound.pop(msg.qid, None)
         if state is not None:
-            state.send.send_nowait((_FAIL, error))
+            state.push(_FAIL, error)
 
     def _on_item(self, msg: Item) -> None:
         state = self._inbound.get(msg.qid)
@@ -631,12 +651,12 @@ class Connection:
         state.credit -= 1
         if state.credit < 0:
             raise ProtocolError(f"stream {msg.qid} sent more items than its credit")
-        state.send.send_nowait((_ITEM, msg.value))
+        state.push(_ITEM, msg.value)
 
     def _on_end(self, msg: End) -> None:
         state = self._inbound.pop(msg.qid, None)
         if state is not None:
-            state.send.send_nowait((_END, None))
+            state.push(_END, None)
 
     # --- references ---------------------------------------------------------------------------
 
@@ -852,7 +872,7 @@ class Connection:
             trio.lowlevel.reschedule(task, outcome.Error(lost))
         self._questions.clear()
         for state in self._inbound.values():
-            state.send.send_nowait((_FAIL, lost))
+            state.push(_FAIL, lost)
         self._inbound.clear()
         for answer in self._answers.values():
             answer.cancel()
