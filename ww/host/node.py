@@ -88,7 +88,8 @@ class Host:
         self.view = Membership(me)
         self.router = Router(peer_id)
         self.tree = AnchorTree(on_removed=self._release_value)
-        self.links: dict[str, Link] = {}
+        self.links: dict[str, Link] = {}  # peer -> the link that carries traffic
+        self._spare_links: dict[str, list[Link]] = {}
         self.connections: set[Connection] = set()
         self._link_changed = trio.Event()
         self._dialing: set[str] = set()
@@ -376,12 +377,27 @@ class Host:
             lease.end()
 
     def _add_link(self, link: Link) -> Link:
+        """Register a link; with two links to one host (both dialed at once) the newer one
+        carries traffic and the other takes over if it closes first."""
+        others = self._spare_links.setdefault(link.peer, [])
         previous = self.links.get(link.peer)
         if previous is not None and not previous.closed:
             log.debug("a second link to %s; the newer one carries traffic", link.peer)
+            others.append(previous)
         self.links[link.peer] = link
         self._notify_links()
         return link
+
+    def _remove_link(self, link: Link) -> None:
+        spares = [s for s in self._spare_links.pop(link.peer, []) if s is not link and not s.closed]
+        if self.links.get(link.peer) is link:
+            if spares:
+                self.links[link.peer] = spares.pop()
+            else:
+                del self.links[link.peer]
+        if spares:
+            self._spare_links[link.peer] = spares
+        self._notify_links()
 
     async def _run_link(self, link: Link, accepted: bool) -> None:
         """Run a registered link until it or its connection closes, then forget it."""
@@ -400,9 +416,7 @@ class Host:
                 nursery.cancel_scope.cancel()
         finally:
             link.close()
-            if self.links.get(link.peer) is link:
-                del self.links[link.peer]
-            self._notify_links()
+            self._remove_link(link)
             log.info("link with %s (%s) closed", link.peer, side)
             if accepted:
                 with trio.CancelScope(shield=True):
