@@ -1,8 +1,9 @@
 """The trio shell of the RPC: a `Connection` over one stream, and `Ref`, a remote capability.
 
-One connection runs two tasks: a reader that turns frames into messages and dispatches them
-(each incoming call or stream runs in its own task of the connection's nursery), and a writer
-that sends whatever frames queued up while it was busy in one ``send_all``.
+One connection runs a reader that turns frames into messages and dispatches them, and a writer
+that sends whatever frames queued up while it was busy in one ``send_all``. Each incoming call
+runs in a task of the connection's nursery (a parked worker when one is free), each incoming
+stream in a task of its own; the sans-I/O parts live in `wire` and `tables`.
 """
 
 from __future__ import annotations
@@ -292,7 +293,6 @@ class Connection:
         self._exports = Exports()
         self._imports = Imports()
         self._forwarders: dict[tuple[int, int], _Forwarder] = {}
-        self._bootstrap = bootstrap
         if bootstrap is not None:
             self._exports.set_bootstrap(bootstrap)
             _HOLDERS.acquire(bootstrap)
