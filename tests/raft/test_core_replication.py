@@ -336,3 +336,23 @@ def test_a_batch_is_appended_whole_or_refused_whole(kit):
     with pytest.raises(UncommittedSizeLimitError):
         c.nodes[1].propose_batch([b"c" * 10, b"d" * 20])
     assert c.raft(1).raft_log.last_index() == last
+
+
+def test_acknowledgements_handled_together_cost_one_append_per_follower(kit):
+    r = leader_with_replicating_followers(kit)
+    for d in (b"a", b"b", b"c"):
+        propose(r, d)
+        r.read_messages()  # three appends in flight to each follower
+    # All six acknowledgements arrive before the next flush: the new commit index goes out
+    # once per follower, not once per acknowledgement.
+    for index in (2, 3, 4):
+        for frm in (2, 3):
+            r.step(Message(type=MT.APP_RESP, frm=frm, to=1, term=1, index=index))
+    msgs = r.read_messages()
+    assert sorted((m.to, m.commit, len(m.entries)) for m in msgs) == [(2, 4, 0), (3, 4, 0)]
+    # With new entries to send, the commit index rides along: no empty append at all.
+    propose(r, b"d")
+    for frm in (2, 3):
+        r.step(Message(type=MT.APP_RESP, frm=frm, to=1, term=1, index=4))
+    msgs = r.read_messages()
+    assert all(m.entries for m in msgs) and len(msgs) == 2

@@ -133,3 +133,19 @@ def test_quorum_activity_counts_recently_active_voters():
     assert not t.quorum_active()  # the outgoing majority is missing
     t.progress[4].recent_active = True
     assert t.quorum_active()
+
+
+def test_a_commit_index_is_worth_an_empty_append_only_once_and_only_if_news():
+    p = progress(match=5, next_=6)
+    p.become_replicate()
+    assert p.can_bump_commit(3)
+    p.sent_commit = 3
+    assert not p.can_bump_commit(3)
+    assert p.can_bump_commit(4)
+    p.sent_commit = 5  # covers everything the follower has
+    assert not p.can_bump_commit(9)
+    p.next = 10  # entries 6..9 sent since
+    assert p.can_bump_commit(9)
+    p.sent_commit = 9
+    p.maybe_decr_to(rejected=9, match_hint=5)  # they were lost: so was that commit index
+    assert p.sent_commit == 5

@@ -274,7 +274,7 @@ class Raft:
         if self._append_pending:
             self._append_pending = False
             if self.state == StateType.LEADER:
-                self.bcast_append()
+                self._send_pending_appends()
         if self._forward_buffer:
             ents, self._forward_buffer = self._forward_buffer, []
             if self.state == StateType.FOLLOWER and self.lead != NONE:
@@ -328,6 +328,7 @@ class Raft:
         )
         last = ents[-1].index if ents else prev_index
         pr.sent_entries(len(ents), payload_size(ents), last)
+        pr.sent_commit = self.raft_log.committed
         return True
 
     def _maybe_send_snapshot(self, to: int, pr: Progress) -> bool:
@@ -362,6 +363,21 @@ class Raft:
             # In REPLICATE, keep streaming up to the inflight window.
             while pr.state == ProgressState.REPLICATE and self.maybe_send_append(i, False):
                 pass
+
+    def _send_pending_appends(self) -> None:
+        """Send every follower the entries it lacks (streaming up to the inflight window),
+        or an empty append if only the commit index it knows is behind."""
+        committed = self.raft_log.committed
+        for i, pr in self.prs.items():
+            if i == self.id:
+                continue
+            sent = False
+            while self.maybe_send_append(i, False):
+                sent = True
+                if pr.state != ProgressState.REPLICATE:
+                    break
+            if not sent and pr.can_bump_commit(committed):
+                self.maybe_send_append(i, True)
 
     def bcast_heartbeat(self) -> None:
         self._bcast_heartbeat_with_ctx(self.read_only.last_pending_request_ctx())
@@ -505,6 +521,7 @@ class Raft:
             pr.pending_snapshot = 0
             pr.msg_app_flow_paused = False
             pr.recent_active = False
+            pr.sent_commit = 0
         self.pending_conf_index = 0
         self.uncommitted_size = 0
         self._append_pending = False
@@ -839,7 +856,6 @@ class Raft:
                     pr.become_probe()
                 self.send_append(m.frm)
             return
-        old_paused = pr.is_paused()
         if not (
             pr.maybe_update(m.index) or (pr.match == m.index and pr.state == ProgressState.PROBE)
         ):
@@ -858,11 +874,9 @@ class Raft:
             pr.inflights.free_le(m.index)
         if self.maybe_commit():
             self._release_pending_read_index_messages()
-            self.bcast_append()
-        elif old_paused:
-            self.send_append(m.frm)
-        while self.maybe_send_append(m.frm, False):
-            pass
+        # What this follower now lacks, and any new commit index for everyone, go out at the
+        # next flush: the acknowledgements handled together cost one append per follower.
+        self._append_pending = True
         if m.frm == self.lead_transferee and pr.match == self.raft_log.last_index():
             logger.info("node %d: %d caught up; sending TimeoutNow", self.id, m.frm)
             self.send(Message(type=MT.TIMEOUT_NOW, to=m.frm))
@@ -1097,11 +1111,7 @@ class Raft:
         # The quorum may have changed: maybe commit, and tell the (new) followers.
         if self.maybe_commit():
             self._release_pending_read_index_messages()
-            self.bcast_append()
-        else:
-            for i in sorted(self.prs.progress):
-                if i != self.id:
-                    self.maybe_send_append(i, False)
+        self._append_pending = True
         if (
             self.lead_transferee != NONE
             and self.lead_transferee not in self.prs.config.voters.ids()

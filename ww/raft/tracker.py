@@ -81,6 +81,8 @@ class Progress:
     """PROBE: an append is outstanding. REPLICATE: the inflight window is full."""
     snapshot_ticks: int = 0
     """In SNAPSHOT state: ticks since the snapshot was sent."""
+    sent_commit: int = 0
+    """The largest commit index sent in an append (the follower may not have it yet)."""
 
     def __repr__(self) -> str:
         return (
@@ -101,6 +103,7 @@ class Progress:
             self.recent_active,
             self.msg_app_flow_paused,
             self.snapshot_ticks,
+            self.sent_commit,
         )
 
     def _reset_state(self, state: ProgressState) -> None:
@@ -118,6 +121,8 @@ class Progress:
         else:
             self._reset_state(ProgressState.PROBE)
             self.next = self.match + 1
+        # Appends past next - 1 may have been lost, with the commit index they carried.
+        self.sent_commit = min(self.sent_commit, self.next - 1)
 
     def become_replicate(self) -> None:
         self._reset_state(ProgressState.REPLICATE)
@@ -154,12 +159,19 @@ class Progress:
             if rejected <= self.match:
                 return False
             self.next = self.match + 1
+            self.sent_commit = min(self.sent_commit, self.next - 1)
             return True
         if self.next - 1 != rejected:
             return False
         self.next = max(min(rejected, match_hint + 1), self.match + 1)
+        self.sent_commit = min(self.sent_commit, self.next - 1)
         self.msg_app_flow_paused = False
         return True
+
+    def can_bump_commit(self, index: int) -> bool:
+        """Whether an (empty) append carrying commit `index` could tell the follower
+        anything: it was not sent that index yet, nor one that covers all it has."""
+        return index > self.sent_commit and self.sent_commit < self.next - 1
 
     def is_paused(self) -> bool:
         if self.state == ProgressState.SNAPSHOT:
