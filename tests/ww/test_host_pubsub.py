@@ -1,5 +1,7 @@
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ww.host.pubsub import Envelope, PubSubError, Router
 
@@ -127,3 +129,38 @@ def test_bad_topics_and_data_are_refused():
         router.subscribe("")
     with pytest.raises(PubSubError, match="bytes"):
         router.publish("t", "text", links=[])  # type: ignore[arg-type]
+
+
+@st.composite
+def connected_graphs(draw):
+    """A random connected undirected graph on 2..7 hosts, as adjacency lists."""
+    n = draw(st.integers(2, 7))
+    peers = [f"h{i}" for i in range(n)]
+    edges = {(peers[i], peers[draw(st.integers(0, i - 1))]) for i in range(1, n)}  # a tree
+    extra = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=10))
+    edges |= {(peers[a], peers[b]) for a, b in extra if a != b}
+    links = {p: set() for p in peers}
+    for a, b in edges:
+        links[a].add(b)
+        links[b].add(a)
+    return {p: sorted(q) for p, q in links.items()}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(connected_graphs(), st.randoms(use_true_random=False))
+def test_any_connected_mesh_delivers_each_message_once_everywhere(links, rng):
+    async def run():
+        mesh = Mesh(links)
+        publishers = rng.choices(sorted(links), k=3)
+        queue = []
+        for i, peer in enumerate(publishers):
+            queue += [
+                (peer, out) for out in mesh.routers[peer].publish("t", bytes([i]), links[peer])
+            ]
+        rng.shuffle(queue)  # envelopes overtake each other on different paths
+        mesh.run(queue)
+        for peer, sub in mesh.subs.items():
+            assert sorted(drain(sub)) == [bytes([i]) for i in range(3)], peer
+        assert mesh.sent <= 3 * sum(len(v) for v in links.values())
+
+    trio.run(run)

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ww.host.view import GossipError, HostRecord, Membership
 
@@ -87,3 +89,31 @@ def test_malformed_gossip_is_refused_with_one_line(raw):
         view.merge([raw], now=0.0)
     assert "\n" not in str(info.value)
     assert [m.record.peer for m in view.live(0.0)] == ["me"]
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=200),
+    st.integers(1, 150),
+)
+def test_relayed_gossip_never_keeps_a_silent_host_past_its_ttl(exchanges, stops_at):
+    """Hosts gossip in any order, one exchange per tick of 0.1 s; h0 stops heartbeating at
+    tick `stops_at`. No view may list h0 once its TTL has passed since its last heartbeat."""
+    ttl, tick = 1.0, 0.1
+    views = [Membership(rec(f"h{i}", ttl=ttl)) for i in range(5)]
+    last_heartbeat = 0.0
+    for step, (src, dst) in enumerate(exchanges):
+        now = step * tick
+        if src == dst:
+            continue
+        if src == 0 and step >= stops_at:
+            continue  # h0 is silent: it sends nothing any more
+        if src == 0:
+            last_heartbeat = now
+        views[dst].merge(views[src].gossip(now), now)
+        for view in views[1:]:
+            member = view.get("h0", now)
+            if now - last_heartbeat >= ttl:
+                assert member is None
+            elif member is not None:
+                assert member.last_seen <= last_heartbeat + 1e-9
