@@ -114,6 +114,15 @@ class Service(Capability):
         yield 1
         raise KeyError("gone")
 
+    async def odd_items(self) -> AsyncIterator[object]:
+        try:
+            yield 1
+            yield object()
+            self.produced = -1  # never reached: the stream stops at the unsendable item
+            yield 3
+        finally:
+            self.stream_closed.set()
+
     async def counters(self, n: int) -> AsyncIterator[Counter]:
         for _ in range(n):
             yield self.counter
@@ -413,6 +422,20 @@ async def test_stream_items_and_end() -> None:
             assert [x async for x in items] == list(range(100))
         async with client.bootstrap().stream("count", 0) as items:
             assert [x async for x in items] == []
+
+
+async def test_unsendable_stream_item_ends_the_stream_with_an_error() -> None:
+    service = Service()
+    async with memory_pair(service) as (_, client):
+        got = []
+        with pytest.raises(RemoteError, match="cannot send a object"):
+            async with client.bootstrap().stream("odd_items") as items:
+                async for x in items:
+                    got.append(x)
+        assert got == [1]
+        with trio.fail_after(5):
+            await service.stream_closed.wait()
+        assert service.produced == 0
 
 
 async def test_stream_error_is_remote_error() -> None:

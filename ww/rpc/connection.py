@@ -571,7 +571,8 @@ class Connection:
                             await self._reply(End(qid))
                             break
                         out.credit -= 1
-                        await self._reply(Item(qid, item))
+                        if not await self._reply(Item(qid, item)):
+                            break  # the item could not be sent; the consumer got the error
                 except Exception as exc:
                     self._reply_exception(qid, exc)
                 finally:
@@ -595,17 +596,19 @@ class Connection:
         if answer is not None:
             answer.cancel()
 
-    async def _reply(self, msg: Return | Item | End) -> None:
+    async def _reply(self, msg: Return | Item | End) -> bool:
+        """Send an answer; when it cannot be encoded, send that error instead (False)."""
         if self._closing:
-            return
+            return False
         try:
             body = self._encode(msg)
         except Exception as exc:
             self._reply_exception(msg.qid, exc)
-            return
+            return False
         if self._outbox_bytes > HIGH_WATER:
             await self._wait_drained()
         self._send_nowait(body)
+        return True
 
     def _reply_exception(self, qid: int, exc: Exception) -> None:
         if isinstance(exc, CapabilityError):
