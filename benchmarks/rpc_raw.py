@@ -1,6 +1,7 @@
 """ww.rpc between two processes over TCP loopback, against a bare trio TCP peer.
 
     python benchmarks/rpc_raw.py [--count 50000] [--rtt-count 3000] [--inflight 64] [--repeat 3]
+                                 [--tls]
 
 A child process serves an RPC capability and, on another port, a bare trio TCP server. For
 100-byte and 10 KB payloads this measures:
@@ -13,22 +14,32 @@ A child process serves an RPC capability and, on another port, a bare trio TCP s
 
 Bare TCP: the same one-way count of length-prefixed messages (one `send_all` per message from
 one task, the server parsing frames and answering a final flush with the count), and the same
-ping-pong round trips. Medians of `--repeat` runs, with the ratio ww.rpc / TCP.
+ping-pong round trips. Medians of `--repeat` runs, with the ratio ww.rpc / TCP. With `--tls`
+the RPC runs over mutual TLS with a throwaway cluster key (the bare peer stays plain TCP).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from time import perf_counter
 
 import trio
 
+from ww.auth import (
+    Identity,
+    generate_cluster_key,
+    load_cluster_key,
+    open_client_stream,
+    server_stream_wrapper,
+)
 from ww.rpc import Capability, Connection, serve_connection
 
 HOST = "127.0.0.1"
@@ -85,9 +96,12 @@ async def tcp_peer(stream: trio.SocketStream) -> None:
         pass
 
 
-async def serve() -> None:
-    async def rpc_handler(stream: trio.SocketStream) -> None:
-        await serve_connection(stream, Bench())
+async def serve(key_path: str | None) -> None:
+    key = None if key_path is None else load_cluster_key(key_path)
+    wrap = server_stream_wrapper(key, Identity.generate())
+
+    async def rpc_handler(tcp: trio.SocketStream) -> None:
+        await serve_connection(await wrap(tcp), Bench())
 
     async with trio.open_nursery() as nursery:
         rpc = await nursery.start(trio.serve_tcp, rpc_handler, 0)
@@ -178,8 +192,14 @@ def pct(times: list[float], p: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> None:
+    key = None
+    tls_args: list[str] = []
+    key_dir = tempfile.mkdtemp(prefix="rpc-raw-")
+    if args.tls:
+        key = generate_cluster_key(os.path.join(key_dir, "cluster.key"))
+        tls_args = ["--key", str(key.path)]
     child = subprocess.Popen(
-        [sys.executable, __file__, "--serve"],
+        [sys.executable, __file__, "--serve", *tls_args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -196,7 +216,8 @@ async def run(args: argparse.Namespace) -> None:
             f"count {args.count}, inflight {args.inflight}, rtt-count {args.rtt_count}, "
             f"repeat {args.repeat}"
         )
-        rpc_stream_ = await trio.open_tcp_stream(HOST, rpc_port)
+        print(f"rpc transport: {'mutual TLS 1.3' if key else 'plain TCP'}; bare peer: plain TCP")
+        rpc_stream_ = await open_client_stream(HOST, rpc_port, cluster_key=key)
         tcp = await trio.open_tcp_stream(HOST, tcp_port)
         async with rpc_stream_, tcp, Connection.open(rpc_stream_) as conn:
             for size in SIZES:
@@ -225,6 +246,7 @@ async def run(args: argparse.Namespace) -> None:
         if child.stdin is not None:
             child.stdin.close()
         child.wait(timeout=10)
+        shutil.rmtree(key_dir, ignore_errors=True)
 
 
 def main() -> None:
@@ -233,9 +255,14 @@ def main() -> None:
     parser.add_argument("--rtt-count", type=int, default=3_000)
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tls", action="store_true", help="run the RPC over mutual TLS")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    trio.run(serve if args.serve else run, *(() if args.serve else (args,)))
+    if args.serve:
+        trio.run(serve, args.key)
+    else:
+        trio.run(run, args)
 
 
 if __name__ == "__main__":
