@@ -44,3 +44,31 @@ async def test_a_host_of_another_namespace_is_not_linked(host_factory: HostFacto
     await wait_for(lambda: any("namespace" in line for line in stranger.lines), timeout=10)
     assert await view_of(a) == {a.peer}
     assert await view_of(stranger) == {stranger.peer}
+
+
+class StubLink:
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.closed = False
+
+
+async def test_a_spare_link_to_the_same_host_takes_over_when_the_current_one_closes(
+    nursery, tmp_path
+):
+    from ww.host.config import HostConfig
+    from ww.host.node import Host
+
+    async def no_dialing(addr):
+        raise AssertionError("nothing is dialed here")
+
+    host = Host(HostConfig(data_dir=tmp_path), "me", ("127.0.0.1", 1), nursery, no_dialing)
+    first, second = StubLink("peer"), StubLink("peer")
+    host._add_link(first)
+    host._add_link(second)  # both hosts dialed each other at once
+    assert host.links["peer"] is second
+    second.closed = True
+    host._remove_link(second)
+    assert host.links["peer"] is first  # the spare carries traffic now
+    first.closed = True
+    host._remove_link(first)
+    assert "peer" not in host.links
