@@ -34,7 +34,7 @@ def test_an_empty_majority_never_limits_a_joint_configuration():
     assert JointConfig((1, 2, 3)).committed_index({1: 4, 2: 4}) == 4
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(
     st.lists(st.integers(1, 9), min_size=1, max_size=7, unique=True),
     st.dictionaries(st.integers(1, 9), st.integers(0, 20)),
@@ -45,7 +45,7 @@ def test_committed_index_matches_a_brute_force_count(voters, acked):
     assert c.committed_index(acked) == want
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(
     st.lists(st.integers(1, 9), min_size=1, max_size=5, unique=True),
     st.lists(st.integers(1, 9), max_size=5, unique=True),
