@@ -238,3 +238,33 @@ def test_with_pre_vote_and_check_quorum_the_survivors_elect_a_new_leader_in_boun
     assert {n.raft(2).state, n.raft(3).state} == {L, F}
     assert ticks < 3 * et  # one randomized timeout plus the lease
     assert max(n.raft(2).term, n.raft(3).term) == 2  # pre-vote wasted no terms
+
+
+def test_a_transferee_that_needs_a_snapshot_gets_it_then_takes_over(kit):
+    c = kit.Cluster([1, 2, 3])
+    c.elect(1)
+    c.isolate(3)
+    for i in range(10):
+        c.nodes[1].propose(b"e%d" % i)
+    c.stabilize()
+    applied = c.raft(1).raft_log.applied
+    c.storage[1].create_snapshot(applied, c.conf[1], b"snap")
+    c.storage[1].compact(applied)
+    c.heal()
+    c.nodes[1].transfer_leader(3)
+    c.stabilize()
+    assert any(m.type == MT.SNAP and m.to == 3 for m in c.sent)
+    assert c.raft(3).state == L
+    assert c.raft(1).state == F and c.raft(1).lead == 3
+
+
+def test_repeating_a_transfer_does_not_extend_its_deadline(kit):
+    n = kit.Network.of(3)
+    n.campaign(1)
+    n.isolate(3)
+    r1 = n.raft(1)
+    n.send(Message(type=MT.TRANSFER_LEADER, frm=3, to=1))
+    n.tick(r1.election_timeout // 2, only=[1])
+    n.send(Message(type=MT.TRANSFER_LEADER, frm=3, to=1))
+    n.tick(r1.election_timeout - r1.election_timeout // 2, only=[1])
+    assert r1.lead_transferee == NONE
