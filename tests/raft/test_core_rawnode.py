@@ -10,7 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ww.raft.core import Config, StateType
-from ww.raft.errors import ConfigError, ProposalDroppedError
+from ww.raft.errors import (
+    ConfigError,
+    ProposalDroppedError,
+    StepLocalMessageError,
+    StepPeerNotFoundError,
+)
 from ww.raft.memory import MemoryStorage
 from ww.raft.rawnode import RawNode, SoftState
 from ww.raft.types import (
@@ -322,3 +327,11 @@ def test_committed_entries_are_handed_out_within_max_committed_size_per_ready(li
         rd = persist(n, s)
         sizes.append(len([e for e in rd.committed_entries if e.data]))
     assert sizes == want
+
+
+def test_step_checked_raises_what_step_counts():
+    n = ready_follower()
+    with pytest.raises(StepLocalMessageError):
+        n.step_checked(Message(type=MT.BEAT, frm=2, to=1, term=1))
+    with pytest.raises(StepPeerNotFoundError):
+        n.step_checked(Message(type=MT.HEARTBEAT_RESP, frm=9, to=1, term=1))
