@@ -246,6 +246,7 @@ def test_a_snapshot_message_is_installed_through_ready():
     n.step(Message(type=MT.SNAP, frm=2, to=1, term=1, snapshot=SNAP))
     rd = n.ready()
     assert rd.snapshot == SNAP
+    assert rd.must_sync
     assert rd.hard_state is not None and rd.hard_state.commit == 9
     assert [(m.type, m.index) for m in rd.messages] == [(MT.APP_RESP, 9)]
 

@@ -255,15 +255,19 @@ class RawNode:
         soft = self._soft_state()
         hs = r.hard_state()
         entries = tuple(r.raft_log.unstable_entries())
+        snapshot = r.raft_log.unstable.snapshot if r.raft_log.has_pending_snapshot() else None
         rd = Ready(
             soft_state=soft if soft != self._prev_soft else None,
             hard_state=hs if hs != self._prev_hard else None,
             read_states=tuple(ReadState(i, c) for i, c in r.read_states),
             entries=entries,
-            snapshot=r.raft_log.unstable.snapshot if r.raft_log.has_pending_snapshot() else None,
+            snapshot=snapshot,
             committed_entries=tuple(r.raft_log.next_committed_ents()),
             messages=tuple(msgs),
+            # Entries, a vote and a term must survive a crash before anyone hears of them;
+            # so must a snapshot we are about to acknowledge. A commit index alone need not.
             must_sync=bool(entries)
+            or snapshot is not None
             or hs.term != self._prev_hard.term
             or hs.vote != self._prev_hard.vote,
         )
