@@ -578,3 +578,34 @@ async def test_consumer_can_time_out_waiting_for_an_item_and_carry_on() -> None:
                 await items.__anext__()
             with pytest.raises(StopAsyncIteration):  # the end stays the end
                 await items.__anext__()
+
+
+async def test_leaving_a_relayed_stream_early_cancels_the_origin_generator() -> None:
+    """B iterates C's stream through A's forwarder and stops early: C's generator closes."""
+    c_service = Service()
+    ac_left, ac_right = trio.testing.memory_stream_pair()
+    ab_left, ab_right = trio.testing.memory_stream_pair()
+
+    class Reader(Capability):
+        async def take(self, ref: Ref, n: int) -> list[int]:
+            async with ref.stream("forever", window=4) as items:
+                got = []
+                async for x in items:
+                    got.append(x)
+                    if len(got) == n:
+                        return got
+            return got
+
+    async with (
+        Connection.open(ac_left, c_service) as c_side,
+        Connection.open(ac_right) as a_to_c,
+        Connection.open(ab_left, Reader()),
+        Connection.open(ab_right) as a_to_b,
+    ):
+        assert await a_to_b.bootstrap().take(a_to_c.bootstrap(), 3) == [1, 2, 3]
+        with trio.fail_after(5):
+            await c_service.stream_closed.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert c_side._answers == {}
+        # A producer never ran more than a window or two ahead of the far consumer.
+        assert c_service.produced <= 3 + 2 * 4
