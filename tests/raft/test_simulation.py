@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 from sim.cluster import ELECTION_TICK, Cluster, SimOptions, current_term, is_leader, lead_of
+from sim.kv import encode
 from sim.linearizability import check_kv
+from sim.network import Faults
 from sim.scenario import LIVENESS_BOUND, RunStats, Scenario
 
 from ww.raft.types import ConfChangeSingle, ConfChangeType
@@ -124,6 +126,7 @@ def test_a_restarted_node_far_behind_catches_up_through_a_snapshot(tmp_path: Pat
     assert lagger.id in sent
     assert lagger.replica is not None and lagger.replica.applied == leader.replica.applied
     assert lagger.sm.data == leader.sm.data
+    c.close()
 
 
 def test_liveness_after_a_long_partition_of_the_leader(tmp_path: Path) -> None:
@@ -210,3 +213,26 @@ def test_a_vote_survives_a_restart(tmp_path: Path) -> None:
     assert voter.replica is not None
     hard_state = voter.replica.node.status().hard_state
     assert (hard_state.term, hard_state.vote) == (term, new_leader.id)
+    c.close()
+
+
+def test_a_duplicated_forwarded_proposal_is_applied_twice_but_takes_effect_once(
+    tmp_path: Path,
+) -> None:
+    """Raft applies a proposal at least once: the leader appends a forwarded proposal the
+    network delivered twice. The command's id makes the second application a no-op."""
+    c = _settled(7, tmp_path)
+    leader = c.leader()
+    follower = next(n for n in c.alive() if n is not leader)
+    c.net.faults = Faults(duplicate=1.0)
+    c.submit(0, follower, "put", "k", 1)
+    c.submit(0, follower, "cas", "k", (1, 2))
+    while c.requests:
+        c.tick()
+    c.net.faults = Faults()
+    for _ in range(20):
+        c.tick()
+    cas = [e for e in c.committed.values() if e[2][16:] == encode("cas", "k", 1, 2, op_id=2)]
+    assert len(cas) == 2
+    assert follower.sm.data["k"] == 2
+    assert [op.result for op in c.history] == [None, True]

@@ -108,6 +108,7 @@ class Cluster:
         self.net = Network(random.Random(self.rng.getrandbits(64)), faults)
         self.now = 0
         self.clock = 0  # orders client calls and returns
+        self.ops_submitted = 0
         self.nodes: dict[int, SimNode] = {}
         self.committed: dict[int, tuple[int, int, bytes]] = {}
         self.digests: dict[int, bytes] = {}
@@ -133,6 +134,7 @@ class Cluster:
             storage: LogStorage = DiskStorage.open(
                 path, node_id=node_id, cluster_id=1, sync=False, conf_state=conf_state
             )
+            storage.close()  # initialized; `start` opens it like after any restart
         else:
             storage = MemoryStorage(conf_state)
         node = SimNode(node_id, storage, path)
@@ -178,6 +180,14 @@ class Cluster:
             self._give_up(self.requests.pop(key))
         if node.path is not None:
             node.storage.close()
+
+    def close(self) -> None:
+        """Close every node's storage (the files stay)."""
+        for node in self.nodes.values():
+            if node.replica is not None:
+                node.replica = None
+                if node.path is not None:
+                    node.storage.close()
 
     def alive(self) -> list[SimNode]:
         return [n for n in self.nodes.values() if n.replica is not None]
@@ -249,15 +259,17 @@ class Cluster:
         """Start a client operation on `node`; False if the node refused it outright."""
         replica = node.replica
         assert replica is not None
+        self.ops_submitted += 1
+        op_id = self.ops_submitted  # unique, so a duplicated entry takes effect once
         try:
             if kind == "read":
                 request_id = replica.read_index()
             elif kind == "put":
-                request_id = replica.propose(encode("put", key, arg))
+                request_id = replica.propose(encode("put", key, arg, op_id=op_id))
             elif kind == "cas":
-                request_id = replica.propose(encode("cas", key, *arg))
+                request_id = replica.propose(encode("cas", key, *arg, op_id=op_id))
             else:
-                request_id = replica.propose(encode("get", key))
+                request_id = replica.propose(encode("get", key, op_id=op_id))
         except RaftError:
             return False
         self.clock += 1

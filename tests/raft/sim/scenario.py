@@ -172,6 +172,12 @@ class Scenario:
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> RunStats:
+        try:
+            return self._run()
+        finally:
+            self.cluster.close()
+
+    def _run(self) -> RunStats:
         c = self.cluster
         for _ in range(self.chaos_ticks):
             self._fault()
