@@ -14,8 +14,10 @@ A proposal may be made on any replica: a follower forwards it to the leader and 
 when the entry is applied locally. If no leader is known it fails at once with
 `NotLeaderError` (which names the leader when one is known). A proposal that is lost on the
 way (the leader crashed, the message was dropped) raises `RequestTimeoutError` after
-`request_timeout` seconds: its outcome is then unknown, and a command that must take effect
-once should carry its own client id and sequence number.
+`request_timeout` seconds: its outcome is then unknown. Raft applies a proposal at least
+once — a retried request, or a forwarded proposal that the transport delivers twice, is
+appended twice — so a command that must take effect once carries its own client id and
+sequence number, and the state machine answers a repeat with its first answer.
 
 The transport is anything with a non-blocking `send(messages)`; what it receives it hands to
 `driver.step(message)` (or the bytes to `driver.step_encoded`). It reports whether a snapshot
