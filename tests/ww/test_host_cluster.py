@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from tests.ww.conftest import HostFactory, HostProcess, view_of, wait_for
-from ww.rpc import RemoteError
+from ww.rpc import DEFAULT_WINDOW, RemoteError
 
 HOLDER = """
 import trio
@@ -289,3 +289,47 @@ async def test_bad_requests_get_one_line_errors_and_the_host_stays_up(host_facto
         with pytest.raises(RemoteError, match="bytes or a capability"):
             await anchor.store("text")
         assert await client.id() == a.peer
+
+
+async def test_a_subscriber_that_does_not_read_loses_messages_and_slows_nobody(
+    host_factory: HostFactory,
+):
+    a, b = await host_factory.cluster(2)
+    count = 600  # more than a subscriber's queue (256) and its stream window hold
+    async with b.connect() as on_b, a.connect() as on_a:
+        slow_topic = await (await on_b.pubsub()).join("busy")
+        fast_topic = await (await on_b.pubsub()).join("busy")
+        async with (
+            slow_topic.stream("subscribe") as slow,
+            fast_topic.stream("subscribe") as fast,
+        ):
+            await wait_for(lambda: _subscriptions(on_b, 2))
+            publisher = await (await on_a.pubsub()).join("busy")
+            got = []
+
+            async def read_fast() -> None:
+                async for data in fast:
+                    got.append(data)
+                    if len(got) == count:
+                        return
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_fast)
+                    for i in range(count):
+                        await publisher.publish(b"%d" % i)
+            assert got == [b"%d" % i for i in range(count)]  # in order, none lost
+
+            # Reading past the stream's window makes the host take items out of the full
+            # queue, so there is room again for one more message.
+            backlog = [await slow.__anext__() for _ in range(DEFAULT_WINDOW + 8)]
+            await publisher.publish(b"end")
+            with trio.fail_after(10):
+                while (data := await slow.__anext__()) != b"end":
+                    backlog.append(data)
+            assert backlog[0] == b"0"
+            assert len(backlog) < count, "a subscriber's queue is bounded"
+
+
+async def _subscriptions(host, n: int) -> bool:
+    return (await host.stats())["subscriptions"] == n
