@@ -31,7 +31,16 @@ from ww.raft.memory import MemoryStorage
 from ww.raft.node import Replica
 from ww.raft.rawnode import Config
 from ww.raft.storage import LogStorage
-from ww.raft.types import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
+from ww.raft.types import (
+    ConfChange,
+    ConfChangeSingle,
+    ConfChangeType,
+    ConfState,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMetadata,
+)
 
 VOTERS = (1, 2, 3)
 TICK = 0.05  # the driver's default: election timeouts of 0.5 to 1 s
@@ -189,6 +198,19 @@ async def test_durable_replicas_persist_in_threads_and_restart_with_their_state(
             nursery.cancel_scope.cancel()
         for storage in storages.values():
             storage.close()
+
+
+async def test_a_learner_added_through_the_driver_catches_up(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    await leader.propose(encode("put", "x", "before"))
+    learner = await cluster.start(4, storage=MemoryStorage())
+    cc = ConfChange((ConfChangeSingle(ConfChangeType.ADD_LEARNER, 4),))
+    conf = await leader.propose_conf_change(cc)
+    assert (conf.voters, conf.learners) == (VOTERS, (4,))
+    await cluster.wait_for(lambda: cluster.machines[4].data.get("x") == "before")
+    assert learner.replica.conf_state.learners == (4,)
 
 
 async def test_read_index_on_a_follower_sees_the_latest_write(
