@@ -17,7 +17,9 @@ Requests are identified by a 16-byte request id: the data of every normal entry 
 proposes is the request id followed by the caller's payload (a conf change carries it in front
 of its context). An empty entry is a no-op. Every replica applies every entry, so a request
 proposed on a follower (which forwards it to the leader) is answered when it is applied
-locally.
+locally. An entry may be applied more than once (a forwarded proposal duplicated by the
+transport is appended twice); the first application answers the request, and a state machine
+that needs exactly-once effects deduplicates its commands by an id of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ from ww.raft.errors import ProposalDroppedError, RaftError, UncommittedSizeLimit
 from ww.raft.rawnode import Config, RawNode, Ready
 from ww.raft.storage import LogStorage
 from ww.raft.types import NONE, ConfChange, ConfState, Entry, EntryType, Message
+
+__all__ = [
+    "NotLeaderError",
+    "Outcome",
+    "RaftError",
+    "Replica",
+    "RequestDroppedError",
+    "StateMachine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +75,6 @@ class NotLeaderError(ProposalDroppedError):
         self.leader = leader
         hint = f"node {leader} leads" if leader != NONE else "no leader is known"
         super().__init__(f"not the leader ({hint}); retry the request")
-
-
-__all__ = [
-    "NotLeaderError",
-    "Outcome",
-    "RaftError",
-    "Replica",
-    "RequestDroppedError",
-    "StateMachine",
-]
 
 
 class RequestDroppedError(RaftError):
