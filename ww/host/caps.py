@@ -210,7 +210,8 @@ class ChannelCapability(Capability):
 
     async def send(self, value: Any) -> None:
         try:
-            await self._channel.send(value)
+            if not self._channel.send_nowait(value):
+                await self._channel.send(value)
         except ChannelClosed as e:
             raise CapabilityError(str(e)) from None
 

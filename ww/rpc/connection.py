@@ -222,6 +222,48 @@ class _Job:
             self.scope.cancel()
 
 
+class _Relay:
+    """One incoming call on a forwarded capability, passed on without a task of its own.
+
+    The call goes out on the forwarded reference's connection as question `out_qid`; its
+    answer, delivered by that connection's reader, is sent back as the answer to `qid`.
+    """
+
+    __slots__ = ("conn", "out_qid", "qid", "target")
+
+    def __init__(self, conn: Connection, qid: int, target: Connection, out_qid: int) -> None:
+        self.conn = conn
+        self.qid = qid
+        self.target = target
+        self.out_qid = out_qid
+
+    def answered(self, value: Any) -> None:
+        """The forwarded call returned `value`."""
+        conn = self.conn
+        if conn._answers.get(self.qid) is not self:
+            return  # cancelled meanwhile
+        if conn._outbox_bytes > HIGH_WATER and not conn._closing:
+            # Wait for the writer as any other answer does, in a task of its own.
+            conn._nursery.start_soon(conn._reply_later, self, value)  # type: ignore[union-attr]
+            return
+        del conn._answers[self.qid]
+        conn._reply_nowait(Return(self.qid, value))
+
+    def failed(self, exc: Exception) -> None:
+        """The forwarded call raised (or its connection was lost)."""
+        conn = self.conn
+        if conn._answers.get(self.qid) is self:
+            del conn._answers[self.qid]
+            conn._reply_exception(self.qid, exc)
+
+    def cancel(self) -> None:
+        """The asker lost interest (or its connection closed): cancel the forwarded call."""
+        self.conn._answers.pop(self.qid, None)
+        target = self.target
+        if target._questions.pop(self.out_qid, None) is not None and not target._closing:
+            target._send_nowait(target._encode(Cancel(self.out_qid)))
+
+
 class _Outbound:
     """Server side of one stream: its cancel scope and the credit the consumer granted."""
 
@@ -298,10 +340,10 @@ class Connection:
             _HOLDERS.acquire(bootstrap)
         # questions we asked: qid -> waiting task (calls) or _Inbound (streams)
         self._next_qid = 1
-        self._questions: dict[int, trio.lowlevel.Task] = {}
+        self._questions: dict[int, trio.lowlevel.Task | _Relay] = {}
         self._inbound: dict[int, _Inbound] = {}
         # questions the peer asked: qid -> _Job (calls) or _Outbound (streams)
-        self._answers: dict[int, _Job | _Outbound] = {}
+        self._answers: dict[int, _Job | _Outbound | _Relay] = {}
         self._idle_workers: list[trio.lowlevel.Task] = []
         # exports added while encoding one message, to roll back if it fails
         self._encoding: list[int] = []
@@ -467,6 +509,8 @@ class Connection:
         if fn is None:
             return
         if obj is None:
+            if self._relay_now(msg, fn.__self__):
+                return
             coro = fn(msg.method, msg.args)
         else:
             try:
@@ -484,6 +528,41 @@ class Connection:
             trio.lowlevel.reschedule(idle.pop(), outcome.Value(job))
         else:
             self._nursery.start_soon(self._worker, job)  # type: ignore[union-attr]
+
+    def _relay_now(self, msg: Call, forwarder: _Forwarder) -> bool:
+        """Pass a call on a forwarded capability straight on; False when it needs a task
+        (the forwarded reference is unusable, or its connection's writer is behind)."""
+        ref = forwarder.ref
+        target = ref._conn
+        if (
+            target._closing
+            or ref._released
+            or target._collected
+            or target._outbox_bytes > HIGH_WATER
+        ):
+            return False
+        qid = msg.qid
+        if qid in self._answers:
+            raise ProtocolError(f"question id {qid} reused")
+        out_qid = target._next_qid
+        try:
+            frame = target._encode(Call(out_qid, ref._id, msg.method, msg.args))
+        except Exception as exc:
+            self._reply_exception(qid, exc)
+            return True
+        target._next_qid = out_qid + 1
+        target._send_nowait(frame)
+        relay = _Relay(self, qid, target, out_qid)
+        target._questions[out_qid] = relay
+        self._answers[qid] = relay
+        return True
+
+    async def _reply_later(self, relay: _Relay, value: Any) -> None:
+        try:
+            await self._reply(Return(relay.qid, value))
+        finally:
+            if self._answers.get(relay.qid) is relay:
+                del self._answers[relay.qid]
 
     async def _worker(self, job: _Job) -> None:
         """Run incoming calls: this one, then whichever the reader hands over next.
@@ -610,6 +689,17 @@ class Connection:
         self._send_nowait(body)
         return True
 
+    def _reply_nowait(self, msg: Return) -> None:
+        """`_reply` for a caller that checked the writer is not behind."""
+        if self._closing:
+            return
+        try:
+            body = self._encode(msg)
+        except Exception as exc:
+            self._reply_exception(msg.qid, exc)
+            return
+        self._send_nowait(body)
+
     def _reply_exception(self, qid: int, exc: Exception) -> None:
         if isinstance(exc, CapabilityError):
             self._reply_error(qid, "CapabilityError", str(exc))
@@ -634,11 +724,17 @@ class Connection:
         if task is None:
             self._discard_decoded()
             return
+        if isinstance(task, _Relay):
+            task.answered(msg.value)
+            return
         trio.lowlevel.reschedule(task, outcome.Value(msg.value))
 
     def _on_error(self, msg: Error) -> None:
         error = RemoteError(msg.type, msg.message)
         task = self._questions.pop(msg.qid, None)
+        if isinstance(task, _Relay):
+            task.failed(error)
+            return
         if task is not None:
             trio.lowlevel.reschedule(task, outcome.Error(error))
             return
@@ -871,13 +967,17 @@ class Connection:
         self.close_reason = reason
         log.log(level, "%s closed: %s", self.name, reason)
         lost = ConnectionLost(f"connection {self.name} closed: {reason}")
-        for task in self._questions.values():
-            trio.lowlevel.reschedule(task, outcome.Error(lost))
+        questions = list(self._questions.values())
         self._questions.clear()
+        for task in questions:
+            if isinstance(task, _Relay):
+                task.failed(lost)
+            else:
+                trio.lowlevel.reschedule(task, outcome.Error(lost))
         for state in self._inbound.values():
             state.push(_FAIL, lost)
         self._inbound.clear()
-        for answer in self._answers.values():
+        for answer in list(self._answers.values()):
             answer.cancel()
         self._drained_lot.unpark_all()
         self._outbox.clear()
