@@ -16,6 +16,7 @@ from ww.host.lease import Lease
 from ww.host.paths import AnchorPathError, Parts, format_path, parse_path
 from ww.host.pubsub import PubSubError, check_data, check_topic
 from ww.rpc import Capability, CapabilityError, Ref
+from ww.rpc.capability import NOT_NOW
 
 if TYPE_CHECKING:
     from ww.host.node import Host, ProcessRecord
@@ -214,6 +215,9 @@ class ChannelCapability(Capability):
                 await self._channel.send(value)
         except ChannelClosed as e:
             raise CapabilityError(str(e)) from None
+
+    def _send_nowait(self, value: Any) -> Any:
+        return None if self._channel.send_nowait(value) else NOT_NOW
 
     async def recv(self) -> Any:
         try:

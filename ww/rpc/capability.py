@@ -22,12 +22,23 @@ class Capability:
         """
 
 
-# class -> {name: (function, is_stream)}
-_METHODS: dict[type, dict[str, tuple[Callable[..., Any], bool]]] = {}
+NOT_NOW: Any = object()
+"""What a method's ``_<name>_nowait`` twin returns when it cannot finish without waiting."""
+
+Entry = tuple[Callable[..., Any], bool, Callable[..., Any] | None]
+"""A remotely callable method: its function, whether it is a stream, and its nowait twin."""
+
+_METHODS: dict[type, dict[str, Entry]] = {}
 
 
-def method_table(cls: type) -> dict[str, tuple[Callable[..., Any], bool]]:
-    """The remotely callable methods of a Capability class (cached)."""
+def method_table(cls: type) -> dict[str, Entry]:
+    """The remotely callable methods of a Capability class (cached).
+
+    A method ``name`` may have a synchronous twin ``_<name>_nowait`` taking the same arguments:
+    it returns the method's result when it can finish at once, or NOT_NOW (having done
+    nothing). It must raise only when it did nothing either; the method then runs as usual.
+    The connection tries it first, which spares a task for calls that need no waiting.
+    """
     table = _METHODS.get(cls)
     if table is None:
         table = {}
@@ -36,9 +47,9 @@ def method_table(cls: type) -> dict[str, tuple[Callable[..., Any], bool]]:
                 if name.startswith("_"):
                     continue
                 if inspect.isasyncgenfunction(fn):
-                    table[name] = (fn, True)
+                    table[name] = (fn, True, None)
                 elif inspect.iscoroutinefunction(fn):
-                    table[name] = (fn, False)
+                    table[name] = (fn, False, getattr(cls, f"_{name}_nowait", None))
                 else:
                     table.pop(name, None)
         _METHODS[cls] = table

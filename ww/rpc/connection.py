@@ -21,7 +21,7 @@ import msgpack
 import outcome
 import trio
 
-from ww.rpc.capability import Capability, method_table
+from ww.rpc.capability import NOT_NOW, Capability, method_table
 from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, RemoteError
 from ww.rpc.tables import BOOTSTRAP_ID, Exports, Holders, Imports
 from ww.rpc.wire import (
@@ -264,6 +264,61 @@ class _Relay:
             target._send_nowait(target._encode(Cancel(self.out_qid)))
 
 
+class _StreamRelay:
+    """One incoming stream on a forwarded capability, passed through without a task.
+
+    The stream is opened on the forwarded reference's connection as question `out_qid` with
+    the same credit; the consumer's credit grants go on to the producer, and items, the end
+    or the failure come back as they arrive (so at most the consumer's window is in flight).
+    It stands in for an `_Inbound` there and for an `_Outbound` here.
+    """
+
+    __slots__ = ("conn", "credit", "out_qid", "qid", "target")
+
+    def __init__(
+        self, conn: Connection, qid: int, target: Connection, out_qid: int, credit: int
+    ) -> None:
+        self.conn = conn
+        self.qid = qid
+        self.target = target
+        self.out_qid = out_qid
+        self.credit = credit  # items the producer may still send
+
+    def push(self, kind: int, value: Any) -> None:
+        """An item, the end or the failure of the forwarded stream arrived."""
+        conn = self.conn
+        if conn._answers.get(self.qid) is not self:
+            return
+        if kind == _ITEM:
+            if conn._closing:
+                return
+            try:
+                frame = conn._encode(Item(self.qid, value))
+            except Exception as exc:
+                self.cancel()
+                conn._reply_exception(self.qid, exc)
+                return
+            conn._send_nowait(frame)
+            return
+        del conn._answers[self.qid]
+        if kind == _END:
+            conn._send_control(End(self.qid))
+        else:
+            conn._reply_exception(self.qid, value)
+
+    def grant(self, n: int) -> None:
+        """The consumer took `n` more items: let the producer send `n` more."""
+        self.credit += n
+        self.target._send_control(Credit(self.out_qid, n))
+
+    def cancel(self) -> None:
+        """The consumer left (or its connection closed): cancel the forwarded stream."""
+        self.conn._answers.pop(self.qid, None)
+        target = self.target
+        if target._inbound.pop(self.out_qid, None) is not None:
+            target._send_control(Cancel(self.out_qid))
+
+
 class _Outbound:
     """Server side of one stream: its cancel scope and the credit the consumer granted."""
 
@@ -341,9 +396,9 @@ class Connection:
         # questions we asked: qid -> waiting task (calls) or _Inbound (streams)
         self._next_qid = 1
         self._questions: dict[int, trio.lowlevel.Task | _Relay] = {}
-        self._inbound: dict[int, _Inbound] = {}
+        self._inbound: dict[int, _Inbound | _StreamRelay] = {}
         # questions the peer asked: qid -> _Job (calls) or _Outbound (streams)
-        self._answers: dict[int, _Job | _Outbound | _Relay] = {}
+        self._answers: dict[int, _Job | _Outbound | _Relay | _StreamRelay] = {}
         self._idle_workers: list[trio.lowlevel.Task] = []
         # exports added while encoding one message, to roll back if it fails
         self._encoding: list[int] = []
@@ -513,6 +568,17 @@ class Connection:
                 return
             coro = fn(msg.method, msg.args)
         else:
+            nowait = method_table(type(obj))[msg.method][2]
+            if nowait is not None and self._outbox_bytes <= HIGH_WATER:
+                if qid in self._answers:
+                    raise ProtocolError(f"question id {qid} reused")
+                try:
+                    result = nowait(obj, *msg.args)
+                except Exception:
+                    result = NOT_NOW  # the method itself says what went wrong
+                if result is not NOT_NOW:
+                    self._reply_nowait(Return(qid, result))
+                    return
             try:
                 coro = fn(obj, *msg.args)
             except TypeError as exc:
@@ -624,6 +690,8 @@ class Connection:
         if fn is None:
             return
         if obj is None:
+            if self._relay_stream_now(msg, fn.__self__):
+                return
             agen = fn(msg.method, msg.args, msg.credit)
         else:
             try:
@@ -664,11 +732,41 @@ class Connection:
         finally:
             self._answers.pop(qid, None)
 
+    def _relay_stream_now(self, msg: StreamStart, forwarder: _Forwarder) -> bool:
+        """Pass a stream on a forwarded capability straight through; False when it needs a
+        task (the forwarded reference is unusable, or its connection's writer is behind)."""
+        ref = forwarder.ref
+        target = ref._conn
+        if (
+            target._closing
+            or ref._released
+            or target._collected
+            or target._outbox_bytes > HIGH_WATER
+        ):
+            return False
+        qid = msg.qid
+        if qid in self._answers:
+            raise ProtocolError(f"question id {qid} reused")
+        out_qid = target._next_qid
+        try:
+            frame = target._encode(StreamStart(out_qid, ref._id, msg.method, msg.args, msg.credit))
+        except Exception as exc:
+            self._reply_exception(qid, exc)
+            return True
+        target._next_qid = out_qid + 1
+        target._send_nowait(frame)
+        relay = _StreamRelay(self, qid, target, out_qid, msg.credit)
+        target._inbound[out_qid] = relay
+        self._answers[qid] = relay
+        return True
+
     def _on_credit(self, msg: Credit) -> None:
         out = self._answers.get(msg.qid)
         if isinstance(out, _Outbound):
             out.credit += msg.n
             out.lot.unpark_all()
+        elif isinstance(out, _StreamRelay):
+            out.grant(msg.n)
 
     def _on_cancel(self, msg: Cancel) -> None:
         answer = self._answers.get(msg.qid)
