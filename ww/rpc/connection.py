@@ -25,9 +25,12 @@ from ww.rpc.capability import NOT_NOW, Capability, method_table
 from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, RemoteError
 from ww.rpc.tables import BOOTSTRAP_ID, Exports, Holders, Imports
 from ww.rpc.wire import (
+    CALL,
     EXT_RECEIVER_CAP,
     EXT_SENDER_CAP,
+    ITEM,
     MAX_FRAME,
+    RETURN,
     Call,
     Cancel,
     Credit,
@@ -247,7 +250,7 @@ class _Relay:
             conn._nursery.start_soon(conn._reply_later, self, value)  # type: ignore[union-attr]
             return
         del conn._answers[self.qid]
-        conn._reply_nowait(Return(self.qid, value))
+        conn._reply_nowait(self.qid, value)
 
     def failed(self, exc: Exception) -> None:
         """The forwarded call raised (or its connection was lost)."""
@@ -293,7 +296,7 @@ class _StreamRelay:
             if conn._closing:
                 return
             try:
-                frame = conn._encode(Item(self.qid, value))
+                frame = conn._encode_fields([ITEM, self.qid, value])
             except Exception as exc:
                 self.cancel()
                 conn._reply_exception(self.qid, exc)
@@ -491,7 +494,7 @@ class Connection:
             self._check_usable(ref)
         qid = self._next_qid
         self._next_qid = qid + 1
-        self._send_nowait(self._encode(Call(qid, ref._id, method, args)))  # type: ignore[arg-type]
+        self._send_nowait(self._encode_fields([CALL, qid, ref._id, method, args]))
         task = trio.lowlevel.current_task()
         self._questions[qid] = task
 
@@ -529,12 +532,12 @@ class Connection:
 
     def _lookup(self, qid: int, cap_id: int, method: str, stream: bool) -> Any:
         """The function to run for an incoming call or stream (None after answering with
-        an error), and its target object."""
+        an error), its target object and the function's nowait twin (see `method_table`)."""
         if len(self._answers) >= self.max_answers:
             self._reply_error(
                 qid, "CapabilityError", f"too many concurrent calls (limit {self.max_answers})"
             )
-            return None, None
+            return None, None, None
         try:
             obj = self._exports.get(cap_id)
         except KeyError:
@@ -543,9 +546,9 @@ class Connection:
             else:
                 why = f"unknown or released capability {cap_id}"
             self._reply_error(qid, "CapabilityError", why)
-            return None, None
+            return None, None, None
         if type(obj) is _Forwarder:
-            return (obj._relay_stream if stream else obj._relay), None
+            return (obj._relay_stream if stream else obj._relay), None, None
         entry = method_table(type(obj)).get(method)
         if entry is None or entry[1] is not stream:
             kind = "stream" if stream else "method"
@@ -555,12 +558,12 @@ class Connection:
             self._reply_error(
                 qid, "CapabilityError", f"{type(obj).__name__} has no {kind} {method!r}{hint}"
             )
-            return None, None
-        return entry[0], obj
+            return None, None, None
+        return entry[0], obj, entry[2]
 
     def _on_call(self, msg: Call) -> None:
         qid = msg.qid
-        fn, obj = self._lookup(qid, msg.cap, msg.method, False)
+        fn, obj, nowait = self._lookup(qid, msg.cap, msg.method, False)
         if fn is None:
             return
         if obj is None:
@@ -568,7 +571,6 @@ class Connection:
                 return
             coro = fn(msg.method, msg.args)
         else:
-            nowait = method_table(type(obj))[msg.method][2]
             if nowait is not None and self._outbox_bytes <= HIGH_WATER:
                 if qid in self._answers:
                     raise ProtocolError(f"question id {qid} reused")
@@ -577,7 +579,7 @@ class Connection:
                 except Exception:
                     result = NOT_NOW  # the method itself says what went wrong
                 if result is not NOT_NOW:
-                    self._reply_nowait(Return(qid, result))
+                    self._reply_nowait(qid, result)
                     return
             try:
                 coro = fn(obj, *msg.args)
@@ -612,7 +614,7 @@ class Connection:
             raise ProtocolError(f"question id {qid} reused")
         out_qid = target._next_qid
         try:
-            frame = target._encode(Call(out_qid, ref._id, msg.method, msg.args))
+            frame = target._encode_fields([CALL, out_qid, ref._id, msg.method, msg.args])
         except Exception as exc:
             self._reply_exception(qid, exc)
             return True
@@ -686,7 +688,7 @@ class Connection:
 
     def _on_stream(self, msg: StreamStart) -> None:
         qid = msg.qid
-        fn, obj = self._lookup(qid, msg.cap, msg.method, True)
+        fn, obj, _ = self._lookup(qid, msg.cap, msg.method, True)
         if fn is None:
             return
         if obj is None:
@@ -787,14 +789,14 @@ class Connection:
         self._send_nowait(body)
         return True
 
-    def _reply_nowait(self, msg: Return) -> None:
-        """`_reply` for a caller that checked the writer is not behind."""
+    def _reply_nowait(self, qid: int, value: Any) -> None:
+        """Return `value` for `qid`, for a caller that checked the writer is not behind."""
         if self._closing:
             return
         try:
-            body = self._encode(msg)
+            body = self._encode_fields([RETURN, qid, value])
         except Exception as exc:
-            self._reply_exception(msg.qid, exc)
+            self._reply_exception(qid, exc)
             return
         self._send_nowait(body)
 
@@ -903,10 +905,13 @@ class Connection:
 
     def _encode(self, msg: Message) -> Frame:
         """One frame for `msg`; capabilities in it are exported (rolled back on failure)."""
+        return self._encode_fields(message_fields(msg))
+
+    def _encode_fields(self, fields: list[Any]) -> Frame:
+        """One frame for a message given as its wire array (see `wire.message_fields`)."""
         encoding = self._encoding
-        encoding.clear()
         try:
-            body = self._packer.pack(message_fields(msg))
+            body = self._packer.pack(fields)
         except BaseException:
             self._packer.reset()
             for cap_id in encoding:
