@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import random
 import shutil
 import subprocess
@@ -665,3 +666,62 @@ def test_a_compaction_interrupted_between_two_deletions_reopens_intact(tmp_path:
             shutil.copy(before / name, partial / name)
         with open_disk(partial) as s:
             assert observe(s) == state
+
+
+# --- sync ---
+
+
+def count_fdatasyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the fd of every fdatasync DiskStorage makes (each still runs)."""
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls
+
+
+def test_a_save_without_sync_writes_but_does_not_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_disk(tmp_path, sync=True) as s:
+        s.save(HardState(1, 1, 0), [Entry(1, 1), Entry(1, 2)], None)
+        calls = count_fdatasyncs(monkeypatch)
+        s.save(HardState(1, 1, 2), [], None, sync=False)
+        assert calls == []
+        s.save(HardState(1, 1, 2), [Entry(1, 3)], None)  # covers the unsynced record too
+        assert len(calls) == 1
+
+
+def test_an_unsynced_save_is_recovered_after_reopen(tmp_path: Path) -> None:
+    """The record is written whole and checksummed; a process crash (the storage is never
+    closed, so nothing syncs it later) keeps it in the page cache."""
+    program = (
+        "import sys, os\n"
+        "from ww.raft.disk import DiskStorage\n"
+        "from ww.raft.types import Entry, HardState\n"
+        "s = DiskStorage.open(sys.argv[1], node_id=1, cluster_id='c1', sync=True)\n"
+        "s.save(HardState(2, 1, 0), [Entry(2, 1, data=b'a')], None)\n"
+        "s.save(HardState(2, 1, 1), [], None, sync=False)\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", program, str(tmp_path)], check=True)
+    with open_disk(tmp_path) as s:
+        assert s.initial_state()[0] == HardState(2, 1, 1)
+        assert s.entries(1, 2) == [Entry(2, 1, data=b"a")]
+
+
+def test_a_segment_with_unsynced_records_is_synced_before_the_next_begins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_disk(tmp_path, sync=True, segment_size=4096) as s:
+        s.save(HardState(1, 1, 0), [Entry(1, 1, data=bytes(3000))], None)
+        calls = count_fdatasyncs(monkeypatch)
+        s.save(HardState(1, 1, 1), [], None, sync=False)
+        first = s._fd
+        s.save(HardState(1, 1, 1), [Entry(1, 2, data=bytes(3000))], None)
+        assert len(list(tmp_path.glob("wal-*.log"))) == 2
+        assert calls[0] == first and s._fd != first

@@ -198,6 +198,7 @@ class DiskStorage:
         self._install_seq = 0  # the segment holding the latest installed snapshot's record
         self._fd = -1  # the last segment, open for appending
         self._size = 0  # bytes in the last segment
+        self._unsynced = False  # the last segment has records written with sync=False
         self._header_end = 0  # where the last segment's header ends
         self._dir_fd = -1
         self._lock: Path | None = None
@@ -272,8 +273,12 @@ class DiskStorage:
         hard_state: HardState | None,
         entries: Sequence[Entry],
         snapshot: Snapshot | None,
+        *,
+        sync: bool = True,
     ) -> None:
-        """Persist a snapshot to install, entries and hard state with one write and one fsync."""
+        """Persist a snapshot to install, entries and hard state with one write and, if `sync`,
+        one fsync. Unsynced, the record is still one checksummed record (a crash keeps it
+        whole or loses it whole) and the next synced write makes it durable too."""
         self._check_usable()
         offset, last = self._log.offset, self._log.last_index()
         install = snapshot if snapshot is not None and not snapshot.is_empty() else None
@@ -293,7 +298,7 @@ class DiskStorage:
             snap = None if install is None else [offset, install.metadata.term]
             wire = [[e.term, e.index, int(e.type), e.data] for e in new]
             state = None if hs is None else [hs.term, hs.vote, hs.commit]
-            self._append(wal.frame(_pack([R_SAVE, snap, wire, state])))
+            self._append(wal.frame(_pack([R_SAVE, snap, wire, state])), sync=sync)
         if install is not None:
             self._log.reset(offset, install.metadata.term)
             self._snapshot = install
@@ -332,6 +337,10 @@ class DiskStorage:
         self._prune()
 
     def close(self) -> None:
+        if self._unsynced and self._fd >= 0:
+            with contextlib.suppress(OSError):  # a failed sync only loses commit indexes
+                os.fdatasync(self._fd)
+            self._unsynced = False
         self._release()
 
     def __enter__(self) -> DiskStorage:
@@ -353,14 +362,16 @@ class DiskStorage:
         if self._fd < 0:
             raise StorageError(f"raft storage in {self._dir} is closed")
 
-    def _append(self, data: bytes) -> None:
-        """Append `data` to the log, rolling to a new segment first if it would overflow."""
+    def _append(self, data: bytes, *, sync: bool = True) -> None:
+        """Append `data` to the log, rolling to a new segment first if it would overflow;
+        fdatasync it (and any unsynced record before it) if `sync`."""
         if self._size > self._header_end and self._size + len(data) > self._segment_size:
             self._roll()
         try:
             _write_all(self._fd, data)
-            if self._sync:
+            if self._sync and sync:
                 os.fdatasync(self._fd)
+            self._unsynced = self._sync and not sync
         except OSError as e:
             self._failed = f"cannot write {self._segment_path(self._segments[-1].seq)}: {e}"
             with contextlib.suppress(OSError):
@@ -370,6 +381,13 @@ class DiskStorage:
 
     def _roll(self) -> None:
         """Start the next segment with a header checkpointing the current state."""
+        if self._unsynced:  # a later segment's records must not outlive this one's
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                self._failed = f"cannot sync {self._segment_path(self._segments[-1].seq)}: {e}"
+                raise StorageError(self._failed) from e
+            self._unsynced = False
         fd = self._create_segment(self._segments[-1].seq + 1)
         os.close(self._fd)
         self._fd = fd

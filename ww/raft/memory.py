@@ -101,6 +101,8 @@ class MemoryStorage:
         hard_state: HardState | None,
         entries: Sequence[Entry],
         snapshot: Snapshot | None,
+        *,
+        sync: bool = True,
     ) -> None:
         if snapshot is not None and not snapshot.is_empty():
             self.apply_snapshot(snapshot)

@@ -63,10 +63,15 @@ class LogStorage(Storage, Protocol):
         hard_state: HardState | None,
         entries: Sequence[Entry],
         snapshot: Snapshot | None,
+        *,
+        sync: bool = True,
     ) -> None:
         """Persist what one Ready requires, in order: the snapshot (if any), then the entries
         (replacing any stored suffix they conflict with), then the hard state. A durable
-        storage has fsynced all of it when this returns."""
+        storage has fsynced all of it when this returns if `sync` is true (`Ready.must_sync`);
+        otherwise it may sync it later, with the next synced write. Raft needs the term, the
+        vote, the entries and a snapshot on stable storage before it answers anyone; a commit
+        index alone may be lost in a crash and is learned again from the leader."""
         ...
 
     def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
