@@ -27,6 +27,7 @@ from ww.raft.driver import (
     RequestTimeoutError,
     split_frame,
 )
+from ww.raft.errors import UncommittedSizeLimitError
 from ww.raft.memory import MemoryStorage
 from ww.raft.node import Replica
 from ww.raft.rawnode import Config
@@ -153,17 +154,26 @@ async def test_a_burst_of_proposals_is_batched_into_few_readies(
     storage = leader.replica.storage
     save = storage.save
 
-    def counting_save(*args: object) -> None:
+    def counting_save(*args: object, **kwargs: object) -> None:
         nonlocal saves
         saves += 1
-        save(*args)  # type: ignore[arg-type]
+        save(*args, **kwargs)  # type: ignore[arg-type]
 
     storage.save = counting_save  # type: ignore[method-assign]
+    batches: list[int] = []
+    propose_batch = leader.replica.propose_batch
+
+    def counting_propose_batch(datas: list[bytes]) -> list[bytes]:
+        batches.append(len(datas))
+        return propose_batch(datas)
+
+    leader.replica.propose_batch = counting_propose_batch  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         for i in range(50):
             nursery.start_soon(leader.propose, encode("put", f"k{i}", i))
     assert all(cluster.machines[leader.replica.id].data[f"k{i}"] == i for i in range(50))
     assert saves <= 5
+    assert sum(batches) == 50 and len(batches) <= 5
 
 
 async def test_durable_replicas_persist_in_threads_and_restart_with_their_state(
@@ -301,6 +311,81 @@ async def test_a_lost_proposal_times_out_with_an_unknown_outcome(
         with pytest.raises(RequestTimeoutError, match="may or may not"):
             await follower.propose(encode("put", "x", 1))
         nursery.cancel_scope.cancel()
+
+
+async def test_requests_time_out_in_deadline_order_within_a_tick(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Waiting requests expire from the head of the deadline queue on the ticker: each one
+    fails between its deadline and one tick after it."""
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery)
+        drivers = [await c.start(n, request_timeout=0.3) for n in VOTERS]
+        leader = await c.wait_for_leader()
+        follower = next(d for d in drivers if d is not leader)
+        c.router.cut.add(follower.replica.id)
+        failed: dict[int, float] = {}
+
+        async def propose_late(i: int) -> None:
+            await trio.sleep(0.1 * i)
+            started = trio.current_time()
+            with pytest.raises(RequestTimeoutError, match="may or may not"):
+                await follower.propose(encode("put", "x", i))
+            failed[i] = trio.current_time() - started
+
+        async with trio.open_nursery() as inner:
+            for i in range(3):
+                inner.start_soon(propose_late, i)
+        assert sorted(failed) == [0, 1, 2]
+        assert all(0.3 <= t <= 0.3 + TICK + 1e-9 for t in failed.values()), failed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_caller_cancelled_before_its_proposal_is_made_is_skipped(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await leader.propose(encode("put", "gone", 1))
+    assert scope.cancelled_caught
+    assert await leader.propose(encode("put", "kept", 2)) is None
+    machine = cluster.machines[leader.replica.id]
+    assert machine.data.get("kept") == 2 and "gone" not in machine.data
+
+
+async def test_a_burst_over_the_uncommitted_limit_fails_only_the_proposals_that_do_not_fit(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Proposals are stepped in as one batch, which the limit accepts or refuses whole;
+    refused, they are proposed one by one, so the ones that fit still get in."""
+    leader = await cluster.wait_for_leader()
+    for node_id in VOTERS:
+        if node_id != leader.replica.id:
+            cluster.router.cut.add(node_id)
+    raft = leader.replica.node.raft
+    command = encode("put", "k", "v" * 40)
+    size = 16 + len(command)  # the request id, then the command
+    raft.max_uncommitted_size = 5 * size
+    outcomes: list[str] = []
+
+    async def propose() -> None:
+        try:
+            await leader.propose(command)
+        except UncommittedSizeLimitError:
+            outcomes.append("refused")
+        else:
+            outcomes.append("applied")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(propose)  # the first one is uncommitted while the rest arrive
+        await cluster.wait_for(lambda: raft.uncommitted_size > 0)
+        for _ in range(9):
+            nursery.start_soon(propose)
+        await cluster.wait_for(lambda: outcomes.count("refused") == 5)
+        assert raft.uncommitted_size == 5 * size and outcomes == ["refused"] * 5
+        cluster.router.cut.clear()
+    assert sorted(outcomes) == ["applied"] * 5 + ["refused"] * 5
 
 
 async def test_transfer_leader_hands_over_leadership(

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import trio
 
+from ww.raft.errors import UncommittedSizeLimitError
 from ww.raft.node import NotLeaderError, RaftError, Replica, RequestDroppedError
 from ww.raft.rawnode import Status
 from ww.raft.types import ConfChange, ConfState, Message, MessageDecodeError
@@ -69,30 +71,61 @@ class RaftStoppedError(RaftError):
 
 
 class _Waiter:
-    __slots__ = ("_done", "abandoned", "error", "request_id", "result")
+    """One caller waiting for its request: the caller's task parks itself and whoever settles
+    the request reschedules it. No Event and no cancel scope, as there may be thousands."""
 
-    def __init__(self) -> None:
-        self._done = trio.Event()
+    __slots__ = (
+        "abandoned",
+        "deadline",
+        "error",
+        "parked",
+        "request_id",
+        "result",
+        "settled",
+        "task",
+    )
+
+    def __init__(self, deadline: float = math.inf) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.deadline = deadline
         self.request_id = b""
         self.result: Any = None
         self.error: BaseException | None = None
-        self.abandoned = False  # the caller stopped waiting before the request was made
+        self.settled = False
+        self.parked = False  # the task sleeps in wait() until settled
+        self.abandoned = False  # the caller stopped waiting (cancelled, timed out, answered)
 
     def resolve(self, result: Any) -> None:
-        if not self._done.is_set():
+        if not self.settled:
+            self.settled = True
             self.result = result
-            self._done.set()
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
-        if not self._done.is_set():
+        if not self.settled:
+            self.settled = True
             self.error = error
-            self._done.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.parked:
+            self.parked = False
+            trio.lowlevel.reschedule(self.task)
 
     async def wait(self) -> Any:
-        await self._done.wait()
+        if self.settled:
+            await trio.lowlevel.checkpoint()
+        else:
+            self.parked = True
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         if self.error is not None:
             raise self.error
         return self.result
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.parked = False
+        self.abandoned = True
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class RaftDriver:
@@ -101,6 +134,10 @@ class RaftDriver:
 
     With `persist_in_thread` the storage writes of a Ready run in a worker thread, so new
     messages and proposals keep queueing (and form the next batch) during an fsync.
+
+    Proposals queued between two drains are stepped into the core as one batch. Every request
+    has the same timeout, so the waiting requests sit in a queue in deadline order and the
+    ticker fails the expired ones from its head: a timeout fires up to one tick late.
     """
 
     def __init__(
@@ -121,7 +158,9 @@ class RaftDriver:
         self._ticks = 0
         self._inbox: list[Message] = []
         self._commands: list[Callable[[], None]] = []
-        self._waiters: dict[bytes, _Waiter] = {}
+        self._proposals: list[tuple[_Waiter, bytes]] = []
+        self._waiters: dict[bytes, _Waiter] = {}  # by request id, once submitted
+        self._deadlines: deque[_Waiter] = deque()  # every waiting request, oldest first
         self._wakeup = trio.Event()
         self._running = False
 
@@ -155,7 +194,12 @@ class RaftDriver:
 
     async def propose(self, data: bytes) -> Any:
         """Replicate `data`; returns the state machine's result once it is applied here."""
-        return await self._request(lambda: self.replica.propose(data))
+        if not self._running:
+            raise RaftStoppedError("the raft driver is not running")
+        waiter = self._new_request_waiter()
+        self._proposals.append((waiter, data))
+        self._wakeup.set()
+        return await self._wait_for(waiter)
 
     async def propose_conf_change(self, cc: ConfChange) -> ConfState:
         """Change the membership; returns the configuration once the change is applied."""
@@ -193,15 +237,35 @@ class RaftDriver:
                 await self._loop()
         finally:
             self._running = False
-            for waiter in self._waiters.values():
-                waiter.fail(RaftStoppedError("the raft driver stopped"))
+            stopped = RaftStoppedError("the raft driver stopped")
+            for waiter in self._deadlines:
+                waiter.fail(stopped)
+            self._deadlines.clear()
             self._waiters.clear()
+            self._proposals.clear()
 
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(self.tick_interval)
             self._ticks += 1
             self._wakeup.set()
+            self._expire(trio.current_time())
+
+    def _expire(self, now: float) -> None:
+        """Fail the requests whose deadline has passed; drop the settled ones at the head."""
+        deadlines = self._deadlines
+        while deadlines:
+            waiter = deadlines[0]
+            if not (waiter.settled or waiter.abandoned):
+                if waiter.deadline > now:
+                    return
+                waiter.fail(
+                    RequestTimeoutError(
+                        f"no answer within {self.request_timeout} s; the request may or may "
+                        "not have taken effect"
+                    )
+                )
+            deadlines.popleft()
 
     async def _loop(self) -> None:
         while True:
@@ -243,6 +307,36 @@ class RaftDriver:
         commands, self._commands = self._commands, []
         for command in commands:
             command()
+        if self._proposals:
+            proposals, self._proposals = self._proposals, []
+            self._submit_proposals([(w, d) for w, d in proposals if not w.abandoned])
+
+    def _submit_proposals(self, proposals: list[tuple[_Waiter, bytes]]) -> None:
+        """Step all queued proposals into the core at once. The batch is accepted or refused
+        whole; refused for the uncommitted-size limit, each is proposed alone, so those that
+        still fit get in and only the rest fail."""
+        if not proposals:
+            return
+        try:
+            request_ids = self.replica.propose_batch([data for _, data in proposals])
+        except UncommittedSizeLimitError as e:
+            if len(proposals) == 1:
+                proposals[0][0].fail(e)
+                return
+            for waiter, data in proposals:
+                try:
+                    waiter.request_id = self.replica.propose(data)
+                except RaftError as e:
+                    waiter.fail(e)
+                else:
+                    self._waiters[waiter.request_id] = waiter
+        except RaftError as e:  # refused: no leader, a transfer under way, ...
+            for waiter, _ in proposals:
+                waiter.fail(e)
+        else:
+            for (waiter, _), request_id in zip(proposals, request_ids, strict=True):
+                waiter.request_id = request_id
+                self._waiters[request_id] = waiter
 
     def _settle(self, request_id: bytes, result: Any, error: BaseException | None) -> None:
         waiter = self._waiters.pop(request_id, None)
@@ -256,7 +350,7 @@ class RaftDriver:
     async def _request(self, submit: Callable[[], bytes]) -> Any:
         if not self._running:
             raise RaftStoppedError("the raft driver is not running")
-        waiter = _Waiter()
+        waiter = self._new_request_waiter()
 
         def command() -> None:
             if waiter.abandoned:
@@ -270,14 +364,16 @@ class RaftDriver:
 
         self._commands.append(command)
         self._wakeup.set()
+        return await self._wait_for(waiter)
+
+    def _new_request_waiter(self) -> _Waiter:
+        waiter = _Waiter(trio.current_time() + self.request_timeout)
+        self._deadlines.append(waiter)
+        return waiter
+
+    async def _wait_for(self, waiter: _Waiter) -> Any:
         try:
-            with trio.fail_after(self.request_timeout):
-                return await waiter.wait()
-        except trio.TooSlowError:
-            raise RequestTimeoutError(
-                f"no answer within {self.request_timeout} s; the request may or may not "
-                "have taken effect"
-            ) from None
+            return await waiter.wait()
         finally:
             waiter.abandoned = True
             if waiter.request_id and self._waiters.pop(waiter.request_id, None) is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -169,6 +169,23 @@ class Replica:
         self._proposals.add(request_id)
         return request_id
 
+    def propose_batch(self, datas: Sequence[bytes]) -> list[bytes]:
+        """Propose several payloads in one step: all are accepted or none is (raising as
+        `propose` does). Returns their request ids, in order."""
+        request_ids = [self.new_request_id() for _ in datas]
+        try:
+            self.node.propose_batch(
+                [rid + data for rid, data in zip(request_ids, datas, strict=True)]
+            )
+        except UncommittedSizeLimitError:
+            raise
+        except ProposalDroppedError as e:
+            if self.leader == NONE:
+                raise NotLeaderError() from e
+            raise
+        self._proposals.update(request_ids)
+        return request_ids
+
     def propose_conf_change(self, cc: ConfChange) -> bytes:
         """Propose a membership change; its result is the ConfState after it is applied."""
         request_id = self.new_request_id()
@@ -225,7 +242,7 @@ class Replica:
         if hard_state is not None and hard_state.is_empty():
             hard_state = None
         if snapshot is not None or ready.entries or hard_state is not None:
-            self.storage.save(hard_state, ready.entries, snapshot)
+            self.storage.save(hard_state, ready.entries, snapshot, sync=ready.must_sync)
 
     def finish(self, ready: Ready) -> Outcome:
         """The rest of a persisted Ready: install, apply, snapshot, advance."""
