@@ -176,6 +176,32 @@ async def test_a_burst_of_proposals_is_batched_into_few_readies(
     assert sum(batches) == 50 and len(batches) <= 5
 
 
+async def test_a_leaders_appends_leave_before_its_own_save_which_precedes_the_commit(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    leader = await cluster.wait_for_leader()
+    await leader.propose(encode("put", "x", 0))
+    events: list[str] = []
+    save, send = leader.replica.storage.save, leader.transport.send
+
+    def recording_save(*args: Any, **kwargs: Any) -> None:
+        if args[1]:  # entries
+            index = args[1][-1].index
+            committed = leader.replica.node.status().hard_state.commit >= index
+            events.append(f"save {index} committed={committed}")
+        save(*args, **kwargs)
+
+    def recording_send(messages: list[Message]) -> None:
+        events.extend(f"app {m.entries[-1].index}" for m in messages if m.entries)
+        send(messages)
+
+    leader.replica.storage.save = recording_save  # type: ignore[method-assign]
+    leader.transport.send = recording_send  # type: ignore[method-assign]
+    await leader.propose(encode("put", "x", 1))
+    index = leader.replica.applied
+    assert events[:3] == [f"app {index}", f"app {index}", f"save {index} committed=False"]
+
+
 async def test_durable_replicas_persist_in_threads_and_restart_with_their_state(
     tmp_path: Path,
 ) -> None:

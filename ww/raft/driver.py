@@ -38,8 +38,8 @@ import trio
 
 from ww.raft.errors import UncommittedSizeLimitError
 from ww.raft.node import NotLeaderError, RaftError, Replica, RequestDroppedError
-from ww.raft.rawnode import Status
-from ww.raft.types import ConfChange, ConfState, Message, MessageDecodeError
+from ww.raft.rawnode import Ready, Status
+from ww.raft.types import ConfChange, ConfState, Message, MessageDecodeError, MessageType
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +274,16 @@ class RaftDriver:
             self._drain()
             while self.replica.has_ready():
                 ready = self.replica.node.ready()
+                early = _appends_with_new_entries(ready)
+                if early:
+                    self.transport.send(early)
                 if self.persist_in_thread:
                     await trio.to_thread.run_sync(self.replica.persist, ready)
                 else:
                     self.replica.persist(ready)
                 out = self.replica.finish(ready)
+                if early:
+                    out.messages = [m for m in out.messages if m.type != MessageType.APP]
                 if out.messages:
                     self.transport.send(out.messages)
                 for request_id, result in out.results:
@@ -395,6 +400,15 @@ class RaftDriver:
         self._commands.append(command)
         self._wakeup.set()
         await waiter.wait()
+
+
+def _appends_with_new_entries(ready: Ready) -> list[Message]:
+    """A leader's appends may leave while it writes the same entries to its own disk (Raft
+    thesis 10.2.1): nothing counts an entry as committed before this node's save returns,
+    because acknowledgements are stepped only after it. Every other message waits for it."""
+    if not ready.entries:
+        return []
+    return [m for m in ready.messages if m.type == MessageType.APP]
 
 
 # -- framing large messages -------------------------------------------------------------------
