@@ -13,11 +13,12 @@ reads — is queued and drained in one go, so a burst of proposals folds into on
 A proposal may be made on any replica: a follower forwards it to the leader and answers it
 when the entry is applied locally. If no leader is known it fails at once with
 `NotLeaderError` (which names the leader when one is known). A proposal that is lost on the
-way (the leader crashed, the message was dropped) raises `RequestTimeoutError` after
-`request_timeout` seconds: its outcome is then unknown. Raft applies a proposal at least
-once — a retried request, or a forwarded proposal that the transport delivers twice, is
-appended twice — so a command that must take effect once carries its own client id and
-sequence number, and the state machine answers a repeat with its first answer.
+way (the leader crashed, the message was dropped) raises `RequestTimeoutError` once
+`request_timeout` seconds have passed (checked every tick): its outcome is then unknown.
+Raft applies a proposal at least once — a retried request, or a forwarded proposal that the
+transport delivers twice, is appended twice — so a command that must take effect once carries
+its own client id and sequence number, and the state machine answers a repeat with its first
+answer.
 
 The transport is anything with a non-blocking `send(messages)`; what it receives it hands to
 `driver.step(message)` (or the bytes to `driver.step_encoded`). It reports whether a snapshot
@@ -94,6 +95,11 @@ class _Waiter:
         self.settled = False
         self.parked = False  # the task sleeps in wait() until settled
         self.abandoned = False  # the caller stopped waiting (cancelled, timed out, answered)
+
+    @property
+    def waiting(self) -> bool:
+        """Not yet answered, timed out or given up on."""
+        return not (self.settled or self.abandoned)
 
     def resolve(self, result: Any) -> None:
         if not self.settled:
@@ -256,7 +262,7 @@ class RaftDriver:
         deadlines = self._deadlines
         while deadlines:
             waiter = deadlines[0]
-            if not (waiter.settled or waiter.abandoned):
+            if waiter.waiting:
                 if waiter.deadline > now:
                     return
                 waiter.fail(
@@ -314,7 +320,7 @@ class RaftDriver:
             command()
         if self._proposals:
             proposals, self._proposals = self._proposals, []
-            self._submit_proposals([(w, d) for w, d in proposals if not w.abandoned])
+            self._submit_proposals([(w, d) for w, d in proposals if w.waiting])
 
     def _submit_proposals(self, proposals: list[tuple[_Waiter, bytes]]) -> None:
         """Step all queued proposals into the core at once. The batch is accepted or refused
@@ -331,8 +337,8 @@ class RaftDriver:
             for waiter, data in proposals:
                 try:
                     waiter.request_id = self.replica.propose(data)
-                except RaftError as e:
-                    waiter.fail(e)
+                except RaftError as error:
+                    waiter.fail(error)
                 else:
                     self._waiters[waiter.request_id] = waiter
         except RaftError as e:  # refused: no leader, a transfer under way, ...
@@ -358,7 +364,7 @@ class RaftDriver:
         waiter = self._new_request_waiter()
 
         def command() -> None:
-            if waiter.abandoned:
+            if not waiter.waiting:
                 return
             try:
                 waiter.request_id = submit()

@@ -8,7 +8,7 @@ The loop a driver runs::
     node.propose(data)                # for each client request
     if node.has_ready():
         rd = node.ready()
-        storage.save(rd.hard_state, rd.entries, rd.snapshot)   # durably, before sending
+        storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)  # then send
         send(rd.messages)
         install(rd.snapshot); apply(rd.committed_entries)       # apply_conf_change for conf
         node.advance(rd)
