@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 
 from ww.raft import wal
-from ww.raft.log import entry_size
+from ww.raft.log import size_limited_end
 from ww.raft.storage import (
     CompactedError,
     SnapshotOutOfDateError,
@@ -133,8 +133,9 @@ class _Log:
             raise UnavailableError(f"index {hi - 1} is past the last index {self.last_index()}")
         if lo >= hi:
             return []
-        hi = lo + _size_limited_count(self.ents, lo - offset, hi - offset, max_size)
-        return self.ents[lo - offset : hi - offset]
+        return self.ents[
+            lo - offset : size_limited_end(self.ents, lo - offset, hi - offset, max_size)
+        ]
 
     def trim(self, entries: Sequence[Entry], offset: int, last: int) -> Sequence[Entry]:
         """`entries` less those at or below `offset`, checked to follow a log ending at `last`."""
@@ -159,19 +160,6 @@ class _Log:
 
     def reset(self, index: int, term: int) -> None:
         self.ents = [Entry(term, index)]
-
-
-def _size_limited_count(ents: list[Entry], lo: int, hi: int, max_size: int | None) -> int:
-    """How many of ents[lo:hi] fit in `max_size` bytes (always at least one), counted as
-    `ww.raft.log.limit_size` counts them."""
-    if max_size is None:
-        return hi - lo
-    size = entry_size(ents[lo])
-    for i in range(lo + 1, hi):
-        size += entry_size(ents[i])
-        if size > max_size:
-            return i - lo
-    return hi - lo
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,22 @@ def payload_size(entries: Sequence[Entry]) -> int:
 
 def limit_size(entries: list[Entry], max_size: int | None) -> list[Entry]:
     """The longest prefix of `entries` within `max_size` bytes, but at least one entry."""
-    if max_size is None or not entries:
+    if not entries:
         return entries
+    return entries[: size_limited_end(entries, 0, len(entries), max_size)]
+
+
+def size_limited_end(entries: list[Entry], lo: int, hi: int, max_size: int | None) -> int:
+    """The end of the longest run `entries[lo:end]` (lo < end <= hi) within `max_size` bytes,
+    but at least one entry; lets a storage slice its log once."""
+    if max_size is None:
+        return hi
+    size = entry_size(entries[lo])
+    for i in range(lo + 1, hi):
+        size += entry_size(entries[i])
+        if size > max_size:
+            return i
+    return hi
     size = entry_size(entries[0])
     for i in range(1, len(entries)):
         size += entry_size(entries[i])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ww.raft.log import limit_size
+from ww.raft.log import size_limited_end
 from ww.raft.storage import CompactedError, SnapshotOutOfDateError, UnavailableError
 from ww.raft.types import (
     EMPTY_HARD_STATE,
@@ -44,7 +44,9 @@ class MemoryStorage:
             raise UnavailableError(f"entries up to {hi - 1}: last index is {self.last_index()}")
         if lo >= hi:
             return []
-        return limit_size(self._ents[lo - offset : hi - offset], max_size)
+        return self._ents[
+            lo - offset : size_limited_end(self._ents, lo - offset, hi - offset, max_size)
+        ]
 
     def term(self, index: int) -> int:
         offset = self._ents[0].index
