@@ -24,10 +24,11 @@ that needs exactly-once effects deduplicates its commands by an id of its own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,18 +155,25 @@ class Replica:
         self._next_request += 1
         return self._nonce + self._next_request.to_bytes(8, "big")
 
-    def propose(self, data: bytes) -> bytes:
-        """Propose `data` for the state machine; returns the request id its result will be
-        reported under (in `Outcome.results`) once the entry is applied here."""
-        request_id = self.new_request_id()
+    @contextlib.contextmanager
+    def _not_leader_when_leaderless(self) -> Iterator[None]:
+        """Turn a proposal dropped for want of a leader into NotLeaderError; other refusals
+        (the uncommitted-size limit among them) pass through unchanged."""
         try:
-            self.node.propose(request_id + data)
+            yield
         except UncommittedSizeLimitError:
             raise
         except ProposalDroppedError as e:
             if self.leader == NONE:
                 raise NotLeaderError() from e
             raise
+
+    def propose(self, data: bytes) -> bytes:
+        """Propose `data` for the state machine; returns the request id its result will be
+        reported under (in `Outcome.results`) once the entry is applied here."""
+        request_id = self.new_request_id()
+        with self._not_leader_when_leaderless():
+            self.node.propose(request_id + data)
         self._proposals.add(request_id)
         return request_id
 
@@ -173,28 +181,18 @@ class Replica:
         """Propose several payloads in one step: all are accepted or none is (raising as
         `propose` does). Returns their request ids, in order."""
         request_ids = [self.new_request_id() for _ in datas]
-        try:
+        with self._not_leader_when_leaderless():
             self.node.propose_batch(
                 [rid + data for rid, data in zip(request_ids, datas, strict=True)]
             )
-        except UncommittedSizeLimitError:
-            raise
-        except ProposalDroppedError as e:
-            if self.leader == NONE:
-                raise NotLeaderError() from e
-            raise
         self._proposals.update(request_ids)
         return request_ids
 
     def propose_conf_change(self, cc: ConfChange) -> bytes:
         """Propose a membership change; its result is the ConfState after it is applied."""
         request_id = self.new_request_id()
-        try:
+        with self._not_leader_when_leaderless():
             self.node.propose_conf_change(dataclasses.replace(cc, context=request_id + cc.context))
-        except ProposalDroppedError as e:
-            if self.leader == NONE:
-                raise NotLeaderError() from e
-            raise
         self._proposals.add(request_id)
         return request_id
 
