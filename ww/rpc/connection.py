@@ -602,12 +602,7 @@ class Connection:
         (the forwarded reference is unusable, or its connection's writer is behind)."""
         ref = forwarder.ref
         target = ref._conn
-        if (
-            target._closing
-            or ref._released
-            or target._collected
-            or target._outbox_bytes > HIGH_WATER
-        ):
+        if not _relay_ready(ref):
             return False
         qid = msg.qid
         if qid in self._answers:
@@ -739,12 +734,7 @@ class Connection:
         task (the forwarded reference is unusable, or its connection's writer is behind)."""
         ref = forwarder.ref
         target = ref._conn
-        if (
-            target._closing
-            or ref._released
-            or target._collected
-            or target._outbox_bytes > HIGH_WATER
-        ):
+        if not _relay_ready(ref):
             return False
         qid = msg.qid
         if qid in self._answers:
@@ -1139,3 +1129,12 @@ async def serve_connection(
             await conn.closed.wait()
     except Exception:
         log.exception("%s: connection failed", name or "connection")
+
+
+def _relay_ready(ref: Ref) -> bool:
+    """Whether a call or stream on a forwarded capability can be passed straight on through
+    `ref`: it is usable and its connection's writer is not behind."""
+    target = ref._conn
+    return not (
+        target._closing or ref._released or target._collected or target._outbox_bytes > HIGH_WATER
+    )
