@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 
 from ww.raft.memory import MemoryStorage
@@ -88,3 +90,54 @@ def test_save_applies_snapshot_then_entries_then_hard_state():
     assert s.initial_state()[0] == HardState(3, 1, 11)
     s.save(None, [], None)
     assert s.initial_state()[0] == HardState(3, 1, 11)
+
+
+class ReadWhileCopied(list[Entry]):
+    """Entries that read the storage when the storage copies them in: the one moment inside
+    `append` at which a reader in another thread could run."""
+
+    def __init__(self, entries: list[Entry], read: Callable[[], object]) -> None:
+        super().__init__(entries)
+        self.read = read
+        self.seen: list[object] = []
+
+    def __iter__(self) -> Iterator[Entry]:
+        self.seen.append(self.read())
+        return super().__iter__()
+
+
+def test_a_conflicting_suffix_is_replaced_in_one_step():
+    s = storage(3, 4, 5)
+
+    def read() -> object:
+        return s.last_index(), s.entries(s.first_index(), s.last_index() + 1)
+
+    before = read()
+    new = ReadWhileCopied([Entry(6, 5), Entry(6, 6)], read)
+    s.append(new)
+    assert new.seen == [before]  # not [(4, [entry 4])]: the old 5 gone, the new one not yet in
+    assert [(i, s.term(i)) for i in range(3, 7)] == [(3, 3), (4, 4), (5, 6), (6, 6)]
+
+
+def test_no_snapshot_at_a_compacted_index():
+    s = storage(3, 4, 5, 6)
+    s.compact(5)
+    with pytest.raises(CompactedError):
+        s.create_snapshot(4, CS, b"")
+    assert s.snapshot().metadata.index == 3
+
+
+def test_a_storage_is_rebuilt_with_reset_log_and_set_snapshot():
+    """What DiskStorage does when it replays its records: the log and the snapshot are set
+    apart, each leaving the other (and the hard state) as it is."""
+    s = storage(3, 4, 5)
+    s.set_hard_state(HardState(5, 1, 4))
+    s.reset_log(9, 4)
+    assert (s.first_index(), s.last_index(), s.term(9)) == (10, 9, 4)
+    assert s.snapshot().metadata.index == 3
+    s.append([Entry(5, 10)])
+    snap = Snapshot(b"at 7", SnapshotMetadata(7, 4, CS))
+    s.set_snapshot(snap)
+    assert s.snapshot() == snap
+    assert (s.first_index(), s.last_index(), s.term(10)) == (10, 10, 5)
+    assert s.initial_state() == (HardState(5, 1, 4), CS)

@@ -2,7 +2,12 @@
 
 Shaped like etcd's MemoryStorage: `_ents[0]` is a dummy entry holding the index and term of the
 last snapshot (or of index 0), so `first_index()` is one past the last compacted index and
-`term(first_index() - 1)` still answers.
+`term(first_index() - 1)` still answers. `DiskStorage` keeps one as its in-memory copy of what
+it has on disk and serves every read from it.
+
+Each write changes the log in one step (one slice assignment, or one new list), and each read
+takes the list once, so a reader in another thread sees the log before or after that step: never
+a conflicting suffix cut off and its replacement not yet in.
 """
 
 from __future__ import annotations
@@ -37,30 +42,33 @@ class MemoryStorage:
         return self.hard_state, self._snapshot.metadata.conf_state
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
-        offset = self._ents[0].index
+        ents = self._ents
+        offset = ents[0].index
         if lo <= offset:
             raise CompactedError(f"entries from {lo}: compacted up to {offset}")
-        if hi > self.last_index() + 1:
-            raise UnavailableError(f"entries up to {hi - 1}: last index is {self.last_index()}")
+        if hi > offset + len(ents):
+            raise UnavailableError(
+                f"entries up to {hi - 1}: last index is {offset + len(ents) - 1}"
+            )
         if lo >= hi:
             return []
-        return self._ents[
-            lo - offset : size_limited_end(self._ents, lo - offset, hi - offset, max_size)
-        ]
+        return ents[lo - offset : size_limited_end(ents, lo - offset, hi - offset, max_size)]
 
     def term(self, index: int) -> int:
-        offset = self._ents[0].index
+        ents = self._ents
+        offset = ents[0].index
         if index < offset:
             raise CompactedError(f"term of {index}: compacted up to {offset}")
-        if index - offset >= len(self._ents):
-            raise UnavailableError(f"term of {index}: last index is {self.last_index()}")
-        return self._ents[index - offset].term
+        if index - offset >= len(ents):
+            raise UnavailableError(f"term of {index}: last index is {offset + len(ents) - 1}")
+        return ents[index - offset].term
 
     def first_index(self) -> int:
         return self._ents[0].index + 1
 
     def last_index(self) -> int:
-        return self._ents[0].index + len(self._ents) - 1
+        ents = self._ents
+        return ents[0].index + len(ents) - 1
 
     def snapshot(self) -> Snapshot:
         return self._snapshot
@@ -78,10 +86,10 @@ class MemoryStorage:
                 f"snapshot at {index} is not newer than {self._snapshot.metadata.index}"
             )
         self._snapshot = snapshot
-        self._ents = [Entry(term=snapshot.metadata.term, index=index)]
+        self.reset_log(index, snapshot.metadata.term)
 
     def append(self, entries: Sequence[Entry]) -> None:
-        """Append `entries`, replacing the stored suffix they conflict with."""
+        """Append `entries`, replacing the stored suffix they conflict with in one step."""
         if not entries:
             return
         first = self.first_index()
@@ -95,8 +103,7 @@ class MemoryStorage:
                 f"missing log entries: last index {self.last_index()}, "
                 f"appending at {entries[0].index}"
             )
-        del self._ents[offset:]
-        self._ents.extend(entries)
+        self._ents[offset:] = entries
 
     def save(
         self,
@@ -119,7 +126,7 @@ class MemoryStorage:
             )
         if index > self.last_index():
             raise UnavailableError(f"snapshot at {index}: last index is {self.last_index()}")
-        term = self._ents[index - self._ents[0].index].term
+        term = self.term(index)  # CompactedError if the log was compacted past it
         self._snapshot = Snapshot(data, SnapshotMetadata(index, term, conf_state))
         return self._snapshot
 
@@ -131,6 +138,17 @@ class MemoryStorage:
             raise UnavailableError(f"compact to {index}: last index is {self.last_index()}")
         i = index - offset
         self._ents = [Entry(term=self._ents[i].term, index=index), *self._ents[i + 1 :]]
+
+    # -- restoring (a durable storage rebuilding its copy from its own records) ----------------
+
+    def set_snapshot(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` the stored snapshot; the log is left as it is."""
+        self._snapshot = snapshot
+
+    def reset_log(self, index: int, term: int) -> None:
+        """Discard the whole log: it goes on after `index`, an entry of `term`. The snapshot
+        and the hard state are left as they are."""
+        self._ents = [Entry(term=term, index=index)]
 
     def close(self) -> None:
         pass
