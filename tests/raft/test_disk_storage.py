@@ -159,6 +159,11 @@ def test_create_snapshot(new_storage: Factory) -> None:
     with pytest.raises(UnavailableError):
         s.create_snapshot(6, CONF, b"")
     assert s.create_snapshot(5, CONF, b"5").metadata.term == 5
+    s.save(None, [Entry(5, 6), Entry(5, 7)], None)
+    s.compact(7)  # past the snapshot: the entry a snapshot at 6 would need is gone
+    with pytest.raises(CompactedError):
+        s.create_snapshot(6, CONF, b"")
+    assert s.snapshot().metadata.index == 5
 
 
 @pytest.mark.parametrize(
@@ -186,6 +191,36 @@ def test_append_past_the_end_is_refused(new_storage: Factory) -> None:
     with pytest.raises(UnavailableError):
         s.save(None, [Entry(5, 7)], None)
     assert s.last_index() == 5
+
+
+class ReadWhileCopied(list[Entry]):
+    """Entries that read the storage whenever the storage goes through them: the moments in a
+    save at which a reader in another thread could run."""
+
+    def __init__(self, entries: list[Entry], read: Callable[[], object]) -> None:
+        super().__init__(entries)
+        self.read = read
+        self.seen: list[object] = []
+
+    def __iter__(self) -> Iterator[Entry]:
+        self.seen.append(self.read())
+        return super().__iter__()
+
+
+def test_a_conflicting_suffix_is_replaced_in_one_step(new_storage: Factory) -> None:
+    """A reader in another thread (the driver persists in a worker thread) sees the log before
+    or after a save that replaces a suffix, never with the old suffix gone and the new one not
+    yet in."""
+    s = with_log(new_storage, 4, 5, 6)
+
+    def read() -> object:
+        return s.last_index(), s.entries(s.first_index(), s.last_index() + 1)
+
+    before = read()
+    new = ReadWhileCopied([Entry(7, 5), Entry(7, 6), Entry(7, 7)], read)
+    s.save(HardState(7, 1, 4), new, None)
+    assert new.seen and new.seen == [before] * len(new.seen)
+    assert read() == (7, [Entry(4, 4), Entry(7, 5), Entry(7, 6), Entry(7, 7)])
 
 
 def test_install_snapshot_replaces_the_log(new_storage: Factory) -> None:

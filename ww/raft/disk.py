@@ -9,7 +9,8 @@ The directory holds:
 
 Each `save()` is one write and one fsync. Every segment starts with a header that checkpoints the
 state at its start, so the segments wholly before the compaction point can be deleted. Reads are
-served from memory. The format and its guarantees are described in docs/raft-storage.md.
+served from a `MemoryStorage` that holds what is on disk: a write changes it once its record is
+written. The format and its guarantees are described in docs/raft-storage.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import msgpack
 
 from ww.raft import wal
-from ww.raft.log import size_limited_end
+from ww.raft.memory import MemoryStorage
 from ww.raft.storage import (
     CompactedError,
     SnapshotOutOfDateError,
@@ -101,65 +102,18 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-class _Log:
-    """The log in memory, kept as etcd's MemoryStorage keeps it: `ents[0]` is a dummy entry with
-    the index and term of the last discarded entry, so the first real entry is `ents[1]`."""
-
-    __slots__ = ("ents",)
-
-    def __init__(self, index: int = 0, term: int = 0) -> None:
-        self.ents: list[Entry] = [Entry(term, index)]
-
-    @property
-    def offset(self) -> int:
-        return self.ents[0].index
-
-    def last_index(self) -> int:
-        return self.ents[0].index + len(self.ents) - 1
-
-    def term(self, index: int) -> int:
-        offset = self.ents[0].index
-        if index < offset:
-            raise CompactedError(f"index {index} is compacted (first index {offset + 1})")
-        if index - offset >= len(self.ents):
-            raise UnavailableError(f"index {index} is past the last index {self.last_index()}")
-        return self.ents[index - offset].term
-
-    def entries(self, lo: int, hi: int, max_size: int | None) -> list[Entry]:
-        offset = self.ents[0].index
-        if lo <= offset:
-            raise CompactedError(f"index {lo} is compacted (first index {offset + 1})")
-        if hi > self.last_index() + 1:
-            raise UnavailableError(f"index {hi - 1} is past the last index {self.last_index()}")
-        if lo >= hi:
-            return []
-        return self.ents[
-            lo - offset : size_limited_end(self.ents, lo - offset, hi - offset, max_size)
-        ]
-
-    def trim(self, entries: Sequence[Entry], offset: int, last: int) -> Sequence[Entry]:
-        """`entries` less those at or below `offset`, checked to follow a log ending at `last`."""
-        if not entries:
-            return entries
-        first = entries[0].index
-        for i, e in enumerate(entries):
-            if e.index != first + i:
-                raise ValueError(f"entries to append skip from {first + i - 1} to {e.index}")
-        if first > last + 1:
-            raise UnavailableError(f"missing log entries: last index {last}, appending at {first}")
-        return entries[offset + 1 - first :] if first <= offset else entries
-
-    def append(self, entries: Sequence[Entry]) -> None:
-        """Append trimmed `entries`, replacing whatever they overlap (in one step, so a reader
-        in another thread sees the log before or after)."""
-        if entries:
-            self.ents[entries[0].index - self.ents[0].index :] = entries
-
-    def compact(self, index: int, term: int) -> None:
-        self.ents = [Entry(term, index), *self.ents[index - self.ents[0].index + 1 :]]
-
-    def reset(self, index: int, term: int) -> None:
-        self.ents = [Entry(term, index)]
+def _to_write(entries: Sequence[Entry], offset: int, last: int) -> Sequence[Entry]:
+    """`entries` less those at or below `offset`, checked to be contiguous and to follow a log
+    ending at `last`: what a save record holds."""
+    if not entries:
+        return entries
+    first = entries[0].index
+    for i, e in enumerate(entries):
+        if e.index != first + i:
+            raise ValueError(f"entries to append skip from {first + i - 1} to {e.index}")
+    if first > last + 1:
+        raise UnavailableError(f"missing log entries: last index {last}, appending at {first}")
+    return entries[offset + 1 - first :] if first <= offset else entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +132,7 @@ class DiskStorage:
         self._dir = directory
         self._sync = sync
         self._segment_size = segment_size
-        self._log = _Log()
-        self._hard_state = HardState()
-        self._snapshot = Snapshot()
+        self._cache = MemoryStorage()  # what is on disk, for reads
         self._snapshot_id: tuple[int, int] | None = None  # (index, term) of the snapshot file
         self._segments: list[_Segment] = []
         self._install_seq = 0  # the segment holding the latest installed snapshot's record
@@ -234,25 +186,25 @@ class DiskStorage:
     def path(self) -> Path:
         return self._dir
 
-    # --- Storage (reads, all from memory) ---
+    # --- Storage (reads, all from the MemoryStorage copy) ---
 
     def initial_state(self) -> tuple[HardState, ConfState]:
-        return self._hard_state, self._snapshot.metadata.conf_state
+        return self._cache.initial_state()
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
-        return self._log.entries(lo, hi, max_size)
+        return self._cache.entries(lo, hi, max_size)
 
     def term(self, index: int) -> int:
-        return self._log.term(index)
+        return self._cache.term(index)
 
     def first_index(self) -> int:
-        return self._log.offset + 1
+        return self._cache.first_index()
 
     def last_index(self) -> int:
-        return self._log.last_index()
+        return self._cache.last_index()
 
     def snapshot(self) -> Snapshot:
-        return self._snapshot
+        return self._cache.snapshot()
 
     # --- LogStorage (writes) ---
 
@@ -268,18 +220,19 @@ class DiskStorage:
         one fsync. Unsynced, the record is still one checksummed record (a crash keeps it
         whole or loses it whole) and the next synced write makes it durable too."""
         self._check_usable()
-        offset, last = self._log.offset, self._log.last_index()
+        cache = self._cache
+        offset, last = cache.first_index() - 1, cache.last_index()
         install = snapshot if snapshot is not None and not snapshot.is_empty() else None
         if install is not None:
-            current = self._snapshot.metadata.index
+            current = cache.snapshot().metadata.index
             if install.metadata.index <= current:
                 raise SnapshotOutOfDateError(
                     f"snapshot at index {install.metadata.index} is not newer than the stored "
                     f"one at {current}"
                 )
             offset = last = install.metadata.index
-        new = self._log.trim(entries, offset, last)
-        hs = hard_state if hard_state != self._hard_state else None
+        new = _to_write(entries, offset, last)
+        hs = hard_state if hard_state != cache.hard_state else None
         if install is not None:
             self._write_snapshot_file(install)
         if install is not None or new or hs is not None:
@@ -287,41 +240,43 @@ class DiskStorage:
             wire = [[e.term, e.index, int(e.type), e.data] for e in new]
             state = None if hs is None else [hs.term, hs.vote, hs.commit]
             self._append(wal.frame(_pack([R_SAVE, snap, wire, state])), sync=sync)
+        # The copy changes only once the record is written, each step as MemoryStorage makes
+        # it: the conflicting suffix is replaced in one step, so a reader in another thread
+        # sees the log before or after it.
         if install is not None:
-            self._log.reset(offset, install.metadata.term)
-            self._snapshot = install
+            cache.apply_snapshot(install)
             self._snapshot_id = (offset, install.metadata.term)
             self._install_seq = self._segments[-1].seq
-        self._log.append(new)
+        cache.append(new)
         if hard_state is not None:
-            self._hard_state = hard_state
+            cache.set_hard_state(hard_state)
         if install is not None:
             self._remove_stale_snapshots()
             self._prune()
 
     def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
         self._check_usable()
-        current = self._snapshot.metadata.index
+        current = self._cache.snapshot().metadata.index
         if index <= current:
             raise SnapshotOutOfDateError(
                 f"snapshot at index {index} is not newer than the stored one at {current}"
             )
-        term = self._log.term(index)
+        term = self._cache.term(index)
         snapshot = Snapshot(data, SnapshotMetadata(index, term, conf_state))
         self._write_snapshot_file(snapshot)
         self._append(wal.frame(_pack([R_SNAPSHOT, index, term])))
-        self._snapshot = snapshot
+        self._cache.set_snapshot(snapshot)
         self._snapshot_id = (index, term)
         self._remove_stale_snapshots()
         return snapshot
 
     def compact(self, index: int) -> None:
         self._check_usable()
-        if index <= self._log.offset:
+        if index < self._cache.first_index():
             raise CompactedError(f"index {index} is already compacted")
-        term = self._log.term(index)
+        term = self._cache.term(index)
         self._append(wal.frame(_pack([R_COMPACT, index, term])))
-        self._log.compact(index, term)
+        self._cache.compact(index)
         self._prune()
 
     def close(self) -> None:
@@ -383,10 +338,10 @@ class DiskStorage:
     def _create_segment(self, seq: int) -> int:
         """Create segment `seq` holding a header that checkpoints the current state, atomically,
         and make it the last segment."""
-        last = self._log.last_index()
-        hs = self._hard_state
+        last = self._cache.last_index()
+        hs = self._cache.hard_state
         snap = None if self._snapshot_id is None else list(self._snapshot_id)
-        header = [R_HEADER, seq, [hs.term, hs.vote, hs.commit], last, self._log.term(last), snap]
+        header = [R_HEADER, seq, [hs.term, hs.vote, hs.commit], last, self._cache.term(last), snap]
         data = wal.frame(_pack(header))
         name = _segment_name(seq)
         temp = self._dir / f"{name}.tmp"
@@ -447,10 +402,11 @@ class DiskStorage:
         a run of such starts are deleted, so a crash between two deletions leaves a valid start.
         """
         segments = self._segments
+        compacted = self._cache.first_index() - 1
         start = 0
         for k in range(1, len(segments)):
             s = segments[k]
-            if s.seq <= self._install_seq or s.floor <= self._log.offset:
+            if s.seq <= self._install_seq or s.floor <= compacted:
                 start = k
             else:
                 break
@@ -494,9 +450,9 @@ class DiskStorage:
             if name != LOCK:
                 self._remove(name)
         if conf_state is not None:
-            self._snapshot = Snapshot(metadata=SnapshotMetadata(conf_state=conf_state))
+            self._cache = MemoryStorage(conf_state)
             self._snapshot_id = (0, 0)
-            self._write_snapshot_file(self._snapshot)
+            self._write_snapshot_file(self._cache.snapshot())
         self._fd = self._create_segment(1)
         meta: dict[str, Any] = {"format": FORMAT, "version": VERSION}
         meta.update(node_id=node_id, cluster_id=cluster_id)
@@ -542,13 +498,12 @@ class DiskStorage:
             replay.segment(path, seq, scan.records)
             self._header_end = scan.records[0][1].nbytes + wal.HEAD_SIZE
             self._size = scan.end
-        self._log = replay.log
-        self._hard_state = replay.hard_state
+        self._cache = replay.cache
         self._segments = replay.segments
         self._install_seq = replay.install_seq
         self._snapshot_id = replay.snapshot_id
         if replay.snapshot_id is not None:
-            self._snapshot = self._read_snapshot(*replay.snapshot_id)
+            self._cache.set_snapshot(self._read_snapshot(*replay.snapshot_id))
         path = self._segment_path(seqs[-1])
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         if torn_at >= 0:
@@ -584,11 +539,11 @@ class DiskStorage:
 
 
 class _Replay:
-    """Rebuilds the state by applying the log's records in order."""
+    """Rebuilds the state by applying the log's records in order. The log and the hard state
+    are rebuilt in a MemoryStorage; the snapshot is loaded once the last one is known."""
 
     def __init__(self) -> None:
-        self.log = _Log()
-        self.hard_state = HardState()
+        self.cache = MemoryStorage()
         self.snapshot_id: tuple[int, int] | None = None
         self.segments: list[_Segment] = []
         self.install_seq = 0
@@ -630,32 +585,33 @@ class _Replay:
             hard_state = HardState(term, vote, commit)
             snapshot_id = None if snap is None else (snap[0], snap[1])
             if not self.segments:
-                self.log = _Log(last, last_term)
-                self.hard_state = hard_state
+                self.cache.reset_log(last, last_term)
+                self.cache.set_hard_state(hard_state)
                 self.snapshot_id = snapshot_id
-            elif (hard_state, snapshot_id) != (self.hard_state, self.snapshot_id):
+            elif (hard_state, snapshot_id) != (self.cache.hard_state, self.snapshot_id):
                 raise StorageCorruptError("its header disagrees with the segments before it")
             self.segments.append(_Segment(seq, last))
         elif kind == R_SAVE:
             _, install, wire_entries, hs = record
             entries = [Entry(t, i, _ENTRY_TYPES[k], d) for t, i, k, d in wire_entries]
+            cache = self.cache
             if install is not None:
                 index, term = install
-                self.log.reset(index, term)
+                cache.reset_log(index, term)
                 self.snapshot_id = (index, term)
                 self.install_seq = seq
-            self.log.append(self.log.trim(entries, self.log.offset, self.log.last_index()))
+            cache.append(_to_write(entries, cache.first_index() - 1, cache.last_index()))
             if hs is not None:
-                self.hard_state = HardState(*hs)
+                cache.set_hard_state(HardState(*hs))
         elif kind == R_SNAPSHOT:
             _, index, term = record
             self.snapshot_id = (index, term)
         elif kind == R_COMPACT:
-            _, index, term = record
-            if index > self.log.last_index():
+            _, index, _term = record  # the term is the log's own at index
+            if index > self.cache.last_index():
                 raise ValueError(f"compaction to {index} past the last index")
-            if index > self.log.offset:
-                self.log.compact(index, term)
+            if index >= self.cache.first_index():
+                self.cache.compact(index)
         else:
             raise ValueError(f"unknown record kind {kind!r}")
 
