@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -66,6 +67,24 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+SIZE = re.compile(r"([0-9]+)([KMG]?)(?:i?B)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """A number of bytes, with an optional K, M or G suffix (KiB, MiB, GiB): 512K, 8M, 1G."""
+    match = SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes, e.g. 512K, 8M or 1G")
+    return int(match[1]) * SIZE_UNITS[match[2].lower()]
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. 100")
+    return int(text)
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -136,6 +155,9 @@ async def cmd_start(args: argparse.Namespace) -> int:
             cluster_key_path=Path(args.key) if args.key else None,
             heartbeat_interval=args.heartbeat,
             ttl=args.ttl,
+            log_limit=args.log_limit,
+            keep_logs=args.keep_logs,
+            rom_cache_limit=args.rom_cache_limit,
         )
         log.debug("starting host with %s", config)
         await run_host(config)
@@ -397,6 +419,28 @@ def build_parser() -> Parser:
         default=5.0,
         metavar="SECONDS",
         help="a host not heard from for this long leaves the view (default: 5.0)",
+    )
+    p.add_argument(
+        "--log-limit",
+        type=parse_size,
+        default="8M",
+        metavar="SIZE",
+        help="output kept per process, the newest; `ww logs` shows it (default: 8M)",
+    )
+    p.add_argument(
+        "--keep-logs",
+        type=non_negative_int,
+        default=100,
+        metavar="N",
+        help="how many exited processes keep their logs; older logs are deleted (default: 100)",
+    )
+    p.add_argument(
+        "--rom-cache-limit",
+        type=parse_size,
+        default="1G",
+        metavar="SIZE",
+        help="ROMs cached by content id, least recently used evicted first; the ROMs of "
+        "running processes always stay (default: 1G)",
     )
 
     p = command("keygen", cmd_keygen, "Make a cluster key (give it to every host with --key).")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ww.auth import is_loopback
+from ww.executor import KEEP_LOGS, LOG_LIMIT, MIN_LOG_LIMIT, ROM_CACHE_LIMIT
 
 Address = tuple[str, int]
 
@@ -16,7 +17,10 @@ class HostError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class HostConfig:
-    """How to run a host. `listen` port 0 picks a free port."""
+    """How to run a host. `listen` port 0 picks a free port.
+
+    The executor's disk limits: `log_limit` bytes of output kept per process, the logs of
+    `keep_logs` exited processes kept, `rom_cache_limit` bytes of cached ROMs."""
 
     listen: Address = ("127.0.0.1", 2020)
     data_dir: Path = Path("ww-host")
@@ -26,6 +30,9 @@ class HostConfig:
     cluster_key_path: Path | None = None
     heartbeat_interval: float = 1.0
     ttl: float = 5.0
+    log_limit: int = LOG_LIMIT
+    keep_logs: int = KEEP_LOGS
+    rom_cache_limit: int = ROM_CACHE_LIMIT
 
     def check(self) -> None:
         """Raise HostError when the configuration cannot work."""
@@ -33,6 +40,18 @@ class HostConfig:
             raise HostError(
                 f"heartbeat interval {self.heartbeat_interval}s must be positive and shorter"
                 f" than the TTL {self.ttl}s"
+            )
+        if self.log_limit < MIN_LOG_LIMIT:
+            raise HostError(
+                f"a log limit of {self.log_limit} bytes is too small;"
+                f" pass --log-limit of at least {MIN_LOG_LIMIT // 1024}K"
+            )
+        if self.keep_logs < 0:
+            raise HostError(f"cannot keep {self.keep_logs} logs; pass --keep-logs 0 or more")
+        if self.rom_cache_limit < 0:
+            raise HostError(
+                f"a ROM cache limit of {self.rom_cache_limit} bytes is negative;"
+                " pass --rom-cache-limit 0 or more"
             )
         if self.cluster_key_path is None and not is_loopback(self.listen[0]):
             raise HostError(

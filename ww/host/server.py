@@ -49,7 +49,13 @@ async def run_host(
     sockname = listeners[0].socket.getsockname()
     addr: Address = (sockname[0], sockname[1])
 
-    async with Executor(config.data_dir) as executor, trio.open_nursery() as nursery:
+    executor = Executor(
+        config.data_dir,
+        log_limit=config.log_limit,
+        keep_logs=config.keep_logs,
+        rom_cache_limit=config.rom_cache_limit,
+    )
+    async with executor, trio.open_nursery() as nursery:
         host = Host(config, identity.peer_id, addr, nursery, dialer, executor)
 
         async def handle(tcp: trio.SocketStream) -> None:
