@@ -22,6 +22,7 @@ from ww.rpc import (
     ConnectionLost,
     RemoteError,
     serve_connection,
+    sink,
 )
 from ww.rpc.wire import encode_frame
 
@@ -167,7 +168,7 @@ async def test_stream_items_beyond_credit_close_the_connection(
     ):
         request = await left.receive_some()
         qid = msgpack.unpackb(request[4:])[1]
-        await left.send_all(b"".join(encode_frame(msgpack.packb([5, qid, i])) for i in range(3)))
+        await left.send_all(encode_frame(msgpack.packb([5, qid, [1, 2, 3]])))
         with pytest.raises(ConnectionLost, match="more items than its credit"):
             async for _ in items:
                 pass
@@ -182,11 +183,25 @@ class Target(Capability):
         for i in range(n):
             yield i
 
+    @sink
+    async def collect(self, items: AsyncIterator[object]) -> int:
+        return len([item async for item in items])
+
+    @sink
+    async def keep(self, items: AsyncIterator[object]) -> None:
+        async for _ in items:
+            pass
+
+    def _keep_nowait(self, item: object) -> bool:
+        return item is None
+
 
 _id = st.integers(0, 4) | st.integers(-1, 2**64 - 1)
 _cap = st.builds(msgpack.ExtType, st.integers(0, 3), st.binary(min_size=0, max_size=9))
 _value = st.none() | st.integers(0, 3) | st.text(max_size=4) | _cap
-_name = st.sampled_from(["ping", "items", "nope", "_on_release"]) | st.text(max_size=4)
+_name = st.sampled_from(["ping", "items", "collect", "keep", "nope", "_on_release"]) | st.text(
+    max_size=4
+)
 _args = st.lists(_value, max_size=3)
 _shaped = st.one_of(
     st.tuples(st.just(0), _id, _id, _name, _args),  # Call
@@ -194,10 +209,14 @@ _shaped = st.one_of(
     st.tuples(st.just(2), _id, st.text(max_size=4), st.text(max_size=4)),  # Error
     st.tuples(st.just(3), _id, _id),  # Release
     st.tuples(st.just(4), _id, _id, _name, _args, _id),  # StreamStart
-    st.tuples(st.just(5), _id, _value),  # Item
+    st.tuples(st.just(5), _id, _args),  # Items
     st.tuples(st.just(6), _id),  # End
     st.tuples(st.just(7), _id, _id),  # Credit
     st.tuples(st.just(8), _id),  # Cancel
+    st.tuples(st.just(9), _id, _id, _name, _args, _id),  # SinkStart
+    st.tuples(st.just(10), _id, _args),  # Push
+    st.tuples(st.just(11), _id, _id),  # Ack
+    st.tuples(st.just(12), _id),  # Done
 ).map(list)
 _junk = st.lists(_value | _id | _args, max_size=6)
 _message = _shaped | _junk

@@ -1,16 +1,25 @@
 """Capability RPC: framed msgpack over trio streams.
 
 A `Capability` exported on a `Connection` arrives at the peer as a `Ref`; calls run
-concurrently, streams have credit-based backpressure, and references are released when
-dropped or when their connection closes. See docs/rpc.md.
+concurrently, streams and sinks have credit-based backpressure, and references are released
+when dropped or when their connection closes. See docs/rpc.md.
 """
 
-from ww.rpc.capability import Capability
-from ww.rpc.connection import DEFAULT_WINDOW, Connection, Ref, RefStream, serve_connection
+from ww.rpc.capability import Capability, sink
+from ww.rpc.connection import (
+    DEFAULT_SINK_WINDOW,
+    DEFAULT_WINDOW,
+    Connection,
+    Ref,
+    RefSink,
+    RefStream,
+    serve_connection,
+)
 from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, RemoteError
 from ww.rpc.wire import MAX_FRAME
 
 __all__ = [
+    "DEFAULT_SINK_WINDOW",
     "DEFAULT_WINDOW",
     "MAX_FRAME",
     "Capability",
@@ -19,7 +28,9 @@ __all__ = [
     "ConnectionLost",
     "ProtocolError",
     "Ref",
+    "RefSink",
     "RefStream",
     "RemoteError",
     "serve_connection",
+    "sink",
 ]

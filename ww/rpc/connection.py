@@ -21,26 +21,31 @@ import msgpack
 import outcome
 import trio
 
-from ww.rpc.capability import NOT_NOW, Capability, method_table
+from ww.rpc.capability import NOT_NOW, Capability, Kind, method_table
 from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, RemoteError
 from ww.rpc.tables import BOOTSTRAP_ID, Exports, Holders, Imports
 from ww.rpc.wire import (
     CALL,
     EXT_RECEIVER_CAP,
     EXT_SENDER_CAP,
-    ITEM,
+    ITEMS,
     MAX_FRAME,
+    PUSH,
     RETURN,
+    Ack,
     Call,
     Cancel,
     Credit,
+    Done,
     End,
     Error,
     FrameDecoder,
-    Item,
+    Items,
     Message,
+    Push,
     Release,
     Return,
+    SinkStart,
     StreamStart,
     decode_message,
     message_fields,
@@ -52,6 +57,15 @@ log = logging.getLogger("ww.rpc")
 
 DEFAULT_WINDOW = 16
 """Stream items a producer may send ahead of its consumer."""
+
+DEFAULT_SINK_WINDOW = 256
+"""Items a sink's caller may push ahead of the sink method."""
+
+MAX_SINK_WINDOW = 4096
+"""The largest window a peer may open a sink with (the items it may make us hold)."""
+
+BATCH_BYTES = 64 * 1024
+"""Items of one stream or sink queued together go out as one frame up to this size."""
 
 RECEIVE_SIZE = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
@@ -71,6 +85,10 @@ RELEASE_TIMEOUT = 5.0
 
 _HOLDERS = Holders()
 _LEN = struct.Struct(">I")
+_packb = msgpack.packb
+_ARRAY_HEADER = msgpack.Packer().pack_array_header
+_BATCH_HEADS = {tag: b"\x93" + _packb(tag) for tag in (ITEMS, PUSH)}
+"""The start of a three-element message array with this tag."""
 
 Frame = bytes | tuple[bytes, bytes]
 """An encoded frame: small ones in one piece, large ones as (header, body)."""
@@ -81,8 +99,10 @@ class Ref:
 
     ``await ref.call("m", *args)`` calls it (``await ref.m(*args)`` is the same);
     ``async with ref.stream("m", *args) as items`` iterates a remote generator with
-    backpressure; ``await ref.release()`` (or leaving ``async with ref``, or dropping the last
-    Python reference) tells the owner this handle is done.
+    backpressure; ``async with ref.sink("m", *args) as tx`` pushes items into a remote sink
+    method with ``await tx.send(item)``; ``await ref.release()`` (or leaving
+    ``async with ref``, or dropping the last Python reference) tells the owner this handle
+    is done.
     """
 
     __slots__ = ("__weakref__", "_conn", "_finalizer", "_id", "_released")
@@ -119,6 +139,17 @@ class Ref:
         cancels the remote generator.
         """
         return self._conn._stream(self, method, args, window)
+
+    def sink(
+        self, method: str, *args: Any, window: int = DEFAULT_SINK_WINDOW
+    ) -> AbstractAsyncContextManager[RefSink]:
+        """Push items into the remote sink method `method(items, *args)` (see `sink`).
+
+        ``await tx.send(item)`` waits only while `window` items are pushed and not yet taken.
+        Leaving the block normally tells the method the items ended and waits for its answer
+        (``tx.result``; a RemoteError when it raised); leaving it by an exception cancels it.
+        """
+        return self._conn._sink(self, method, args, window)
 
     async def release(self) -> None:
         """Tell the owner this handle is done with the capability. Idempotent."""
@@ -184,6 +215,13 @@ class _Inbound:
 
     def push(self, kind: int, value: Any) -> None:
         self.items.append((kind, value))
+        self._wake()
+
+    def push_items(self, values: list[Any]) -> None:
+        self.items.extend([(_ITEM, value) for value in values])
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
@@ -287,21 +325,23 @@ class _StreamRelay:
         self.out_qid = out_qid
         self.credit = credit  # items the producer may still send
 
+    def push_items(self, values: list[Any]) -> None:
+        """Items of the forwarded stream arrived: pass them on as they came."""
+        conn = self.conn
+        if conn._answers.get(self.qid) is not self or conn._closing:
+            return
+        try:
+            frame = conn._encode_fields([ITEMS, self.qid, values])
+        except Exception as exc:
+            self.cancel()
+            conn._reply_exception(self.qid, exc)
+            return
+        conn._send_nowait(frame)
+
     def push(self, kind: int, value: Any) -> None:
-        """An item, the end or the failure of the forwarded stream arrived."""
+        """The end or the failure of the forwarded stream arrived."""
         conn = self.conn
         if conn._answers.get(self.qid) is not self:
-            return
-        if kind == _ITEM:
-            if conn._closing:
-                return
-            try:
-                frame = conn._encode_fields([ITEM, self.qid, value])
-            except Exception as exc:
-                self.cancel()
-                conn._reply_exception(self.qid, exc)
-                return
-            conn._send_nowait(frame)
             return
         del conn._answers[self.qid]
         if kind == _END:
@@ -367,6 +407,294 @@ class RefStream:
         raise value
 
 
+class _Batch:
+    """Items of one stream or sink, packed one by one, that go out together as one frame."""
+
+    __slots__ = ("parts", "qid", "size", "tag")
+
+    def __init__(self, tag: int, qid: int, part: bytes) -> None:
+        self.tag = tag
+        self.qid = qid
+        self.parts = [part]
+        self.size = len(part)
+
+    def frame(self) -> bytes:
+        parts = self.parts
+        head = _BATCH_HEADS[self.tag] + _packb(self.qid) + _ARRAY_HEADER(len(parts))
+        body = b"".join([head, *parts])
+        return _LEN.pack(len(body)) + body
+
+
+class _SinkInbox:
+    """Server side of one sink, and the async iterator its method reads: items pushed and not
+    yet taken, and the credit owed back to the asker."""
+
+    __slots__ = (
+        "args",
+        "busy",
+        "conn",
+        "credit",
+        "done",
+        "grant_every",
+        "items",
+        "job",
+        "nowait",
+        "obj",
+        "qid",
+        "taken",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        qid: int,
+        credit: int,
+        obj: object,
+        nowait: Callable[..., Any] | None,
+        args: list[Any],
+    ) -> None:
+        self.conn = conn
+        self.qid = qid
+        self.credit = credit  # items the asker may still push
+        self.grant_every = max(1, (credit + 1) // 2)
+        self.taken = 0  # items taken since the last grant
+        self.items: deque[Any] = deque()
+        self.done = False
+        self.busy = False  # the method holds an item it has not finished with
+        self.waiter: trio.lowlevel.Task | None = None
+        self.obj = obj
+        self.nowait = nowait
+        self.args = args
+        self.job: _Job | None = None
+
+    def pushed(self, values: list[Any]) -> None:
+        """Items arrived. While the method waits for its next one, the method's nowait twin
+        may take them at once, in order, without waking it."""
+        self.credit -= len(values)
+        if self.credit < 0:
+            raise ProtocolError(f"sink {self.qid} was pushed more items than its credit")
+        start = 0
+        nowait = self.nowait
+        if nowait is not None and not self.busy and not self.items:
+            for value in values:
+                try:
+                    took = nowait(self.obj, value, *self.args) is True
+                except Exception:
+                    took = False  # the method itself says what went wrong
+                if not took:
+                    break
+                start += 1
+            if start:
+                self._took(start)
+        if start < len(values):
+            self.items.extend(values[start:] if start else values)
+            self._wake()
+
+    def finish(self) -> None:
+        """The asker pushes no more."""
+        self.done = True
+        self._wake()
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+    def discard(self) -> None:
+        """The method ended: release capabilities in items it never took."""
+        for value in self.items:
+            _release_refs_in(value)
+        self.items.clear()
+
+    def _took(self, n: int) -> None:
+        self.taken += n
+        if self.taken >= self.grant_every:
+            self.credit += self.taken
+            self.conn._send_control(Ack(self.qid, self.taken))
+            self.taken = 0
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    def __aiter__(self) -> _SinkInbox:
+        return self
+
+    async def __anext__(self) -> Any:
+        self.busy = False
+        if self.items:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            while not self.items:
+                if self.done:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    raise StopAsyncIteration
+                if self.waiter is not None:
+                    raise trio.BusyResourceError("another task is already reading this sink")
+                self.waiter = trio.lowlevel.current_task()
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    self.waiter = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+        self.busy = True
+        value = self.items.popleft()
+        self._took(1)
+        return value
+
+
+class _Outsink:
+    """Client side of one sink: the credit to push, and its answer once it came."""
+
+    __slots__ = ("credit", "outcome", "waiter")
+
+    def __init__(self, window: int) -> None:
+        self.credit = window
+        self.outcome: outcome.Outcome[Any] | None = None
+        self.waiter: trio.lowlevel.Task | None = None
+
+    def grant(self, n: int) -> None:
+        self.credit += n
+        self._wake()
+
+    def answered(self, value: Any) -> None:
+        self.outcome = outcome.Value(value)
+        self._wake()
+
+    def failed(self, exc: Exception) -> None:
+        self.outcome = outcome.Error(exc)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    async def wait(self) -> None:
+        """Until credit or the answer arrives."""
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class RefSink:
+    """Pushes items into a remote sink method; made by `Ref.sink`."""
+
+    __slots__ = ("_conn", "_qid", "_state", "result")
+
+    def __init__(self, conn: Connection, qid: int, state: _Outsink) -> None:
+        self._conn = conn
+        self._qid = qid
+        self._state = state
+        self.result: Any = None
+        """What the sink method returned, once the `async with` block has ended."""
+
+    async def send(self, value: Any) -> None:
+        """Push `value`; waits only while the window is full.
+
+        Raises what the method raised (RemoteError) once it has; CapabilityError when it
+        returned before taking every item; ConnectionLost."""
+        st = self._state
+        conn = self._conn
+        if st.credit > 0 and st.outcome is None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            while st.credit <= 0 and st.outcome is None:
+                await st.wait()
+        if st.outcome is not None:
+            if isinstance(st.outcome, outcome.Error):
+                st.outcome.unwrap()
+            raise CapabilityError("the sink returned and takes no more items")
+        if conn._closing:
+            raise ConnectionLost(f"connection {conn.name} is closed ({conn.close_reason})")
+        part = conn._pack_value(value)
+        st.credit -= 1
+        conn._queue_part(PUSH, self._qid, part)
+        if conn._outbox_bytes > HIGH_WATER:
+            await conn._wait_drained()
+
+    async def _finish(self) -> None:
+        st = self._state
+        conn = self._conn
+        if st.outcome is None and not conn._closing:
+            conn._send_nowait(conn._encode(Done(self._qid)))
+        try:
+            while st.outcome is None:
+                await st.wait()
+        except BaseException:
+            if conn._questions.pop(self._qid, None) is not None and not conn._closing:
+                conn._send_nowait(conn._encode(Cancel(self._qid)))
+            raise
+        self.result = st.outcome.unwrap()
+
+
+class _SinkRelay:
+    """One incoming sink on a forwarded capability, passed through without a task.
+
+    The sink is opened on the forwarded reference's connection as question `out_qid` with
+    the same credit; pushed items and the end go on as they arrive, grants and the answer
+    come back. It stands in for an `_Outsink` there and for a `_SinkInbox` here."""
+
+    __slots__ = ("conn", "credit", "out_qid", "qid", "target")
+
+    def __init__(
+        self, conn: Connection, qid: int, target: Connection, out_qid: int, credit: int
+    ) -> None:
+        self.conn = conn
+        self.qid = qid
+        self.target = target
+        self.out_qid = out_qid
+        self.credit = credit  # items the asker may still push
+
+    def pushed(self, values: list[Any]) -> None:
+        self.credit -= len(values)
+        if self.credit < 0:
+            raise ProtocolError(f"sink {self.qid} was pushed more items than its credit")
+        target = self.target
+        if target._closing:
+            return
+        try:
+            frame = target._encode_fields([PUSH, self.out_qid, values])
+        except Exception as exc:
+            self.cancel()
+            self.conn._reply_exception(self.qid, exc)
+            return
+        target._send_nowait(frame)
+
+    def finish(self) -> None:
+        self.target._send_control(Done(self.out_qid))
+
+    def grant(self, n: int) -> None:
+        self.credit += n
+        self.conn._send_control(Ack(self.qid, n))
+
+    def answered(self, value: Any) -> None:
+        conn = self.conn
+        if conn._answers.get(self.qid) is self:
+            del conn._answers[self.qid]
+            conn._reply_nowait(self.qid, value)
+
+    def failed(self, exc: Exception) -> None:
+        conn = self.conn
+        if conn._answers.get(self.qid) is self:
+            del conn._answers[self.qid]
+            conn._reply_exception(self.qid, exc)
+
+    def cancel(self) -> None:
+        self.conn._answers.pop(self.qid, None)
+        target = self.target
+        if target._questions.pop(self.out_qid, None) is not None:
+            target._send_control(Cancel(self.out_qid))
+
+
 class Connection:
     """One RPC connection over a trio stream. Make it with `Connection.open`."""
 
@@ -396,20 +724,25 @@ class Connection:
         if bootstrap is not None:
             self._exports.set_bootstrap(bootstrap)
             _HOLDERS.acquire(bootstrap)
-        # questions we asked: qid -> waiting task (calls) or _Inbound (streams)
+        # questions we asked: qid -> waiting task (calls), _Outsink (sinks) or a relay;
+        # streams have their own table, as their answers are items
         self._next_qid = 1
-        self._questions: dict[int, trio.lowlevel.Task | _Relay] = {}
+        self._questions: dict[int, trio.lowlevel.Task | _Relay | _Outsink | _SinkRelay] = {}
         self._inbound: dict[int, _Inbound | _StreamRelay] = {}
-        # questions the peer asked: qid -> _Job (calls) or _Outbound (streams)
-        self._answers: dict[int, _Job | _Outbound | _Relay | _StreamRelay] = {}
+        # questions the peer asked: qid -> _Job (calls), _Outbound (streams), _SinkInbox
+        # (sinks) or a relay
+        self._answers: dict[
+            int, _Job | _Outbound | _SinkInbox | _Relay | _StreamRelay | _SinkRelay
+        ] = {}
         self._idle_workers: list[trio.lowlevel.Task] = []
         # exports added while encoding one message, to roll back if it fails
         self._encoding: list[int] = []
         # refs made while decoding one message, to release if nobody wants it
         self._decoded_refs: list[Ref] = []
         self._collected: list[int] = []
-        # outgoing frames
-        self._outbox: list[bytes] = []
+        # outgoing frames; the last may be a batch that items of its stream or sink join
+        self._outbox: list[bytes | _Batch] = []
+        self._open_batch: _Batch | None = None
         self._outbox_bytes = 0
         self._writer_waiting: trio.lowlevel.Task | None = None
         self._drained_lot = trio.lowlevel.ParkingLot()
@@ -419,10 +752,14 @@ class Connection:
             Error: self._on_error,
             Release: self._on_release_msg,
             StreamStart: self._on_stream,
-            Item: self._on_item,
+            Items: self._on_items,
             End: self._on_end,
             Credit: self._on_credit,
             Cancel: self._on_cancel,
+            SinkStart: self._on_sink,
+            Push: self._on_push,
+            Ack: self._on_ack,
+            Done: self._on_done,
         }
 
     # --- public ----------------------------------------------------------------------------
@@ -528,9 +865,30 @@ class Connection:
                     _release_refs_in(value)
             state.items.clear()
 
+    @asynccontextmanager
+    async def _sink(
+        self, ref: Ref, method: str, args: tuple[Any, ...], window: int
+    ) -> AsyncIterator[RefSink]:
+        self._check_usable(ref)
+        if not 1 <= window <= MAX_SINK_WINDOW:
+            raise ValueError(f"sink window must be from 1 to {MAX_SINK_WINDOW}")
+        qid = self._next_qid
+        self._next_qid = qid + 1
+        state = _Outsink(window)
+        self._send_nowait(self._encode(SinkStart(qid, ref._id, method, args, window)))  # type: ignore[arg-type]
+        self._questions[qid] = state
+        sink = RefSink(self, qid, state)
+        try:
+            yield sink
+        except BaseException:
+            if self._questions.pop(qid, None) is not None and not self._closing:
+                self._send_nowait(self._encode(Cancel(qid)))
+            raise
+        await sink._finish()
+
     # --- answering -------------------------------------------------------------------------
 
-    def _lookup(self, qid: int, cap_id: int, method: str, stream: bool) -> Any:
+    def _lookup(self, qid: int, cap_id: int, method: str, kind: Kind) -> Any:
         """The function to run for an incoming call or stream (None after answering with
         an error), its target object and the function's nowait twin (see `method_table`)."""
         if len(self._answers) >= self.max_answers:
@@ -548,22 +906,21 @@ class Connection:
             self._reply_error(qid, "CapabilityError", why)
             return None, None, None
         if type(obj) is _Forwarder:
-            return (obj._relay_stream if stream else obj._relay), None, None
+            return (obj._relay_stream if kind is Kind.STREAM else obj._relay), None, None
         entry = method_table(type(obj)).get(method)
-        if entry is None or entry[1] is not stream:
-            kind = "stream" if stream else "method"
-            hint = ""
-            if entry is not None:
-                hint = f" ({method!r} is a {'stream' if entry[1] else 'method'})"
+        if entry is None or entry[1] is not kind:
+            hint = f" ({method!r} is a {entry[1].value})" if entry is not None else ""
             self._reply_error(
-                qid, "CapabilityError", f"{type(obj).__name__} has no {kind} {method!r}{hint}"
+                qid,
+                "CapabilityError",
+                f"{type(obj).__name__} has no {kind.value} {method!r}{hint}",
             )
             return None, None, None
         return entry[0], obj, entry[2]
 
     def _on_call(self, msg: Call) -> None:
         qid = msg.qid
-        fn, obj, nowait = self._lookup(qid, msg.cap, msg.method, False)
+        fn, obj, nowait = self._lookup(qid, msg.cap, msg.method, Kind.METHOD)
         if fn is None:
             return
         if obj is None:
@@ -683,7 +1040,7 @@ class Connection:
 
     def _on_stream(self, msg: StreamStart) -> None:
         qid = msg.qid
-        fn, obj, _ = self._lookup(qid, msg.cap, msg.method, True)
+        fn, obj, _ = self._lookup(qid, msg.cap, msg.method, Kind.STREAM)
         if fn is None:
             return
         if obj is None:
@@ -715,7 +1072,7 @@ class Connection:
                             await self._reply(End(qid))
                             break
                         out.credit -= 1
-                        if not await self._reply(Item(qid, item)):
+                        if not await self._send_item(qid, item):
                             break  # the item could not be sent; the consumer got the error
                 except Exception as exc:
                     self._reply_exception(qid, exc)
@@ -752,6 +1109,80 @@ class Connection:
         self._answers[qid] = relay
         return True
 
+    def _on_sink(self, msg: SinkStart) -> None:
+        qid = msg.qid
+        if msg.credit > MAX_SINK_WINDOW:
+            self._reply_error(
+                qid, "CapabilityError", f"sink window above the limit of {MAX_SINK_WINDOW}"
+            )
+            return
+        fn, obj, nowait = self._lookup(qid, msg.cap, msg.method, Kind.SINK)
+        if fn is None:
+            return
+        if qid in self._answers:
+            raise ProtocolError(f"question id {qid} reused")
+        if obj is None:
+            self._relay_sink(msg, fn.__self__)
+            return
+        inbox = _SinkInbox(self, qid, msg.credit, obj, nowait, msg.args)
+        try:
+            coro = fn(obj, inbox, *msg.args)
+        except TypeError as exc:
+            self._reply_error(qid, "CapabilityError", f"bad arguments: {exc}")
+            return
+        inbox.job = _Job(qid, coro)
+        self._answers[qid] = inbox
+        self._nursery.start_soon(self._run_sink, inbox)  # type: ignore[union-attr]
+
+    async def _run_sink(self, inbox: _SinkInbox) -> None:
+        assert inbox.job is not None
+        with trio.CancelScope() as scope:
+            inbox.job.scope = scope
+            if inbox.job.cancelled:
+                scope.cancel()
+            try:
+                await self._run_call(inbox.job)
+            finally:
+                inbox.discard()
+
+    def _relay_sink(self, msg: SinkStart, forwarder: _Forwarder) -> None:
+        """Pass a sink on a forwarded capability straight through (its credit bounds what
+        the far side's writer can be asked to hold)."""
+        ref = forwarder.ref
+        target = ref._conn
+        qid = msg.qid
+        try:
+            target._check_usable(ref)
+            out_qid = target._next_qid
+            frame = target._encode(SinkStart(out_qid, ref._id, msg.method, msg.args, msg.credit))
+        except Exception as exc:
+            self._reply_exception(qid, exc)
+            return
+        target._next_qid = out_qid + 1
+        target._send_nowait(frame)
+        relay = _SinkRelay(self, qid, target, out_qid, msg.credit)
+        target._questions[out_qid] = relay
+        self._answers[qid] = relay
+
+    def _on_push(self, msg: Push) -> None:
+        sink = self._answers.get(msg.qid)
+        if sink is None:
+            _release_refs_in(msg.values)  # the sink already answered: drop what was in flight
+        elif isinstance(sink, _SinkInbox | _SinkRelay):
+            sink.pushed(msg.values)
+        else:
+            raise ProtocolError(f"push to question {msg.qid}, which is not a sink")
+
+    def _on_done(self, msg: Done) -> None:
+        sink = self._answers.get(msg.qid)
+        if isinstance(sink, _SinkInbox | _SinkRelay):
+            sink.finish()
+
+    def _on_ack(self, msg: Ack) -> None:
+        sink = self._questions.get(msg.qid)
+        if isinstance(sink, _Outsink | _SinkRelay):
+            sink.grant(msg.n)
+
     def _on_credit(self, msg: Credit) -> None:
         out = self._answers.get(msg.qid)
         if isinstance(out, _Outbound):
@@ -765,7 +1196,22 @@ class Connection:
         if answer is not None:
             answer.cancel()
 
-    async def _reply(self, msg: Return | Item | End) -> bool:
+    async def _send_item(self, qid: int, value: Any) -> bool:
+        """Queue an item of stream `qid`; when it cannot be encoded, send that error instead
+        (False)."""
+        if self._closing:
+            return False
+        try:
+            part = self._pack_value(value)
+        except Exception as exc:
+            self._reply_exception(qid, exc)
+            return False
+        self._queue_part(ITEMS, qid, part)
+        if self._outbox_bytes > HIGH_WATER:
+            await self._wait_drained()
+        return True
+
+    async def _reply(self, msg: Return | End) -> bool:
         """Send an answer; when it cannot be encoded, send that error instead (False)."""
         if self._closing:
             return False
@@ -813,34 +1259,33 @@ class Connection:
         task = self._questions.pop(msg.qid, None)
         if task is None:
             self._discard_decoded()
-            return
-        if isinstance(task, _Relay):
+        elif type(task) is trio.lowlevel.Task:
+            trio.lowlevel.reschedule(task, outcome.Value(msg.value))
+        else:
             task.answered(msg.value)
-            return
-        trio.lowlevel.reschedule(task, outcome.Value(msg.value))
 
     def _on_error(self, msg: Error) -> None:
         error = RemoteError(msg.type, msg.message)
         task = self._questions.pop(msg.qid, None)
-        if isinstance(task, _Relay):
-            task.failed(error)
+        if type(task) is trio.lowlevel.Task:
+            trio.lowlevel.reschedule(task, outcome.Error(error))
             return
         if task is not None:
-            trio.lowlevel.reschedule(task, outcome.Error(error))
+            task.failed(error)
             return
         state = self._inbound.pop(msg.qid, None)
         if state is not None:
             state.push(_FAIL, error)
 
-    def _on_item(self, msg: Item) -> None:
+    def _on_items(self, msg: Items) -> None:
         state = self._inbound.get(msg.qid)
         if state is None:
             self._discard_decoded()
             return
-        state.credit -= 1
+        state.credit -= len(msg.values)
         if state.credit < 0:
             raise ProtocolError(f"stream {msg.qid} sent more items than its credit")
-        state.push(_ITEM, msg.value)
+        state.push_items(msg.values)
 
     def _on_end(self, msg: End) -> None:
         state = self._inbound.pop(msg.qid, None)
@@ -899,9 +1344,29 @@ class Connection:
 
     def _encode_fields(self, fields: list[Any]) -> Frame:
         """One frame for a message given as its wire array (see `wire.message_fields`)."""
+        body = self._pack(fields)
+        size = len(body)
+        if size > self.max_frame:
+            raise CapabilityError(
+                f"message of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
+            )
+        return _LEN.pack(size) + body if size < 512 else (_LEN.pack(size), body)
+
+    def _pack_value(self, value: Any) -> bytes:
+        """`value` packed to go into a batch of items (see `_queue_part`)."""
+        part = self._pack(value)
+        if len(part) > self.max_frame - 32:  # room for the batch's own header
+            raise CapabilityError(
+                f"item of {len(part)} bytes exceeds the frame limit of {self.max_frame} bytes"
+            )
+        return part
+
+    def _pack(self, obj: Any) -> bytes:
+        """msgpack of `obj`; capabilities in it are exported (rolled back on failure)."""
         encoding = self._encoding
         try:
-            body = self._packer.pack(fields)
+            packed: bytes = self._packer.pack(obj)
+            return packed
         except BaseException:
             self._packer.reset()
             for cap_id in encoding:
@@ -914,12 +1379,6 @@ class Connection:
             raise
         finally:
             encoding.clear()
-        size = len(body)
-        if size > self.max_frame:
-            raise CapabilityError(
-                f"message of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
-            )
-        return _LEN.pack(size) + body if size < 512 else (_LEN.pack(size), body)
 
     def _encode_special(self, obj: object) -> msgpack.ExtType:
         if isinstance(obj, Capability):
@@ -967,7 +1426,32 @@ class Connection:
 
     # --- I/O -------------------------------------------------------------------------------------
 
+    def _queue_part(self, tag: int, qid: int, part: bytes) -> None:
+        """Queue a packed item of stream or sink `qid`: it joins the batch at the end of the
+        outbox when that batch is its own and has room, so items produced while the writer
+        is busy go out as one frame."""
+        batch = self._open_batch
+        size = len(part)
+        if (
+            batch is not None
+            and batch.qid == qid
+            and batch.tag == tag
+            and batch.size + size <= BATCH_BYTES
+        ):
+            batch.parts.append(part)
+            batch.size += size
+        else:
+            batch = _Batch(tag, qid, part)
+            self._outbox.append(batch)
+            self._open_batch = batch
+        self._outbox_bytes += size
+        writer = self._writer_waiting
+        if writer is not None:
+            self._writer_waiting = None
+            trio.lowlevel.reschedule(writer)
+
     def _send_nowait(self, frame: Frame) -> None:
+        self._open_batch = None
         if isinstance(frame, bytes):
             self._outbox.append(frame)
             self._outbox_bytes += len(frame)
@@ -1006,8 +1490,13 @@ class Connection:
                 if not self._outbox:
                     await self._wait_for_frames()
                     continue
-                data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
-                self._outbox.clear()
+                outbox = self._outbox
+                self._open_batch = None
+                if len(outbox) == 1:
+                    data = outbox[0] if type(outbox[0]) is bytes else outbox[0].frame()  # type: ignore[union-attr]
+                else:
+                    data = b"".join([f if type(f) is bytes else f.frame() for f in outbox])  # type: ignore[union-attr]
+                outbox.clear()
                 self._outbox_bytes = 0
                 await self.stream.send_all(data)
                 self._drained_lot.unpark_all()
@@ -1063,10 +1552,10 @@ class Connection:
         questions = list(self._questions.values())
         self._questions.clear()
         for task in questions:
-            if isinstance(task, _Relay):
-                task.failed(lost)
-            else:
+            if type(task) is trio.lowlevel.Task:
                 trio.lowlevel.reschedule(task, outcome.Error(lost))
+            else:
+                task.failed(lost)
         for state in self._inbound.values():
             state.push(_FAIL, lost)
         self._inbound.clear()
@@ -1074,6 +1563,7 @@ class Connection:
             answer.cancel()
         self._drained_lot.unpark_all()
         self._outbox.clear()
+        self._open_batch = None
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + RELEASE_TIMEOUT
             await trio.aclose_forcefully(self.stream)

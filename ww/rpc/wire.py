@@ -137,11 +137,12 @@ class StreamStart:
 
 
 @dataclass(frozen=True, slots=True)
-class Item:
-    """One item of stream `qid`."""
+class Items:
+    """The next items of stream `qid`, in order (one or more: items produced while the
+    writer was busy travel together)."""
 
     qid: int
-    value: Any
+    values: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +162,63 @@ class Credit:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """The asker of `qid` lost interest: stop the call or stream."""
+    """The asker of `qid` lost interest: stop the call, stream or sink."""
 
     qid: int
 
 
-Message = Call | Return | Error | Release | StreamStart | Item | End | Credit | Cancel
+@dataclass(frozen=True, slots=True)
+class SinkStart:
+    """Run the sink method `method(items, *args)` of `cap`; the asker may push `credit`
+    items for now. Its result comes back as a Return (or Error) for `qid`."""
 
-CALL, RETURN, ERROR, RELEASE, STREAM, ITEM, END, CREDIT, CANCEL = range(9)
+    qid: int
+    cap: int
+    method: str
+    args: list[Any]
+    credit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """The next items the asker pushes into sink `qid`, in order (one or more)."""
+
+    qid: int
+    values: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The sink `qid` took `n` more items: the asker may push `n` more."""
+
+    qid: int
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The asker of sink `qid` pushes no more items."""
+
+    qid: int
+
+
+Message = (
+    Call
+    | Return
+    | Error
+    | Release
+    | StreamStart
+    | Items
+    | End
+    | Credit
+    | Cancel
+    | SinkStart
+    | Push
+    | Ack
+    | Done
+)
+
+CALL, RETURN, ERROR, RELEASE, STREAM, ITEMS, END, CREDIT, CANCEL, SINK, PUSH, ACK, DONE = range(13)
 
 _ID = "id"
 _STR = "str"
@@ -183,10 +233,14 @@ _SPECS: dict[int, tuple[Callable[..., Message], tuple[str, ...]]] = {
     ERROR: (Error, (_ID, _STR, _STR)),
     RELEASE: (Release, (_ID, _COUNT)),
     STREAM: (StreamStart, (_ID, _ID, _STR, _LIST, _COUNT)),
-    ITEM: (Item, (_ID, _ANY)),
+    ITEMS: (Items, (_ID, _LIST)),
     END: (End, (_ID,)),
     CREDIT: (Credit, (_ID, _COUNT)),
     CANCEL: (Cancel, (_ID,)),
+    SINK: (SinkStart, (_ID, _ID, _STR, _LIST, _COUNT)),
+    PUSH: (Push, (_ID, _LIST)),
+    ACK: (Ack, (_ID, _COUNT)),
+    DONE: (Done, (_ID,)),
 }
 
 
@@ -196,10 +250,14 @@ _FIELDS: dict[type, Callable[[Any], list[Any]]] = {
     Error: lambda m: [ERROR, m.qid, m.type, m.message],
     Release: lambda m: [RELEASE, m.cap, m.count],
     StreamStart: lambda m: [STREAM, m.qid, m.cap, m.method, m.args, m.credit],
-    Item: lambda m: [ITEM, m.qid, m.value],
+    Items: lambda m: [ITEMS, m.qid, m.values],
     End: lambda m: [END, m.qid],
     Credit: lambda m: [CREDIT, m.qid, m.n],
     Cancel: lambda m: [CANCEL, m.qid],
+    SinkStart: lambda m: [SINK, m.qid, m.cap, m.method, m.args, m.credit],
+    Push: lambda m: [PUSH, m.qid, m.values],
+    Ack: lambda m: [ACK, m.qid, m.n],
+    Done: lambda m: [DONE, m.qid],
 }
 
 
@@ -229,9 +287,15 @@ def decode_message(body: bytes | bytearray, ext_hook: Callable[[int, bytes], Any
         raise ProtocolError(f"unknown message tag {_short(tag)}")
     # Fast paths for the frequent messages; anything unusual takes the checks below.
     size = len(raw)
-    if tag in (RETURN, ITEM):
+    if tag == RETURN:
         if size == 3 and type(qid := raw[1]) is int and 0 <= qid <= _MAX_ID:
-            return Return(qid, raw[2]) if tag == RETURN else Item(qid, raw[2])
+            return Return(qid, raw[2])
+    elif tag in (ITEMS, PUSH):
+        if size == 3 and type(qid := raw[1]) is int and 0 <= qid <= _MAX_ID:
+            values = raw[2]
+            if type(values) is list and values:
+                return Items(qid, values) if tag == ITEMS else Push(qid, values)
+            raise ProtocolError("items must be a non-empty array")
     elif tag == CALL and size == 5:
         _, qid, cap, method, args = raw
         if (
