@@ -15,7 +15,7 @@ from ww.host.channel import Channel, ChannelClosed
 from ww.host.lease import Lease
 from ww.host.paths import AnchorPathError, Parts, format_path, parse_path
 from ww.host.pubsub import PubSubError, check_data, check_topic
-from ww.rpc import Capability, CapabilityError, Ref
+from ww.rpc import Capability, CapabilityError, Ref, sink
 from ww.rpc.capability import NOT_NOW
 
 if TYPE_CHECKING:
@@ -218,6 +218,16 @@ class ChannelCapability(Capability):
 
     def _send_nowait(self, value: Any) -> Any:
         return None if self._channel.send_nowait(value) else NOT_NOW
+
+    @sink
+    async def send_stream(self, values: AsyncIterator[Any]) -> None:
+        """Send every value the caller pushes, in order, each as `send` would: the caller
+        pushes without waiting for each one, and is held back while the channel is full."""
+        async for value in values:
+            await self.send(value)
+
+    def _send_stream_nowait(self, value: Any) -> bool:
+        return self._channel.send_nowait(value)
 
     async def recv(self) -> Any:
         try:
