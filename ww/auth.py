@@ -40,6 +40,7 @@ IDENTITY_FILE = "identity.pem"
 HANDSHAKE_TIMEOUT = 10.0
 ACCEPTED = b"\x01"
 CERT_LIFETIME = datetime.timedelta(days=30)
+CREDENTIALS_LIFETIME = datetime.timedelta(days=1)
 CONTEXT_REFRESH = datetime.timedelta(days=1)
 CLOCK_SKEW = datetime.timedelta(hours=1)
 
@@ -147,8 +148,13 @@ class ClusterKey:
             .sign(self.key, hashes.SHA256())
         )
 
-    def issue(self, subject_key: ec.EllipticCurvePrivateKey, common_name: str) -> x509.Certificate:
-        """A certificate for `subject_key`, valid for a while, usable by clients and servers."""
+    def issue(
+        self,
+        subject_key: ec.EllipticCurvePrivateKey,
+        common_name: str,
+        lifetime: datetime.timedelta = CERT_LIFETIME,
+    ) -> x509.Certificate:
+        """A certificate for `subject_key`, valid for `lifetime`, usable by clients and servers."""
         now = datetime.datetime.now(datetime.UTC)
         public = subject_key.public_key()
         return (
@@ -162,7 +168,7 @@ class ClusterKey:
             .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + CERT_LIFETIME)
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
@@ -236,6 +242,47 @@ class Identity:
         return cls(key, fingerprint(key))
 
 
+def issue_credentials(cluster_key: ClusterKey) -> bytes:
+    """Credentials for a process that has no cluster key to dial hosts itself (a ROM a host
+    runs): a PEM bundle of a fresh key, a certificate for it from the cluster key valid for
+    CREDENTIALS_LIFETIME, and the CA certificate. The certificate names no host (its common
+    name is "guest <id>"), so hosts never take its holder for one of them."""
+    key = _new_key()
+    cert = cluster_key.issue(key, f"guest {fingerprint(key)}", CREDENTIALS_LIFETIME)
+    pem = serialization.Encoding.PEM
+    return _key_pem(key) + cert.public_bytes(pem) + cluster_key.ca_certificate().public_bytes(pem)
+
+
+def credentials_context(bundle: bytes) -> ssl.SSLContext:
+    """A TLS client context from an `issue_credentials` bundle; AuthError when it is not one."""
+    ca_start = bundle.rfind(b"-----BEGIN CERTIFICATE")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cadata=bundle[ca_start:].decode("ascii"))
+        _load_chain(ctx, bundle[:ca_start])
+    except (ValueError, ssl.SSLError) as e:
+        raise AuthError(
+            f"unusable credentials: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, chain: bytes) -> None:
+    """Load a key and its certificate from memory (the ssl module reads them only from files:
+    a private temporary one, deleted at once)."""
+    fd, name = tempfile.mkstemp(prefix="ww-cert-", suffix=".pem")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, chain)
+        os.close(fd)
+        ctx.load_cert_chain(name)
+    finally:
+        os.unlink(name)
+
+
 # --- TLS ---------------------------------------------------------------------------------------
 
 _CONTEXTS: dict[tuple[str, str, bool], tuple[float, ssl.SSLContext]] = {}
@@ -260,16 +307,7 @@ def tls_context(cluster_key: ClusterKey, identity: Identity, *, server: bool) ->
     ca_pem = cluster_key.ca_certificate().public_bytes(serialization.Encoding.PEM)
     ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
     cert = cluster_key.issue(identity.key, identity.peer_id)
-    chain = _key_pem(identity.key) + cert.public_bytes(serialization.Encoding.PEM)
-    # The ssl module loads certificates only from files: use a private temporary one.
-    fd, name = tempfile.mkstemp(prefix="ww-cert-", suffix=".pem")
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, chain)
-        os.close(fd)
-        ctx.load_cert_chain(name)
-    finally:
-        os.unlink(name)
+    _load_chain(ctx, _key_pem(identity.key) + cert.public_bytes(serialization.Encoding.PEM))
     _CONTEXTS[cache_key] = (now, ctx)
     return ctx
 
@@ -300,16 +338,21 @@ async def open_client_stream(
     *,
     cluster_key: ClusterKey | None = None,
     identity: Identity | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> trio.abc.Stream:
-    """Connect to a host: plain TCP without a key; mutual TLS with one.
+    """Connect to a host: plain TCP without a key; mutual TLS with one (or with `context`,
+    a client context from `credentials_context`).
 
     Raises OSError when nothing listens, AuthError when the host refuses us or cannot
     prove it holds the cluster key.
     """
     tcp = await trio.open_tcp_stream(host, port)
-    if cluster_key is None:
+    if context is not None:
+        ctx = context
+    elif cluster_key is not None:
+        ctx = tls_context(cluster_key, identity or _client_identity(), server=False)
+    else:
         return tcp
-    ctx = tls_context(cluster_key, identity or _client_identity(), server=False)
     stream = trio.SSLStream(tcp, ctx)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):

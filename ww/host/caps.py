@@ -52,6 +52,11 @@ class HostCapability(Capability):
     async def root(self) -> AnchorCapability:
         return AnchorCapability(self._host, (), self._lease)
 
+    async def credentials(self) -> bytes | None:
+        """A key and certificate to dial hosts of the cluster directly (`ww.guest.dial`),
+        or None when the cluster has no key."""
+        return self._host.credentials()
+
     async def channel(self, capacity: int = 0) -> ChannelCapability:
         try:
             return ChannelCapability(capacity)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ww.auth import peer_id_of
+from ww.auth import ClusterKey, issue_credentials, peer_id_of
 from ww.host.anchors import AnchorTree
 from ww.host.caps import HostCapability
 from ww.host.config import Address, HostConfig, format_address, parse_address
@@ -77,8 +77,10 @@ class Host:
         nursery: trio.Nursery,
         dialer: Dialer,
         executor: Executor | None = None,
+        cluster_key: ClusterKey | None = None,
     ) -> None:
         self.config = config
+        self.cluster_key = cluster_key
         self.peer_id = peer_id
         self.addr = addr
         self.nursery = nursery
@@ -135,6 +137,11 @@ class Host:
             log.info("host %s joined the view", peer)
         if new:
             self.dial_new_hosts()
+
+    def credentials(self) -> bytes | None:
+        """What a process of ours needs to dial hosts of the cluster itself: a bundle from
+        `issue_credentials`, or None when the cluster has no key (plain TCP)."""
+        return None if self.cluster_key is None else issue_credentials(self.cluster_key)
 
     def hello(self) -> dict[str, Any]:
         return {"peer": self.peer_id, "ns": self.config.ns, "record": self.view.me.to_wire(0.0)}

@@ -56,7 +56,7 @@ async def run_host(
         rom_cache_limit=config.rom_cache_limit,
     )
     async with executor, trio.open_nursery() as nursery:
-        host = Host(config, identity.peer_id, addr, nursery, dialer, executor)
+        host = Host(config, identity.peer_id, addr, nursery, dialer, executor, key)
 
         async def handle(tcp: trio.SocketStream) -> None:
             await _serve_client(host, tcp, wrap)
