@@ -1,28 +1,34 @@
 """Throughput and round-trip latency through a ww channel, against a bare trio TCP echo.
 
-    python benchmarks/ww_rpc.py [--count 10000] [--rtt-count 1000] [--inflight 64] [--repeat 3]
+    python benchmarks/ww_rpc.py [--count 20000] [--rtt-count 1000] [--inflight 64] [--repeat 3]
 
 ww: two hosts (`ww start`, two processes on loopback, joined into one cluster). A ROM process
 spawned on host B makes two channels, hangs them at `/<B>/bench/{in,out}` and serves them: it
-counts what arrives on `in` and, when asked, echoes to `out`. A second ROM process spawned on
-host A finds them through the anchor tree, so every message goes ROM A -> host A -> host B ->
-ROM B (and back for a round trip).
+counts what arrives on `in` and, when asked, echoes to `out` (through the channel's
+`send_stream` sink). A second ROM process spawned on host A reaches them in two ways:
 
-  - one way: `--count` messages of 100 bytes (a tenth as many, at least 1000, of 10 KB) sent
-    with `--inflight` concurrent senders, then a flush that the server answers with the count
-    it saw. msgs/s is the count over the time from the first send to the answer.
+  - dialed: it dials host B (`ww.dial`) and walks B's anchor tree over that connection, so a
+    message goes ROM A -> host B -> ROM B (and back for a round trip);
+  - relayed: it walks `/<B>/bench/...` in its own host's tree, so host A relays every message:
+    ROM A -> host A -> host B -> ROM B.
+
+Measured each way:
+
+  - one way: `--count` messages of 100 bytes (a tenth as many, at least 1000, of 10 KB) pushed
+    into the `in` channel's `send_stream` sink, then a flush that the server answers with the
+    count it saw. msgs/s is the count over the time from the first push to the answer.
   - round trip: `--rtt-count` echoes one at a time (unloaded); p50 and p99.
-  - batched (ww only): one way again with `--batch` messages per send (a list as one value):
-    what batching would buy, the same path carrying many messages per RPC frame.
-  - CPU: microseconds of CPU (user + system) per message in each of the four processes during
-    the one-way run, which says where the time goes independently of how busy the machine is.
+  - one send call each (dialed only): one way again with one `send` call per message and
+    `--inflight` calls at once, each waiting for its answer.
+  - CPU: microseconds of CPU (user + system) per message (one way) or per round trip in each
+    of the four processes, which says where the time goes however busy the machine is.
     `--profile DIR` also runs both hosts under cProfile (CPU time) for a closer look.
 
 Bare TCP: the same measurements, same framing tags, against a trio TCP server in a child process
 (a 4-byte length prefix per message, one `send_all` per message, from one task).
 
-Medians of `--repeat` runs are printed with the ratio ww / TCP. Everything is started and stopped
-by this script.
+Medians of `--repeat` runs are printed with the ratio ww (dialed) / TCP. Everything is started
+and stopped by this script.
 """
 
 from __future__ import annotations
@@ -63,14 +69,17 @@ requires = ["trio"]
 
 ROM_SOURCE = r'''
 """serve: make channels at /<me>/bench/{in,out} and serve them.
-oneway|batch|rtt PEER SIZE COUNT INFLIGHT BATCH: measure against PEER's server; print JSON."""
+oneway|calls|rtt dial|relay PEER SIZE COUNT INFLIGHT: measure against PEER's server, over a
+connection of our own to PEER (dial) or through our host (relay); print JSON."""
 
 import json
 import statistics
 import time
+from contextlib import asynccontextmanager
 from time import perf_counter
 
 import trio
+from ww.dial import dial
 
 SINK, ECHO, FLUSH = b"S", b"E", b"F"
 
@@ -79,7 +88,17 @@ async def main(host, args):
     if args[0] == "serve":
         await serve(host, int(args[1]))
     else:
-        await drive(host, args[0], args[1], *map(int, args[2:6]))
+        async with route(host, args[1], args[2]) as far:
+            await drive(far, args[0], args[2], *map(int, args[3:6]))
+
+
+@asynccontextmanager
+async def route(host, how, peer):
+    if how == "dial":
+        async with dial(host, peer) as far:
+            yield far
+    else:
+        yield host
 
 
 async def serve(host, capacity):
@@ -92,40 +111,48 @@ async def serve(host, capacity):
     ready = await (await root.walk(f"/{me}/bench/ready")).load()
     await ready.send(b"ready")
     seen = 0
-    async with inbox.stream("recv_stream") as messages:
+    async with (
+        inbox.stream("recv_stream", window=256) as messages,
+        outbox.sink("send_stream") as replies,
+    ):
         async for message in messages:
-            if isinstance(message, list):  # a batch of SINK messages in one send
-                seen += len(message)
-                continue
             tag = message[:1]
             if tag == SINK:
                 seen += 1
             elif tag == ECHO:
-                await outbox.send(message)
+                await replies.send(message)
             elif tag == FLUSH:
-                await outbox.send(str(seen).encode())
+                await replies.send(str(seen).encode())
                 seen = 0
 
 
-async def drive(host, mode, peer, size, count, inflight, batch):
+async def drive(host, mode, peer, size, count, inflight):
     root = await host.root()
     inbox = await (await root.walk(f"/{peer}/bench/in")).load()
     outbox = await (await root.walk(f"/{peer}/bench/out")).load()
-    async with outbox.stream("recv_stream") as replies:
+    async with (
+        outbox.stream("recv_stream") as replies,
+        inbox.sink("send_stream") as tx,
+    ):
         replies = replies.__aiter__()
         cpu = time.process_time()
-        if mode in ("oneway", "batch"):
+        if mode == "oneway":  # pushed into the channel's sink
             payload = SINK + bytes(size - 1)
-            per_send = batch if mode == "batch" else 1
-            if mode == "batch":
-                payload = [payload] * batch
+            start = perf_counter()
+            for _ in range(count):
+                await tx.send(payload)
+            await tx.send(FLUSH)
+            seen = int(await replies.__anext__())
+            result = {"msgs_per_s": count / (perf_counter() - start)}
+        elif mode == "calls":  # one `send` call per message, `inflight` at once
+            payload = SINK + bytes(size - 1)
             start = perf_counter()
             remaining = count
 
             async def sender():
                 nonlocal remaining
                 while remaining > 0:
-                    remaining -= per_send
+                    remaining -= 1
                     await inbox.send(payload)
 
             async with trio.open_nursery() as nursery:
@@ -133,23 +160,23 @@ async def drive(host, mode, peer, size, count, inflight, batch):
                     nursery.start_soon(sender)
             await inbox.send(FLUSH)
             seen = int(await replies.__anext__())
-            elapsed = perf_counter() - start
-            assert seen == count, (seen, count)
-            result = {"msgs_per_s" if mode == "oneway" else "batched_msgs_per_s": count / elapsed}
+            result = {"calls_msgs_per_s": count / (perf_counter() - start)}
         else:
             echo = ECHO + bytes(size - 1)
             rtts = []
             for _ in range(count):
                 t0 = perf_counter()
-                await inbox.send(echo)
+                await tx.send(echo)
                 reply = await replies.__anext__()
                 rtts.append(perf_counter() - t0)
                 assert len(reply) == size
             rtts.sort()
+            seen = count
             result = {
                 "p50_ms": statistics.median(rtts) * 1e3,
                 "p99_ms": rtts[int(len(rtts) * 0.99) - 1] * 1e3,
             }
+        assert seen == count, (seen, count)
         result["cpu_s"] = time.process_time() - cpu
     print(json.dumps(result))
 '''
@@ -244,8 +271,7 @@ async def bench_ww(args: argparse.Namespace) -> dict[int, list[dict[str, float]]
                         result = await one_ww_run(a, b, host_a, host_b, rom, size, args)
                         results[size].append(result)
                         print(f"  ww  {size:>6} B: {fmt(result)}", flush=True)
-                        print(f"{'':14}{fmt_cpu(result)}", flush=True)
-                        print(f"{'':14}{fmt_cpu(result, 'rtt')}", flush=True)
+                        print(f"  relayed {size:>6} B: {fmt(result, 'relay ')}", flush=True)
     return results
 
 
@@ -269,13 +295,14 @@ async def one_ww_run(
     server_pid = (await server.info())["pid"]
     count = args.count if size < 1000 else max(args.count // 10, 1000)
     result: dict[str, float] = {}
-    modes = [("oneway", count), ("rtt", args.rtt_count)]
-    if args.batch > 1:
-        modes.append(("batch", count - count % args.batch))
-    for mode, n in modes:
+    runs = [("oneway", "dial", count), ("rtt", "dial", args.rtt_count)]
+    runs += [("oneway", "relay", count), ("rtt", "relay", args.rtt_count)]
+    if args.inflight:
+        runs.append(("calls", "dial", count))
+    for mode, how, n in runs:
         pids = {"host A": a.pid, "host B": b.pid, "ROM B": server_pid}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        params = [mode, peer_b, *map(str, (size, n, args.inflight, args.batch))]
+        params = [mode, how, peer_b, *map(str, (size, n, args.inflight))]
         driver = await host_a.spawn(rom, params)
         code = await driver.wait()
         after = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -284,8 +311,9 @@ async def one_ww_run(
             raise RuntimeError(f"driver ROM exited with {code}:\n{out}")
         measured = json.loads(out.strip().splitlines()[-1])
         cpu = {"ROM A": measured.pop("cpu_s")} | {k: after[k] - before[k] for k in pids}
-        result |= measured
-        result |= {f"{mode} cpu_us {k}": v / n * 1e6 for k, v in cpu.items()}
+        prefix = "" if how == "dial" else "relay "
+        result |= {prefix + k: v for k, v in measured.items()}
+        result |= {f"{prefix}{mode} cpu_us {k}": v / n * 1e6 for k, v in cpu.items()}
     await server.kill()
     await server.wait()
     return result
@@ -390,18 +418,18 @@ def fmt_cpu(r: dict[str, float], mode: str = "oneway") -> str:
     A round trip is sequential, so on an idle machine its latency is at least the sum."""
     prefix = f"{mode} cpu_us "
     cpu = {k.removeprefix(prefix): v for k, v in r.items() if k.startswith(prefix)}
-    unit = "round trip" if mode == "rtt" else "msg one way"
+    unit = "round trip" if mode.endswith("rtt") else "msg one way"
     parts = ", ".join(f"{name} {v:.0f}" for name, v in cpu.items())
     return f"cpu us/{unit}: {parts} (sum {sum(cpu.values()):.0f})"
 
 
-def fmt(r: dict[str, float]) -> str:
+def fmt(r: dict[str, float], prefix: str = "") -> str:
     text = (
-        f"{r['msgs_per_s']:>9,.0f} msgs/s one way   "
-        f"rtt p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+        f"{r[prefix + 'msgs_per_s']:>9,.0f} msgs/s one way   "
+        f"rtt p50 {r[prefix + 'p50_ms']:.3f} ms  p99 {r[prefix + 'p99_ms']:.3f} ms"
     )
-    if "batched_msgs_per_s" in r:
-        text += f"   batched {r['batched_msgs_per_s']:,.0f} msgs/s"
+    if prefix + "calls_msgs_per_s" in r:
+        text += f"   one send call each {r['calls_msgs_per_s']:,.0f} msgs/s"
     return text
 
 
@@ -423,6 +451,9 @@ async def run(args: argparse.Namespace) -> None:
         print(f"{size:>6} B  ww  {fmt(w)}")
         print(f"{size:>6} B      {fmt_cpu(w)}")
         print(f"{size:>6} B      {fmt_cpu(w, 'rtt')}")
+        print(f"{size:>6} B  ww relayed through host A: {fmt(w, 'relay ')}")
+        print(f"{size:>6} B      {fmt_cpu(w, 'relay oneway')}")
+        print(f"{size:>6} B      {fmt_cpu(w, 'relay rtt')}")
         print(f"{size:>6} B  tcp {fmt(t)}")
         print(
             f"{size:>6} B  ratio: throughput {w['msgs_per_s'] / t['msgs_per_s']:.3f}, "
@@ -448,16 +479,15 @@ def profiled_host(out: Path, ww_args: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=10_000, help="small messages per one-way run")
+    parser.add_argument("--count", type=int, default=20_000, help="small messages per one-way run")
     parser.add_argument("--rtt-count", type=int, default=1_000, help="round trips per run")
-    parser.add_argument("--inflight", type=int, default=64, help="concurrent senders")
-    parser.add_argument("--capacity", type=int, default=1024, help="channel buffer")
     parser.add_argument(
-        "--batch",
+        "--inflight",
         type=int,
         default=64,
-        help="also run one way with this many messages per send, a list in one value (1: skip)",
+        help="also run one way with one `send` call per message, this many at once (0: skip)",
     )
+    parser.add_argument("--capacity", type=int, default=1024, help="channel buffer")
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
     parser.add_argument(
         "--profile",
