@@ -6,8 +6,10 @@
 A child process serves an RPC capability and, on another port, a bare trio TCP server. For
 100-byte and 10 KB payloads this measures:
 
-  - one way, calls: `--count` calls `sink(payload)` from `--inflight` concurrent tasks; each
+  - one way, calls: `--count` calls `take(payload)` from `--inflight` concurrent tasks; each
     call carries one payload to the server (its answer is a few bytes).
+  - one way, sink: the client pushes `--count` payloads into the server's sink `absorb`
+    (sends do not wait for answers; the default credit window holds them back).
   - one way, stream: the server streams `--count` payloads to the client through a credit
     window (a subscription's path).
   - round trip: `--rtt-count` calls `echo(payload)` one at a time; p50 and p99.
@@ -40,7 +42,7 @@ from ww.auth import (
     open_client_stream,
     server_stream_wrapper,
 )
-from ww.rpc import Capability, Connection, serve_connection
+from ww.rpc import Capability, Connection, serve_connection, sink
 
 HOST = "127.0.0.1"
 SIZES = (100, 10_000)
@@ -51,8 +53,15 @@ class Bench(Capability):
     def __init__(self) -> None:
         self.sunk = 0
 
-    async def sink(self, payload: bytes) -> None:
+    async def take(self, payload: bytes) -> None:
         self.sunk += 1
+
+    @sink
+    async def absorb(self, payloads: AsyncIterator[bytes]) -> int:
+        n = 0
+        async for _ in payloads:
+            n += 1
+        return n
 
     async def echo(self, payload: bytes) -> bytes:
         return payload
@@ -122,7 +131,7 @@ async def rpc_one_way(conn: Connection, size: int, count: int, inflight: int) ->
 
     async def sender() -> None:
         for _ in range(per_task):
-            await ref.sink(payload)
+            await ref.take(payload)
 
     start = perf_counter()
     async with trio.open_nursery() as nursery:
@@ -131,6 +140,16 @@ async def rpc_one_way(conn: Connection, size: int, count: int, inflight: int) ->
     got: int = await ref.flush()
     assert got == per_task * inflight, got
     return got / (perf_counter() - start)
+
+
+async def rpc_sink(conn: Connection, size: int, count: int) -> float:
+    payload = b"x" * size
+    start = perf_counter()
+    async with conn.bootstrap().sink("absorb") as tx:
+        for _ in range(count):
+            await tx.send(payload)
+    assert tx.result == count, tx.result
+    return count / (perf_counter() - start)
 
 
 async def rpc_stream(conn: Connection, size: int, count: int) -> float:
@@ -222,16 +241,18 @@ async def run(args: argparse.Namespace) -> None:
         async with rpc_stream_, tcp, Connection.open(rpc_stream_) as conn:
             for size in SIZES:
                 count = args.count if size <= 1000 else max(1000, args.count // 5)
-                calls, streams, tcps, rtts, tcp_rtts = [], [], [], [], []
+                calls, sinks, streams, tcps, rtts, tcp_rtts = [], [], [], [], [], []
                 for _ in range(args.repeat):
                     calls.append(await rpc_one_way(conn, size, count, args.inflight))
+                    sinks.append(await rpc_sink(conn, size, count))
                     streams.append(await rpc_stream(conn, size, count))
                     tcps.append(await tcp_one_way(tcp, size, count))
                     rtts += await rpc_rtt(conn, size, args.rtt_count)
                     tcp_rtts += await tcp_rtt(tcp, size, args.rtt_count)
-                c, s, t = (statistics.median(x) for x in (calls, streams, tcps))
+                c, k, s, t = (statistics.median(x) for x in (calls, sinks, streams, tcps))
                 print(f"\n{size} B payloads ({count} messages)")
                 print(f"  one way  rpc calls {c:>10,.0f} msg/s   ratio to tcp {c / t:.2f}")
+                print(f"  one way  rpc sink  {k:>10,.0f} msg/s   ratio to tcp {k / t:.2f}")
                 print(f"  one way  rpc stream{s:>10,.0f} msg/s   ratio to tcp {s / t:.2f}")
                 print(f"  one way  bare tcp  {t:>10,.0f} msg/s")
                 print(

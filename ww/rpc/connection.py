@@ -67,7 +67,7 @@ MAX_SINK_WINDOW = 4096
 BATCH_BYTES = 64 * 1024
 """Items of one stream or sink queued together go out as one frame up to this size."""
 
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 64 * 1024
 HIGH_WATER = 4 * 1024 * 1024
 """Queued outgoing bytes above which senders wait for the writer."""
 
