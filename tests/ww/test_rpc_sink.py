@@ -141,6 +141,23 @@ async def test_sender_waits_while_the_window_is_full() -> None:
         assert service.taken == [0, 1, 2, 3, 5]
 
 
+async def test_several_tasks_push_into_one_sink() -> None:
+    """Senders waiting for credit together are all let go as credit comes back."""
+    service = Collector()
+    async with pair(service) as (_, client):
+        async with client.bootstrap().sink("collect", "many", window=2) as tx:
+
+            async def push(first: int) -> None:
+                for i in range(first, first + 100):
+                    await tx.send(i)
+
+            async with trio.open_nursery() as nursery:
+                for first in range(0, 500, 100):
+                    nursery.start_soon(push, first)
+        assert tx.result == "many:500"
+        assert sorted(service.taken) == list(range(500))
+
+
 async def test_a_method_that_raises_fails_the_next_send_and_the_block() -> None:
     service = Collector()
     async with pair(service) as (_, client):

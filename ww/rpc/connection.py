@@ -549,40 +549,24 @@ class _SinkInbox:
 class _Outsink:
     """Client side of one sink: the credit to push, and its answer once it came."""
 
-    __slots__ = ("credit", "outcome", "waiter")
+    __slots__ = ("credit", "lot", "outcome")
 
     def __init__(self, window: int) -> None:
         self.credit = window
         self.outcome: outcome.Outcome[Any] | None = None
-        self.waiter: trio.lowlevel.Task | None = None
+        self.lot = trio.lowlevel.ParkingLot()  # senders waiting for credit or the answer
 
     def grant(self, n: int) -> None:
         self.credit += n
-        self._wake()
+        self.lot.unpark_all()
 
     def answered(self, value: Any) -> None:
         self.outcome = outcome.Value(value)
-        self._wake()
+        self.lot.unpark_all()
 
     def failed(self, exc: Exception) -> None:
         self.outcome = outcome.Error(exc)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            trio.lowlevel.reschedule(waiter)
-
-    async def wait(self) -> None:
-        """Until credit or the answer arrives."""
-        self.waiter = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.waiter = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        self.lot.unpark_all()
 
 
 class RefSink:
@@ -608,7 +592,7 @@ class RefSink:
             await trio.lowlevel.checkpoint_if_cancelled()
         else:
             while st.credit <= 0 and st.outcome is None:
-                await st.wait()
+                await st.lot.park()
         if st.outcome is not None:
             if isinstance(st.outcome, outcome.Error):
                 st.outcome.unwrap()
@@ -628,7 +612,7 @@ class RefSink:
             conn._send_nowait(conn._encode(Done(self._qid)))
         try:
             while st.outcome is None:
-                await st.wait()
+                await st.lot.park()
         except BaseException:
             if conn._questions.pop(self._qid, None) is not None and not conn._closing:
                 conn._send_nowait(conn._encode(Cancel(self._qid)))
