@@ -53,7 +53,7 @@ class HostCapability(Capability):
         return AnchorCapability(self._host, (), self._lease)
 
     async def credentials(self) -> bytes | None:
-        """A key and certificate to dial hosts of the cluster directly (`ww.guest.dial`),
+        """A key and certificate to dial hosts of the cluster directly (`ww.dial.dial`),
         or None when the cluster has no key."""
         return self._host.credentials()
 
