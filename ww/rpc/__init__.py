@@ -6,16 +6,11 @@ when dropped or when their connection closes. See docs/rpc.md.
 """
 
 from ww.rpc.capability import Capability, sink
-from ww.rpc.connection import (
-    DEFAULT_SINK_WINDOW,
-    DEFAULT_WINDOW,
-    Connection,
-    Ref,
-    RefSink,
-    RefStream,
-    serve_connection,
-)
+from ww.rpc.connection import Connection, serve_connection
 from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, RemoteError
+from ww.rpc.flow import RefSink, RefStream
+from ww.rpc.limits import DEFAULT_SINK_WINDOW, DEFAULT_WINDOW
+from ww.rpc.ref import Ref
 from ww.rpc.wire import MAX_FRAME
 
 __all__ = [

@@ -1,20 +1,19 @@
-"""The trio shell of the RPC: a `Connection` over one stream, and `Ref`, a remote capability.
+"""The trio shell of the RPC: a `Connection` over one stream.
 
 One connection runs a reader that turns frames into messages and dispatches them, and a writer
 that sends whatever frames queued up while it was busy in one ``send_all``. Each incoming call
 runs in a task of the connection's nursery (a parked worker when one is free), each incoming
-stream in a task of its own; the sans-I/O parts live in `wire` and `tables`.
+stream in a task of its own; the sans-I/O parts live in `wire` and `tables`, `Ref` in `ref`,
+the state of each stream and sink in `flow`, and the pass-through of forwarded capabilities in
+`relay`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import struct
-import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import msgpack
@@ -23,6 +22,30 @@ import trio
 
 from ww.rpc.capability import NOT_NOW, Capability, Kind, method_table
 from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, RemoteError
+from ww.rpc.flow import (
+    _END,
+    _FAIL,
+    _ITEM,
+    RefSink,
+    RefStream,
+    _Batch,
+    _Inbound,
+    _Outbound,
+    _Outsink,
+    _SinkInbox,
+)
+from ww.rpc.limits import (
+    BATCH_BYTES,
+    HIGH_WATER,
+    MAX_ANSWERS,
+    MAX_ERROR_MESSAGE,
+    MAX_IDLE_WORKERS,
+    MAX_SINK_WINDOW,
+    RECEIVE_SIZE,
+    RELEASE_TIMEOUT,
+)
+from ww.rpc.ref import Ref, _release_refs_in
+from ww.rpc.relay import _Forwarder, _Relay, _relay_ready, _SinkRelay, _StreamRelay
 from ww.rpc.tables import BOOTSTRAP_ID, Exports, Holders, Imports
 from ww.rpc.wire import (
     CALL,
@@ -30,7 +53,6 @@ from ww.rpc.wire import (
     EXT_SENDER_CAP,
     ITEMS,
     MAX_FRAME,
-    PUSH,
     RETURN,
     Ack,
     Call,
@@ -55,195 +77,11 @@ from ww.rpc.wire import (
 
 log = logging.getLogger("ww.rpc")
 
-DEFAULT_WINDOW = 16
-"""Stream items a producer may send ahead of its consumer."""
-
-DEFAULT_SINK_WINDOW = 256
-"""Items a sink's caller may push ahead of the sink method."""
-
-MAX_SINK_WINDOW = 4096
-"""The largest window a peer may open a sink with (the items it may make us hold)."""
-
-BATCH_BYTES = 64 * 1024
-"""Items of one stream or sink queued together go out as one frame up to this size."""
-
-RECEIVE_SIZE = 64 * 1024
-HIGH_WATER = 4 * 1024 * 1024
-"""Queued outgoing bytes above which senders wait for the writer."""
-
-MAX_IDLE_WORKERS = 128
-"""Tasks kept waiting per connection to run the next incoming call."""
-
-MAX_ANSWERS = 10_000
-"""Incoming calls and streams that may run at once on one connection; more get an error."""
-
-MAX_ERROR_MESSAGE = 4096
-"""Longer error messages are cut to this many characters."""
-
-RELEASE_TIMEOUT = 5.0
-"""Seconds `_on_release` callbacks get when a connection closes."""
-
 _HOLDERS = Holders()
 _LEN = struct.Struct(">I")
-_packb = msgpack.packb
-_ARRAY_HEADER = msgpack.Packer().pack_array_header
-_BATCH_HEADS = {tag: b"\x93" + _packb(tag) for tag in (ITEMS, PUSH)}
-"""The start of a three-element message array with this tag."""
 
 Frame = bytes | tuple[bytes, bytes]
 """An encoded frame: small ones in one piece, large ones as (header, body)."""
-
-
-class Ref:
-    """A reference to a remote capability.
-
-    ``await ref.call("m", *args)`` calls it (``await ref.m(*args)`` is the same);
-    ``async with ref.stream("m", *args) as items`` iterates a remote generator with
-    backpressure; ``async with ref.sink("m", *args) as tx`` pushes items into a remote sink
-    method with ``await tx.send(item)``; ``await ref.release()`` (or leaving
-    ``async with ref``, or dropping the last Python reference) tells the owner this handle
-    is done.
-    """
-
-    __slots__ = ("__weakref__", "_conn", "_finalizer", "_id", "_released")
-
-    def __init__(self, conn: Connection, cap_id: int, *, tracked: bool = True) -> None:
-        self._conn = conn
-        self._id = cap_id
-        self._released = False
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-        if tracked:
-            fin = weakref.finalize(self, conn._drop_collected, cap_id)
-            fin.atexit = False
-            self._finalizer = fin
-
-    @property
-    def connection(self) -> Connection:
-        """The connection this reference travels over."""
-        return self._conn
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    async def call(self, method: str, *args: Any) -> Any:
-        """Call `method` remotely; raises RemoteError when it raises, ConnectionLost."""
-        return await self._conn._call(self, method, args)
-
-    def stream(
-        self, method: str, *args: Any, window: int = DEFAULT_WINDOW
-    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
-        """Iterate the remote async generator `method(*args)`.
-
-        The producer runs at most `window` items ahead of the consumer; leaving the block
-        cancels the remote generator.
-        """
-        return self._conn._stream(self, method, args, window)
-
-    def sink(
-        self, method: str, *args: Any, window: int = DEFAULT_SINK_WINDOW
-    ) -> AbstractAsyncContextManager[RefSink]:
-        """Push items into the remote sink method `method(items, *args)` (see `sink`).
-
-        ``await tx.send(item)`` waits only while `window` items are pushed and not yet taken.
-        Leaving the block normally tells the method the items ended and waits for its answer
-        (``tx.result``; a RemoteError when it raised); leaving it by an exception cancels it.
-        """
-        return self._conn._sink(self, method, args, window)
-
-    async def release(self) -> None:
-        """Tell the owner this handle is done with the capability. Idempotent."""
-        self._release_now()
-
-    def _release_now(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        fin = self._finalizer
-        if fin is not None and fin.detach() is not None:
-            self._conn._drop_import(self._id)
-
-    async def __aenter__(self) -> Ref:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._release_now()
-
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return functools.partial(self.call, name)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Ref) and other._conn is self._conn and other._id == self._id
-
-    def __hash__(self) -> int:
-        return hash((id(self._conn), self._id))
-
-    def __repr__(self) -> str:
-        state = " released" if self._released else ""
-        return f"<Ref {self._id} on {self._conn.name}{state}>"
-
-
-class _Forwarder(Capability):
-    """Re-exports a `Ref` of another connection: relays calls, streams and the release."""
-
-    def __init__(self, ref: Ref, key: tuple[int, int]) -> None:
-        self.ref = ref
-        self.key = key
-
-    async def _relay(self, method: str, args: list[Any]) -> Any:
-        return await self.ref.call(method, *args)
-
-    async def _relay_stream(self, method: str, args: list[Any], window: int) -> AsyncIterator[Any]:
-        async with self.ref.stream(method, *args, window=window) as items:
-            async for item in items:
-                yield item
-
-
-class _Inbound:
-    """Client side of one stream: received items and the credit owed to the producer."""
-
-    __slots__ = ("consumed", "credit", "grant_every", "items", "waiter")
-
-    def __init__(self, window: int) -> None:
-        self.items: deque[tuple[int, Any]] = deque()
-        self.waiter: trio.lowlevel.Task | None = None
-        self.credit = window  # items the producer may still send
-        self.consumed = 0  # items taken since the last grant
-        self.grant_every = max(1, (window + 1) // 2)
-
-    def push(self, kind: int, value: Any) -> None:
-        self.items.append((kind, value))
-        self._wake()
-
-    def push_items(self, values: list[Any]) -> None:
-        self.items.extend([(_ITEM, value) for value in values])
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            trio.lowlevel.reschedule(waiter)
-
-    async def wait(self) -> None:
-        """Until something was pushed (or checkpoint when something already is)."""
-        if self.items:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            return
-        if self.waiter is not None:
-            raise trio.BusyResourceError("another task is already iterating this stream")
-        self.waiter = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.waiter = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-
-_ITEM, _END, _FAIL = range(3)
 
 
 class _Job:
@@ -261,422 +99,6 @@ class _Job:
         self.cancelled = True
         if self.scope is not None:
             self.scope.cancel()
-
-
-class _Relay:
-    """One incoming call on a forwarded capability, passed on without a task of its own.
-
-    The call goes out on the forwarded reference's connection as question `out_qid`; its
-    answer, delivered by that connection's reader, is sent back as the answer to `qid`.
-    """
-
-    __slots__ = ("conn", "out_qid", "qid", "target")
-
-    def __init__(self, conn: Connection, qid: int, target: Connection, out_qid: int) -> None:
-        self.conn = conn
-        self.qid = qid
-        self.target = target
-        self.out_qid = out_qid
-
-    def answered(self, value: Any) -> None:
-        """The forwarded call returned `value`."""
-        conn = self.conn
-        if conn._answers.get(self.qid) is not self:
-            return  # cancelled meanwhile
-        if conn._outbox_bytes > HIGH_WATER and not conn._closing:
-            # Wait for the writer as any other answer does, in a task of its own.
-            conn._nursery.start_soon(conn._reply_later, self, value)  # type: ignore[union-attr]
-            return
-        del conn._answers[self.qid]
-        conn._reply_nowait(self.qid, value)
-
-    def failed(self, exc: Exception) -> None:
-        """The forwarded call raised (or its connection was lost)."""
-        conn = self.conn
-        if conn._answers.get(self.qid) is self:
-            del conn._answers[self.qid]
-            conn._reply_exception(self.qid, exc)
-
-    def cancel(self) -> None:
-        """The asker lost interest (or its connection closed): cancel the forwarded call."""
-        self.conn._answers.pop(self.qid, None)
-        target = self.target
-        if target._questions.pop(self.out_qid, None) is not None and not target._closing:
-            target._send_nowait(target._encode(Cancel(self.out_qid)))
-
-
-class _StreamRelay:
-    """One incoming stream on a forwarded capability, passed through without a task.
-
-    The stream is opened on the forwarded reference's connection as question `out_qid` with
-    the same credit; the consumer's credit grants go on to the producer, and items, the end
-    or the failure come back as they arrive (so at most the consumer's window is in flight).
-    It stands in for an `_Inbound` there and for an `_Outbound` here.
-    """
-
-    __slots__ = ("conn", "credit", "out_qid", "qid", "target")
-
-    def __init__(
-        self, conn: Connection, qid: int, target: Connection, out_qid: int, credit: int
-    ) -> None:
-        self.conn = conn
-        self.qid = qid
-        self.target = target
-        self.out_qid = out_qid
-        self.credit = credit  # items the producer may still send
-
-    def push_items(self, values: list[Any]) -> None:
-        """Items of the forwarded stream arrived: pass them on as they came."""
-        conn = self.conn
-        if conn._answers.get(self.qid) is not self or conn._closing:
-            return
-        try:
-            frame = conn._encode_fields([ITEMS, self.qid, values])
-        except Exception as exc:
-            self.cancel()
-            conn._reply_exception(self.qid, exc)
-            return
-        conn._send_nowait(frame)
-
-    def push(self, kind: int, value: Any) -> None:
-        """The end or the failure of the forwarded stream arrived."""
-        conn = self.conn
-        if conn._answers.get(self.qid) is not self:
-            return
-        del conn._answers[self.qid]
-        if kind == _END:
-            conn._send_control(End(self.qid))
-        else:
-            conn._reply_exception(self.qid, value)
-
-    def grant(self, n: int) -> None:
-        """The consumer took `n` more items: let the producer send `n` more."""
-        self.credit += n
-        self.target._send_control(Credit(self.out_qid, n))
-
-    def cancel(self) -> None:
-        """The consumer left (or its connection closed): cancel the forwarded stream."""
-        self.conn._answers.pop(self.qid, None)
-        target = self.target
-        if target._inbound.pop(self.out_qid, None) is not None:
-            target._send_control(Cancel(self.out_qid))
-
-
-class _Outbound:
-    """Server side of one stream: its cancel scope and the credit the consumer granted."""
-
-    __slots__ = ("credit", "lot", "scope")
-
-    def __init__(self, credit: int) -> None:
-        self.scope = trio.CancelScope()
-        self.credit = credit
-        self.lot = trio.lowlevel.ParkingLot()
-
-    def cancel(self) -> None:
-        self.scope.cancel()
-
-
-class RefStream:
-    """The items of a remote stream (an async iterator); grants credit as it is consumed."""
-
-    __slots__ = ("_conn", "_qid", "_state")
-
-    def __init__(self, conn: Connection, qid: int, state: _Inbound) -> None:
-        self._conn = conn
-        self._qid = qid
-        self._state = state
-
-    def __aiter__(self) -> RefStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        st = self._state
-        await st.wait()
-        kind, value = st.items[0]
-        if kind == _ITEM:
-            st.items.popleft()
-            st.consumed += 1
-            if st.consumed >= st.grant_every:
-                st.credit += st.consumed
-                self._conn._send_control(Credit(self._qid, st.consumed))
-                st.consumed = 0
-            return value
-        # The end (or failure) stays queued, so further calls see it again.
-        if kind == _END:
-            raise StopAsyncIteration
-        raise value
-
-
-class _Batch:
-    """Items of one stream or sink, packed one by one, that go out together as one frame."""
-
-    __slots__ = ("parts", "qid", "size", "tag")
-
-    def __init__(self, tag: int, qid: int, part: bytes) -> None:
-        self.tag = tag
-        self.qid = qid
-        self.parts = [part]
-        self.size = len(part)
-
-    def frame(self) -> bytes:
-        parts = self.parts
-        head = _BATCH_HEADS[self.tag] + _packb(self.qid) + _ARRAY_HEADER(len(parts))
-        body = b"".join([head, *parts])
-        return _LEN.pack(len(body)) + body
-
-
-class _SinkInbox:
-    """Server side of one sink, and the async iterator its method reads: items pushed and not
-    yet taken, and the credit owed back to the asker."""
-
-    __slots__ = (
-        "args",
-        "busy",
-        "conn",
-        "credit",
-        "done",
-        "grant_every",
-        "items",
-        "job",
-        "nowait",
-        "obj",
-        "qid",
-        "taken",
-        "waiter",
-    )
-
-    def __init__(
-        self,
-        conn: Connection,
-        qid: int,
-        credit: int,
-        obj: object,
-        nowait: Callable[..., Any] | None,
-        args: list[Any],
-    ) -> None:
-        self.conn = conn
-        self.qid = qid
-        self.credit = credit  # items the asker may still push
-        self.grant_every = max(1, (credit + 1) // 2)
-        self.taken = 0  # items taken since the last grant
-        self.items: deque[Any] = deque()
-        self.done = False
-        self.busy = False  # the method holds an item it has not finished with
-        self.waiter: trio.lowlevel.Task | None = None
-        self.obj = obj
-        self.nowait = nowait
-        self.args = args
-        self.job: _Job | None = None
-
-    def pushed(self, values: list[Any]) -> None:
-        """Items arrived. While the method waits for its next one, the method's nowait twin
-        may take them at once, in order, without waking it."""
-        self.credit -= len(values)
-        if self.credit < 0:
-            raise ProtocolError(f"sink {self.qid} was pushed more items than its credit")
-        start = 0
-        nowait = self.nowait
-        if nowait is not None and not self.busy and not self.items:
-            for value in values:
-                try:
-                    took = nowait(self.obj, value, *self.args) is True
-                except Exception:
-                    took = False  # the method itself says what went wrong
-                if not took:
-                    break
-                start += 1
-            if start:
-                self._took(start)
-        if start < len(values):
-            self.items.extend(values[start:] if start else values)
-            self._wake()
-
-    def finish(self) -> None:
-        """The asker pushes no more."""
-        self.done = True
-        self._wake()
-
-    def cancel(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
-
-    def discard(self) -> None:
-        """The method ended: release capabilities in items it never took."""
-        for value in self.items:
-            _release_refs_in(value)
-        self.items.clear()
-
-    def _took(self, n: int) -> None:
-        self.taken += n
-        if self.taken >= self.grant_every:
-            self.credit += self.taken
-            self.conn._send_control(Ack(self.qid, self.taken))
-            self.taken = 0
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            trio.lowlevel.reschedule(waiter)
-
-    def __aiter__(self) -> _SinkInbox:
-        return self
-
-    async def __anext__(self) -> Any:
-        self.busy = False
-        if self.items:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            while not self.items:
-                if self.done:
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    raise StopAsyncIteration
-                if self.waiter is not None:
-                    raise trio.BusyResourceError("another task is already reading this sink")
-                self.waiter = trio.lowlevel.current_task()
-
-                def abort(_: Any) -> trio.lowlevel.Abort:
-                    self.waiter = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
-        self.busy = True
-        value = self.items.popleft()
-        self._took(1)
-        return value
-
-
-class _Outsink:
-    """Client side of one sink: the credit to push, and its answer once it came."""
-
-    __slots__ = ("credit", "lot", "outcome")
-
-    def __init__(self, window: int) -> None:
-        self.credit = window
-        self.outcome: outcome.Outcome[Any] | None = None
-        self.lot = trio.lowlevel.ParkingLot()  # senders waiting for credit or the answer
-
-    def grant(self, n: int) -> None:
-        self.credit += n
-        self.lot.unpark_all()
-
-    def answered(self, value: Any) -> None:
-        self.outcome = outcome.Value(value)
-        self.lot.unpark_all()
-
-    def failed(self, exc: Exception) -> None:
-        self.outcome = outcome.Error(exc)
-        self.lot.unpark_all()
-
-
-class RefSink:
-    """Pushes items into a remote sink method; made by `Ref.sink`."""
-
-    __slots__ = ("_conn", "_qid", "_state", "result")
-
-    def __init__(self, conn: Connection, qid: int, state: _Outsink) -> None:
-        self._conn = conn
-        self._qid = qid
-        self._state = state
-        self.result: Any = None
-        """What the sink method returned, once the `async with` block has ended."""
-
-    async def send(self, value: Any) -> None:
-        """Push `value`; waits only while the window is full.
-
-        Raises what the method raised (RemoteError) once it has; CapabilityError when it
-        returned before taking every item; ConnectionLost."""
-        st = self._state
-        conn = self._conn
-        if st.credit > 0 and st.outcome is None:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            while st.credit <= 0 and st.outcome is None:
-                await st.lot.park()
-        if st.outcome is not None:
-            if isinstance(st.outcome, outcome.Error):
-                st.outcome.unwrap()
-            raise CapabilityError("the sink returned and takes no more items")
-        if conn._closing:
-            raise ConnectionLost(f"connection {conn.name} is closed ({conn.close_reason})")
-        part = conn._pack_value(value)
-        st.credit -= 1
-        conn._queue_part(PUSH, self._qid, part)
-        if conn._outbox_bytes > HIGH_WATER:
-            await conn._wait_drained()
-
-    async def _finish(self) -> None:
-        st = self._state
-        conn = self._conn
-        if st.outcome is None and not conn._closing:
-            conn._send_nowait(conn._encode(Done(self._qid)))
-        try:
-            while st.outcome is None:
-                await st.lot.park()
-        except BaseException:
-            if conn._questions.pop(self._qid, None) is not None and not conn._closing:
-                conn._send_nowait(conn._encode(Cancel(self._qid)))
-            raise
-        self.result = st.outcome.unwrap()
-
-
-class _SinkRelay:
-    """One incoming sink on a forwarded capability, passed through without a task.
-
-    The sink is opened on the forwarded reference's connection as question `out_qid` with
-    the same credit; pushed items and the end go on as they arrive, grants and the answer
-    come back. It stands in for an `_Outsink` there and for a `_SinkInbox` here."""
-
-    __slots__ = ("conn", "credit", "out_qid", "qid", "target")
-
-    def __init__(
-        self, conn: Connection, qid: int, target: Connection, out_qid: int, credit: int
-    ) -> None:
-        self.conn = conn
-        self.qid = qid
-        self.target = target
-        self.out_qid = out_qid
-        self.credit = credit  # items the asker may still push
-
-    def pushed(self, values: list[Any]) -> None:
-        self.credit -= len(values)
-        if self.credit < 0:
-            raise ProtocolError(f"sink {self.qid} was pushed more items than its credit")
-        target = self.target
-        if target._closing:
-            return
-        try:
-            frame = target._encode_fields([PUSH, self.out_qid, values])
-        except Exception as exc:
-            self.cancel()
-            self.conn._reply_exception(self.qid, exc)
-            return
-        target._send_nowait(frame)
-
-    def finish(self) -> None:
-        self.target._send_control(Done(self.out_qid))
-
-    def grant(self, n: int) -> None:
-        self.credit += n
-        self.conn._send_control(Ack(self.qid, n))
-
-    def answered(self, value: Any) -> None:
-        conn = self.conn
-        if conn._answers.get(self.qid) is self:
-            del conn._answers[self.qid]
-            conn._reply_nowait(self.qid, value)
-
-    def failed(self, exc: Exception) -> None:
-        conn = self.conn
-        if conn._answers.get(self.qid) is self:
-            del conn._answers[self.qid]
-            conn._reply_exception(self.qid, exc)
-
-    def cancel(self) -> None:
-        self.conn._answers.pop(self.qid, None)
-        target = self.target
-        if target._questions.pop(self.out_qid, None) is not None:
-            target._send_control(Cancel(self.out_qid))
 
 
 class Connection:
@@ -1573,19 +995,6 @@ async def _call_on_release(obj: object) -> None:
         log.exception("_on_release of %r raised", obj)
 
 
-def _release_refs_in(value: Any) -> None:
-    """Release every Ref inside a decoded value nobody will see."""
-    if isinstance(value, Ref):
-        value._release_now()
-    elif isinstance(value, list):
-        for v in value:
-            _release_refs_in(v)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _release_refs_in(k)
-            _release_refs_in(v)
-
-
 async def serve_connection(
     stream: trio.abc.Stream,
     bootstrap: Capability | None = None,
@@ -1603,12 +1012,3 @@ async def serve_connection(
             await conn.closed.wait()
     except Exception:
         log.exception("%s: connection failed", name or "connection")
-
-
-def _relay_ready(ref: Ref) -> bool:
-    """Whether a call or stream on a forwarded capability can be passed straight on through
-    `ref`: it is usable and its connection's writer is not behind."""
-    target = ref._conn
-    return not (
-        target._closing or ref._released or target._collected or target._outbox_bytes > HIGH_WATER
-    )
