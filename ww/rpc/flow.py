@@ -33,14 +33,41 @@ _BATCH_HEADS = {tag: b"\x93" + _packb(tag) for tag in (ITEMS, PUSH)}
 """The start of a three-element message array with this tag."""
 
 
-class _Inbound:
+class _Parked:
+    """Holds the one task that waits for something to arrive, and wakes it."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self) -> None:
+        self.waiter: trio.lowlevel.Task | None = None
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    async def _park(self, busy: str) -> None:
+        """Until `_wake`; `busy` says what is wrong when another task already waits."""
+        if self.waiter is not None:
+            raise trio.BusyResourceError(busy)
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Inbound(_Parked):
     """Client side of one stream: received items and the credit owed to the producer."""
 
-    __slots__ = ("consumed", "credit", "grant_every", "items", "waiter")
+    __slots__ = ("consumed", "credit", "grant_every", "items")
 
     def __init__(self, window: int) -> None:
+        super().__init__()
         self.items: deque[tuple[int, Any]] = deque()
-        self.waiter: trio.lowlevel.Task | None = None
         self.credit = window  # items the producer may still send
         self.consumed = 0  # items taken since the last grant
         self.grant_every = max(1, (window + 1) // 2)
@@ -53,26 +80,12 @@ class _Inbound:
         self.items.extend([(_ITEM, value) for value in values])
         self._wake()
 
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            trio.lowlevel.reschedule(waiter)
-
     async def wait(self) -> None:
         """Until something was pushed (or checkpoint when something already is)."""
         if self.items:
             await trio.lowlevel.checkpoint_if_cancelled()
             return
-        if self.waiter is not None:
-            raise trio.BusyResourceError("another task is already iterating this stream")
-        self.waiter = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.waiter = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await self._park("another task is already iterating this stream")
 
 
 _ITEM, _END, _FAIL = range(3)
@@ -141,7 +154,7 @@ class _Batch:
         return _LEN.pack(len(body)) + body
 
 
-class _SinkInbox:
+class _SinkInbox(_Parked):
     """Server side of one sink, and the async iterator its method reads: items pushed and not
     yet taken, and the credit owed back to the asker."""
 
@@ -158,7 +171,6 @@ class _SinkInbox:
         "obj",
         "qid",
         "taken",
-        "waiter",
     )
 
     def __init__(
@@ -170,6 +182,7 @@ class _SinkInbox:
         nowait: Callable[..., Any] | None,
         args: list[Any],
     ) -> None:
+        super().__init__()
         self.conn = conn
         self.qid = qid
         self.credit = credit  # items the asker may still push
@@ -178,7 +191,6 @@ class _SinkInbox:
         self.items: deque[Any] = deque()
         self.done = False
         self.busy = False  # the method holds an item it has not finished with
-        self.waiter: trio.lowlevel.Task | None = None
         self.obj = obj
         self.nowait = nowait
         self.args = args
@@ -229,12 +241,6 @@ class _SinkInbox:
             self.conn._send_control(Ack(self.qid, self.taken))
             self.taken = 0
 
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            trio.lowlevel.reschedule(waiter)
-
     def __aiter__(self) -> _SinkInbox:
         return self
 
@@ -247,15 +253,7 @@ class _SinkInbox:
                 if self.done:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     raise StopAsyncIteration
-                if self.waiter is not None:
-                    raise trio.BusyResourceError("another task is already reading this sink")
-                self.waiter = trio.lowlevel.current_task()
-
-                def abort(_: Any) -> trio.lowlevel.Abort:
-                    self.waiter = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
+                await self._park("another task is already reading this sink")
         self.busy = True
         value = self.items.popleft()
         self._took(1)

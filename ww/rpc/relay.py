@@ -137,22 +137,20 @@ class _StreamRelay:
             target._send_control(Cancel(self.out_qid))
 
 
-class _SinkRelay:
+class _SinkRelay(_Relay):
     """One incoming sink on a forwarded capability, passed through without a task.
 
     The sink is opened on the forwarded reference's connection as question `out_qid` with
     the same credit; pushed items and the end go on as they arrive, grants and the answer
-    come back. It stands in for an `_Outsink` there and for a `_SinkInbox` here."""
+    come back (the answer as a relayed call's does). It stands in for an `_Outsink` there and
+    for a `_SinkInbox` here."""
 
-    __slots__ = ("conn", "credit", "out_qid", "qid", "target")
+    __slots__ = ("credit",)
 
     def __init__(
         self, conn: Connection, qid: int, target: Connection, out_qid: int, credit: int
     ) -> None:
-        self.conn = conn
-        self.qid = qid
-        self.target = target
-        self.out_qid = out_qid
+        super().__init__(conn, qid, target, out_qid)
         self.credit = credit  # items the asker may still push
 
     def pushed(self, values: list[Any]) -> None:
@@ -176,24 +174,6 @@ class _SinkRelay:
     def grant(self, n: int) -> None:
         self.credit += n
         self.conn._send_control(Ack(self.qid, n))
-
-    def answered(self, value: Any) -> None:
-        conn = self.conn
-        if conn._answers.get(self.qid) is self:
-            del conn._answers[self.qid]
-            conn._reply_nowait(self.qid, value)
-
-    def failed(self, exc: Exception) -> None:
-        conn = self.conn
-        if conn._answers.get(self.qid) is self:
-            del conn._answers[self.qid]
-            conn._reply_exception(self.qid, exc)
-
-    def cancel(self) -> None:
-        self.conn._answers.pop(self.qid, None)
-        target = self.target
-        if target._questions.pop(self.out_qid, None) is not None:
-            target._send_control(Cancel(self.out_qid))
 
 
 def _relay_ready(ref: Ref) -> bool:
