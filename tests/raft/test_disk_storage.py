@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from storage_probe import ReadWhileCopied
 
 from ww.raft import wal
 from ww.raft.disk import (
@@ -191,20 +192,6 @@ def test_append_past_the_end_is_refused(new_storage: Factory) -> None:
     with pytest.raises(UnavailableError):
         s.save(None, [Entry(5, 7)], None)
     assert s.last_index() == 5
-
-
-class ReadWhileCopied(list[Entry]):
-    """Entries that read the storage whenever the storage goes through them: the moments in a
-    save at which a reader in another thread could run."""
-
-    def __init__(self, entries: list[Entry], read: Callable[[], object]) -> None:
-        super().__init__(entries)
-        self.read = read
-        self.seen: list[object] = []
-
-    def __iter__(self) -> Iterator[Entry]:
-        self.seen.append(self.read())
-        return super().__iter__()
 
 
 def test_a_conflicting_suffix_is_replaced_in_one_step(new_storage: Factory) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
+from storage_probe import ReadWhileCopied
 
 from ww.raft.memory import MemoryStorage
 from ww.raft.storage import CompactedError, SnapshotOutOfDateError, UnavailableError
@@ -90,20 +89,6 @@ def test_save_applies_snapshot_then_entries_then_hard_state():
     assert s.initial_state()[0] == HardState(3, 1, 11)
     s.save(None, [], None)
     assert s.initial_state()[0] == HardState(3, 1, 11)
-
-
-class ReadWhileCopied(list[Entry]):
-    """Entries that read the storage when the storage copies them in: the one moment inside
-    `append` at which a reader in another thread could run."""
-
-    def __init__(self, entries: list[Entry], read: Callable[[], object]) -> None:
-        super().__init__(entries)
-        self.read = read
-        self.seen: list[object] = []
-
-    def __iter__(self) -> Iterator[Entry]:
-        self.seen.append(self.read())
-        return super().__iter__()
 
 
 def test_a_conflicting_suffix_is_replaced_in_one_step():
