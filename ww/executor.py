@@ -8,9 +8,9 @@ SIGXCPU, then SIGKILL a second later).
 
 Disk use is bounded. The child's stdout and stderr share one pipe that the host copies into a
 log file per process, keeping the newest `log_limit` bytes at most; the logs of the newest
-`keep_logs` exited processes are kept and older ones deleted. The ROM cache keeps at most
-`rom_cache_limit` bytes, evicting the least recently used ROM first but never the ROM of a
-process that is starting or running.
+`keep_logs` exited processes are kept and older ones deleted (`ww.process_log`). The ROM cache
+keeps at most `rom_cache_limit` bytes, evicting the least recently used ROM first but never the
+ROM of a process that is starting or running (`ww.rom_cache`).
 
 Exit codes, as `wait()` returns them: the child's exit status (0 ok, 1 main raised, 2 could not
 start, or what the ROM passed to sys.exit), or ``-N`` when signal N ended it (-15 SIGTERM, -9
@@ -23,21 +23,17 @@ is released (the capabilities' `_on_release` hooks run) before `wait()` returns.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import logging
 import math
 import os
-import re
 import resource
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,21 +42,34 @@ from typing import Any
 import trio
 
 import ww
-from ww.rom import Rom, RomError
+from ww.process_log import (
+    KEEP_LOGS,
+    LOG_LIMIT,
+    LOG_TAIL,
+    MIN_LOG_LIMIT,
+    CappedLog,
+    copy_output,
+    drain,
+    prune_logs,
+    read_log,
+)
+from ww.rom import Rom
+from ww.rom_cache import ROM_CACHE_LIMIT, RomCache, check_count
 
-__all__ = ["Executor", "ProcessHandle", "RomCache"]
+__all__ = [
+    "KEEP_LOGS",
+    "KILL_GRACE",
+    "LOG_LIMIT",
+    "MIN_LOG_LIMIT",
+    "ROM_CACHE_LIMIT",
+    "Executor",
+    "ProcessHandle",
+    "RomCache",
+]
 
 log = logging.getLogger("ww.executor")
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
-LOG_TAIL = 1024 * 1024  # read_logs() returns at most this much by default
-LOG_LIMIT = 8 * 1024 * 1024  # bytes of output kept on disk per process, the newest
-MIN_LOG_LIMIT = 4096
-KEEP_LOGS = 100  # logs of exited processes kept, the newest
-ROM_CACHE_LIMIT = 1024 * 1024 * 1024  # bytes of cached ROMs
-PIPE_READ = 64 * 1024
-DRAIN_LIMIT = 1024 * 1024  # what is copied from the pipe after the child exits, at most
-_CID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(slots=True, eq=False)
@@ -105,10 +114,7 @@ class ProcessHandle:
     def read_logs(self, max_bytes: int = LOG_TAIL) -> bytes:
         """The last `max_bytes` of what the process wrote to stdout and stderr (as much of it
         as the log keeps; nothing once an exited process's log has been deleted)."""
-        newest = _read_tail(self.log_path, max_bytes)
-        if len(newest) >= max_bytes:
-            return newest
-        return _read_tail(_previous(self.log_path), max_bytes - len(newest)) + newest
+        return read_log(self.log_path, max_bytes)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -158,8 +164,8 @@ class Executor:
         self.logs_dir = self.data_dir / "logs"
         self.kill_grace = kill_grace
         self.python = python or sys.executable
-        self.log_limit = _check_count("log_limit", log_limit, MIN_LOG_LIMIT)
-        self.keep_logs = _check_count("keep_logs", keep_logs, 0)
+        self.log_limit = check_count("log_limit", log_limit, MIN_LOG_LIMIT)
+        self.keep_logs = check_count("keep_logs", keep_logs, 0)
         self._table: dict[int, ProcessHandle] = {}
         self._starting: Counter[str] = Counter()  # content ids of ROMs being spawned
         self._nursery: trio.Nursery | None = None
@@ -307,9 +313,9 @@ class Executor:
             _process=process,
             _escalate=self._start_escalation,
         )
-        log_file: _CappedLog | None = None
+        log_file: CappedLog | None = None
         try:
-            log_file = _CappedLog(handle.log_path, self.log_limit)
+            log_file = CappedLog(handle.log_path, self.log_limit)
             bootstrap = capability_factory(handle)
         except BaseException:
             parent_sock.close()
@@ -332,7 +338,7 @@ class Executor:
         stream: trio.SocketStream,
         boot: Any,
         output: trio.lowlevel.FdStream,
-        log_file: _CappedLog,
+        log_file: CappedLog,
     ) -> None:
         """Serve the child's connection and copy its output; record its exit; make sure the
         connection ends and the log holds everything the child wrote.
@@ -345,7 +351,7 @@ class Executor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve, handle, stream, boot)
                 copying = trio.CancelScope(shield=True)
-                nursery.start_soon(_copy_output, output, log_file, copying)
+                nursery.start_soon(copy_output, output, log_file, copying)
                 try:
                     await self._reap(handle, process)
                 finally:
@@ -361,7 +367,7 @@ class Executor:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-                _drain(output, log_file)
+                drain(output, log_file)
                 await output.aclose()
             log_file.close()
             handle._done.set()
@@ -409,22 +415,9 @@ class Executor:
     # -- logs ----------------------------------------------------------------------------------
 
     def _prune_logs(self) -> None:
-        """Delete the logs of processes that are not running, but the newest `keep_logs`.
-
-        A log's age is its file's modification time, which closing it sets to the exit."""
+        """Delete the logs of processes that are not running, but the newest `keep_logs`."""
         running = {h.log_path.name for h in self._table.values() if h.exit_code is None}
-        try:
-            logs: dict[str, list[Path]] = {}
-            for path in self.logs_dir.iterdir():
-                current = path.name.removesuffix(PREVIOUS)
-                if current.endswith(".log") and current not in running:
-                    logs.setdefault(current, []).append(path)
-            by_age = sorted(logs.items(), key=lambda item: (_newest_mtime(item[1]), item[0]))
-            for _, paths in by_age[: max(0, len(by_age) - self.keep_logs)]:
-                for path in paths:
-                    path.unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("cannot prune old logs in %s: %s", self.logs_dir, e)
+        prune_logs(self.logs_dir, self.keep_logs, running)
 
     # -- the ROM cache -----------------------------------------------------------------------
 
@@ -448,215 +441,6 @@ class Executor:
     def _roms_in_use(self) -> set[str]:
         running = {h.cid for h in self._table.values() if h.exit_code is None}
         return running | set(self._starting)
-
-
-class RomCache:
-    """ROM files by content id in one directory, at most `limit` bytes of them in all.
-
-    Storing a ROM evicts the least recently used others until the cache fits, but never a ROM
-    that `in_use()` names (those of starting and running processes), nor the one just stored:
-    while they run the cache may exceed its limit. A use stamps the file's access time, so
-    the order survives a restart.
-    """
-
-    def __init__(self, root: Path, limit: int, in_use: Callable[[], Collection[str]]) -> None:
-        self.root = root
-        self.limit = _check_count("rom_cache_limit", limit, 0)
-        self._in_use = in_use
-        self._sizes: OrderedDict[str, int] = OrderedDict()  # least recently used first
-        root.mkdir(parents=True, exist_ok=True)
-        found = []
-        for path in root.iterdir():
-            cid = path.name.removesuffix(".rom")
-            if path.name.endswith(".tmp"):  # a write cut short by a crash
-                path.unlink(missing_ok=True)
-            elif path.name.endswith(".rom") and _CID.fullmatch(cid):
-                st = path.stat()
-                found.append((st.st_atime_ns, cid, st.st_size))
-        for _, cid, size in sorted(found):
-            self._sizes[cid] = size
-        self._evict()
-
-    @property
-    def size(self) -> int:
-        """Bytes of cached ROMs."""
-        return sum(self._sizes.values())
-
-    def cids(self) -> list[str]:
-        """The content ids cached, least recently used first."""
-        return list(self._sizes)
-
-    def path(self, cid: str) -> Path:
-        if not isinstance(cid, str) or not _CID.fullmatch(cid):
-            raise RomError(f"{cid!r} is not a ROM content id (64 lowercase hex digits)")
-        return self.root / f"{cid}.rom"
-
-    def get(self, cid: str) -> Rom | None:
-        """The cached ROM with content id `cid`, or None when it is not here."""
-        path = self.path(cid)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            self._sizes.pop(cid, None)
-            return None
-        try:
-            rom = Rom.load(data)
-        except RomError:
-            rom = None
-        if rom is None or rom.cid != cid:
-            log.warning("dropping corrupt cached ROM %s", path)
-            path.unlink(missing_ok=True)
-            self._sizes.pop(cid, None)
-            return None
-        self._sizes[cid] = len(data)
-        self._used(cid, path)
-        return rom
-
-    def put(self, rom: Rom) -> Path:
-        """The cache file of `rom`, written (durably) unless an intact copy is there."""
-        path = self.path(rom.cid)
-        if _sha256_of(path) != rom.cid:
-            tmp = path.with_name(f".{rom.cid}.{secrets.token_hex(4)}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(rom.data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            _fsync_dir(self.root)
-        self._sizes[rom.cid] = len(rom.data)
-        self._used(rom.cid, path)
-        self._evict(keep=rom.cid)
-        return path
-
-    def _used(self, cid: str, path: Path) -> None:
-        self._sizes.move_to_end(cid)
-        with contextlib.suppress(OSError):  # the order in memory is what counts until restart
-            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
-
-    def _evict(self, keep: str | None = None) -> None:
-        total = self.size
-        if total <= self.limit:
-            return
-        spared = {*self._in_use(), keep}
-        for cid in list(self._sizes):
-            if total <= self.limit:
-                break
-            if cid in spared:
-                continue
-            size = self._sizes.pop(cid)
-            total -= size
-            try:
-                self.path(cid).unlink(missing_ok=True)
-            except OSError as e:
-                log.warning("cannot evict cached ROM %s: %s", cid, e)
-            else:
-                log.info("evicted ROM %s (%d bytes) from the cache", cid[:12], size)
-
-
-# -- process output ------------------------------------------------------------------------------
-
-PREVIOUS = ".1"  # the suffix of a log's previous generation
-
-
-class _CappedLog:
-    """One process's output on disk, at most `limit` bytes: the newest in `path`, what came
-    before it in `path.1`, each at most half the limit (so at least half is always kept).
-
-    Writes are unbuffered: what was copied is readable at once. When writing fails (a full
-    disk) the rest is dropped, so that the child is never held up by its log.
-    """
-
-    __slots__ = ("_failed", "_file", "_half", "_size", "path")
-
-    def __init__(self, path: Path, limit: int) -> None:
-        self.path = path
-        self._half = limit // 2
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
-        self._size = self._file.tell()
-        self._failed = False
-
-    def write(self, data: bytes) -> None:
-        if self._failed:
-            return
-        view = memoryview(data)
-        try:
-            while view:
-                if self._size >= self._half:
-                    self._rotate()
-                written = self._file.write(view[: self._half - self._size])
-                self._size += written
-                view = view[written:]
-        except OSError as e:
-            self._failed = True
-            log.warning("dropping further output for %s: %s", self.path, e.strerror or e)
-
-    def _rotate(self) -> None:
-        self._file.close()
-        os.replace(self.path, _previous(self.path))
-        self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
-        self._size = 0
-
-    def close(self) -> None:
-        """Close the file and date it to now (the process's exit; see `_prune_logs`)."""
-        now = time.time_ns()  # finer than the clock the kernel dates files with
-        with contextlib.suppress(OSError):
-            self._file.close()
-            os.utime(self.path, ns=(now, now))
-
-
-async def _copy_output(
-    output: trio.lowlevel.FdStream, log_file: _CappedLog, scope: trio.CancelScope
-) -> None:
-    """Copy the child's output into its log until the pipe ends or `scope` is cancelled."""
-    with scope:
-        try:
-            while chunk := await output.receive_some(PIPE_READ):
-                log_file.write(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.warning("lost the output of %s: %s", log_file.path.name, e)
-
-
-def _drain(output: trio.lowlevel.FdStream, log_file: _CappedLog) -> None:
-    """Copy what an exited child left in its pipe (bounded: a grandchild may write on)."""
-    left = DRAIN_LIMIT
-    while left > 0:
-        try:
-            chunk = os.read(output.fileno(), min(PIPE_READ, left))
-        except OSError as e:  # EAGAIN: nothing more for now
-            if e.errno != errno.EAGAIN:
-                log.warning("lost the output of %s: %s", log_file.path.name, e)
-            return
-        if not chunk:
-            return
-        log_file.write(chunk)
-        left -= len(chunk)
-
-
-def _previous(path: Path) -> Path:
-    return path.with_name(path.name + PREVIOUS)
-
-
-def _read_tail(path: Path, max_bytes: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
-            return f.read(max_bytes)
-    except FileNotFoundError:
-        return b""
-
-
-def _newest_mtime(paths: list[Path]) -> int:
-    return max(path.stat().st_mtime_ns for path in paths)
-
-
-def _check_count(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number of at least {minimum}, not {value!r}")
-    return value
 
 
 def _child_setup(memory_limit: int | None, cpu_seconds: float | None) -> Callable[[], None]:
@@ -686,19 +470,3 @@ def _child_env() -> dict[str, str]:
     root = str(Path(ww.__file__).resolve().parent.parent)  # so `-m ww.guest` works anywhere
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
-
-
-def _sha256_of(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except FileNotFoundError:
-        return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
