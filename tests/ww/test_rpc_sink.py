@@ -172,6 +172,17 @@ async def test_a_method_that_raises_fails_the_next_send_and_the_block() -> None:
         assert service.taken == [1]
 
 
+async def test_a_caller_that_handles_the_failure_sees_it_again_at_the_end() -> None:
+    async with pair(Collector()) as (_, client):
+        with pytest.raises(RemoteError, match="negative item -1"):
+            async with client.bootstrap().sink("picky", window=2) as tx:
+                await tx.send(-1)
+                for _ in range(2):
+                    with trio.fail_after(5), pytest.raises(RemoteError, match="negative item"):
+                        while True:
+                            await tx.send(1)
+
+
 async def test_a_method_that_returns_early_refuses_further_items() -> None:
     async with pair(Collector()) as (_, client):
         async with client.bootstrap().sink("first_two", window=2) as tx:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-import outcome
 import trio
 
 from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError
@@ -263,11 +262,13 @@ class _SinkInbox(_Parked):
 class _Outsink:
     """Client side of one sink: the credit to push, and its answer once it came."""
 
-    __slots__ = ("credit", "lot", "outcome")
+    __slots__ = ("credit", "error", "finished", "lot", "value")
 
     def __init__(self, window: int) -> None:
         self.credit = window
-        self.outcome: outcome.Outcome[Any] | None = None
+        self.finished = False  # the method returned (`value`) or failed (`error`)
+        self.value: Any = None
+        self.error: Exception | None = None
         self.lot = trio.lowlevel.ParkingLot()  # senders waiting for credit or the answer
 
     def grant(self, n: int) -> None:
@@ -275,11 +276,13 @@ class _Outsink:
         self.lot.unpark_all()
 
     def answered(self, value: Any) -> None:
-        self.outcome = outcome.Value(value)
+        self.finished = True
+        self.value = value
         self.lot.unpark_all()
 
     def failed(self, exc: Exception) -> None:
-        self.outcome = outcome.Error(exc)
+        self.finished = True
+        self.error = exc
         self.lot.unpark_all()
 
 
@@ -302,14 +305,14 @@ class RefSink:
         returned before taking every item; ConnectionLost."""
         st = self._state
         conn = self._conn
-        if st.credit > 0 and st.outcome is None:
+        if st.credit > 0 and not st.finished:
             await trio.lowlevel.checkpoint_if_cancelled()
         else:
-            while st.credit <= 0 and st.outcome is None:
+            while st.credit <= 0 and not st.finished:
                 await st.lot.park()
-        if st.outcome is not None:
-            if isinstance(st.outcome, outcome.Error):
-                st.outcome.unwrap()
+        if st.finished:
+            if st.error is not None:
+                raise st.error
             raise CapabilityError("the sink returned and takes no more items")
         if conn._closing:
             raise ConnectionLost(f"connection {conn.name} is closed ({conn.close_reason})")
@@ -322,13 +325,15 @@ class RefSink:
     async def _finish(self) -> None:
         st = self._state
         conn = self._conn
-        if st.outcome is None and not conn._closing:
+        if not st.finished and not conn._closing:
             conn._send_nowait(conn._encode(Done(self._qid)))
         try:
-            while st.outcome is None:
+            while not st.finished:
                 await st.lot.park()
         except BaseException:
             if conn._questions.pop(self._qid, None) is not None and not conn._closing:
                 conn._send_nowait(conn._encode(Cancel(self._qid)))
             raise
-        self.result = st.outcome.unwrap()
+        if st.error is not None:
+            raise st.error
+        self.result = st.value
