@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import msgpack
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ww.rpc import (
     Capability,
@@ -217,9 +219,12 @@ async def test_nowait_twin_takes_items_without_reordering_them() -> None:
                 await tx.send(i)
             await client.bootstrap().plain()  # a round trip: they have arrived
             assert service.fast == list(range(0, 40, 2))
-            for i in range(40, 60):  # 41 waits for the gate; what follows must wait too
+            for i in range(40, 42):  # the twin takes 40; the method holds 41 at the gate
                 await tx.send(i)
             await client.bootstrap().plain()
+            for i in range(42, 60):  # in frames of their own: they must wait behind 41
+                await tx.send(i)
+                await client.bootstrap().plain()
             assert service.fast == list(range(0, 42, 2))
             service.gate.set()
         assert tx.result == 40 + 21
@@ -346,3 +351,92 @@ async def test_connection_lost_reaches_a_waiting_sender() -> None:
                 await left.aclose()
                 with trio.fail_after(5):
                     await tx.send(2)
+
+
+class Prefix(Capability):
+    """Takes items until `stop` (then returns) or `fail` (then raises); notes what it took.
+    Items divisible by 3 are taken by the nowait twin when they can be."""
+
+    def __init__(self) -> None:
+        self.taken: list[int] = []
+
+    @sink
+    async def take(self, items: AsyncIterator[int], stop: int, fail: int) -> int:
+        async for item in items:
+            if item == fail:
+                raise ValueError(f"failed at {item}")
+            if item == stop:
+                return len(self.taken)
+            if item % 2:
+                await trio.sleep(0)  # busy with an item when the next ones arrive
+            self.taken.append(item)
+        return len(self.taken)
+
+    def _take_nowait(self, item: int, stop: int, fail: int) -> bool:
+        if item % 3 or item in (stop, fail):
+            return False
+        self.taken.append(item)
+        return True
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 300),
+    window=st.integers(1, 40),
+    stop=st.integers(0, 400),
+    fail=st.integers(0, 400),
+    relayed=st.booleans(),
+)
+def test_whatever_the_window_and_ending_items_are_taken_in_order_once(
+    n: int, window: int, stop: int, fail: int, relayed: bool
+) -> None:
+    """The method sees a prefix of what was pushed, in order, each item once; the caller
+    learns how it ended; no question is left behind on any connection."""
+
+    async def scenario() -> None:
+        service = Prefix()
+        async with AsyncExitStack() as stack:
+            left, right = trio.testing.memory_stream_pair()
+            server = await stack.enter_async_context(Connection.open(left, service))
+            client = await stack.enter_async_context(Connection.open(right))
+            conns = [server, client]
+            target = client.bootstrap()
+            if relayed:  # through a middle connection that forwards `target`
+                ml, mr = trio.testing.memory_stream_pair()
+                middle = await stack.enter_async_context(Connection.open(ml, Relayer(target)))
+                outer = await stack.enter_async_context(Connection.open(mr))
+                conns += [middle, outer]
+                target = await outer.bootstrap().target()
+            ended = "completed"
+            with trio.fail_after(10):
+                try:
+                    async with target.sink("take", stop, fail, window=window) as tx:
+                        for i in range(n):
+                            await tx.send(i)
+                except RemoteError as exc:
+                    ended = "failed"
+                    assert f"failed at {fail}" in str(exc)
+                except CapabilityError:
+                    ended = "returned early"
+                await trio.testing.wait_all_tasks_blocked()
+            taken = service.taken
+            assert taken == list(range(len(taken)))  # a prefix, in order, each once
+            first_end = min(stop, fail, n)
+            assert len(taken) == first_end
+            if ended == "completed":
+                assert tx.result == len(taken)
+                assert first_end == n or stop < fail
+            elif ended == "failed":
+                assert fail < n and fail <= stop
+            for conn in conns:
+                assert conn._answers == {} and conn._questions == {}
+
+    trio.run(scenario)
+
+
+class Relayer(Capability):
+    def __init__(self, target: Ref) -> None:
+        self._target = target
+
+    async def target(self) -> Ref:
+        return self._target
