@@ -295,6 +295,42 @@ async def test_a_sink_relayed_through_a_middle_connection() -> None:
         assert c_side._answers == {}
 
 
+async def test_a_pusher_that_goes_away_cancels_the_relayed_sink() -> None:
+    """The pusher's connection to the middle drops while it is held back: the far method
+    is cancelled and neither the middle nor the far side keeps the question."""
+    service = Collector()
+    ac_left, ac_right = trio.testing.memory_stream_pair()
+    ab_left, ab_right = trio.testing.memory_stream_pair()
+
+    class Middle(Capability):
+        def __init__(self, far: Ref) -> None:
+            self.far = far
+
+        async def far_collector(self) -> Ref:
+            return self.far
+
+    async with (
+        Connection.open(ac_left, service) as c_side,
+        Connection.open(ac_right) as a_to_c,
+        Connection.open(ab_left, Middle(a_to_c.bootstrap())) as a_side,
+    ):
+        async with Connection.open(ab_right) as b_to_a:
+            far = await b_to_a.bootstrap().far_collector()
+            with pytest.raises(ConnectionLost):
+                async with far.sink("gated", window=2) as tx:
+                    await tx.send(1)
+                    await tx.send(2)
+                    await trio.testing.wait_all_tasks_blocked()  # the far method holds 1
+                    assert c_side._answers != {}
+                    await b_to_a.aclose()  # the pusher's process died
+        with trio.fail_after(5):
+            await service.finished.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert service.taken == []
+        assert a_side._answers == {} and a_to_c._questions == {}
+        assert c_side._answers == {}
+
+
 async def test_stream_items_produced_together_travel_in_one_frame() -> None:
     left, right = trio.testing.memory_stream_pair()
     async with Connection.open(left, Collector()):
