@@ -354,6 +354,23 @@ async def test_stream_items_produced_together_travel_in_one_frame() -> None:
     assert batches < 20  # the generator never waited, so items went out many to a frame
 
 
+async def test_batches_stay_within_a_small_frame_limit() -> None:
+    """Items join a batch only while it fits the frame limit the peers agreed on."""
+    service = Collector()
+    left, right = trio.testing.memory_stream_pair()
+    async with (
+        Connection.open(left, service, max_frame=1000) as server,
+        Connection.open(right, max_frame=1000) as client,
+    ):
+        async with client.bootstrap().stream("burst", 300, window=300) as items:
+            assert [i async for i in items] == list(range(300))
+        async with client.bootstrap().sink("collect", "small", window=300) as tx:
+            for _ in range(300):
+                await tx.send(b"x" * 90)
+        assert tx.result == "small:300"
+        assert not server.closed.is_set() and not client.closed.is_set()
+
+
 async def test_pushing_beyond_the_credit_closes_the_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

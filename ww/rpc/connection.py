@@ -115,6 +115,8 @@ class Connection:
     ) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        # A batch's own header takes at most 16 bytes: 32 leaves room.
+        self._batch_bytes = min(BATCH_BYTES, max_frame - 32)
         self.max_answers = max_answers
         self.name = name or f"conn-{id(self):x}"
         self.closed = trio.Event()
@@ -842,7 +844,7 @@ class Connection:
             batch is not None
             and batch.qid == qid
             and batch.tag == tag
-            and batch.size + size <= BATCH_BYTES
+            and batch.size + size <= self._batch_bytes
         ):
             batch.parts.append(part)
             batch.size += size
