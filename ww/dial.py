@@ -17,6 +17,7 @@ connection go away when it closes, as for any connection.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,7 +52,7 @@ async def dial(host: Any, peer: str) -> AsyncIterator[Ref]:
         yield far
 
 
-async def _open_first(addrs: list[str], context: Any) -> trio.abc.Stream:
+async def _open_first(addrs: list[str], context: ssl.SSLContext | None) -> trio.abc.Stream:
     """A stream to the first of `addrs` that answers."""
     failure: Exception | None = None
     for addr in addrs:
