@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -88,6 +88,7 @@ class ProcessHandle:
     _exited: trio.Event = field(default_factory=trio.Event, repr=False)
     _done: trio.Event = field(default_factory=trio.Event, repr=False)
     _escalate: Callable[[ProcessHandle], None] | None = field(default=None, repr=False)
+    _log: CappedLog | None = field(default=None, repr=False)
 
     @property
     def state(self) -> str:
@@ -115,6 +116,13 @@ class ProcessHandle:
         """The last `max_bytes` of what the process wrote to stdout and stderr (as much of it
         as the log keeps; nothing once an exited process's log has been deleted)."""
         return read_log(self.log_path, max_bytes)
+
+    def follow_logs(self, max_bytes: int = LOG_TAIL) -> AsyncGenerator[bytes, None]:
+        """What `read_logs` returns, then the output as the process writes it, in pieces;
+        ends once the process has exited and all its output is in the log. A follower that
+        falls more than `max_bytes` behind skips to the newest output."""
+        assert self._log is not None, "the executor gives every handle its log"
+        return self._log.follow(max_bytes)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -315,7 +323,7 @@ class Executor:
         )
         log_file: CappedLog | None = None
         try:
-            log_file = CappedLog(handle.log_path, self.log_limit)
+            log_file = handle._log = CappedLog(handle.log_path, self.log_limit)
             bootstrap = capability_factory(handle)
         except BaseException:
             parent_sock.close()

@@ -2,7 +2,8 @@
 
 A child's stdout and stderr share one pipe that the host copies into the child's log file,
 keeping the newest `limit` bytes at most (`CappedLog`, `copy_output`, `drain`); `read_log`
-returns its tail and `prune_logs` deletes the logs of exited processes but the newest.
+returns its tail, `CappedLog.follow` its tail and then what is written until it is closed, and
+`prune_logs` deletes the logs of exited processes but the newest.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import AsyncGenerator, Collection
 from pathlib import Path
 
 import trio
 
 __all__ = [
     "DRAIN_LIMIT",
+    "FOLLOW_CHUNK",
     "KEEP_LOGS",
     "LOG_LIMIT",
     "LOG_TAIL",
@@ -39,6 +41,7 @@ MIN_LOG_LIMIT = 4096
 KEEP_LOGS = 100  # logs of exited processes kept, the newest
 PIPE_READ = 64 * 1024
 DRAIN_LIMIT = 1024 * 1024  # what is copied from the pipe after the child exits, at most
+FOLLOW_CHUNK = 64 * 1024  # CappedLog.follow yields pieces of at most this size
 PREVIOUS = ".1"  # the suffix of a log's previous generation
 
 
@@ -48,9 +51,12 @@ class CappedLog:
 
     Writes are unbuffered: what was copied is readable at once. When writing fails (a full
     disk) the rest is dropped, so that the child is never held up by its log.
+
+    `written` counts the bytes written so far; followers (`follow`) are woken by each write
+    and by `close`, and read what is new from the files, so that they never hold up a write.
     """
 
-    __slots__ = ("_failed", "_file", "_half", "_size", "path")
+    __slots__ = ("_failed", "_file", "_followers", "_half", "_size", "closed", "path", "written")
 
     def __init__(self, path: Path, limit: int) -> None:
         self.path = path
@@ -58,6 +64,9 @@ class CappedLog:
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
         self._size = self._file.tell()
         self._failed = False
+        self._followers = trio.lowlevel.ParkingLot()
+        self.written = self._size
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         if self._failed:
@@ -69,10 +78,13 @@ class CappedLog:
                     self._rotate()
                 written = self._file.write(view[: self._half - self._size])
                 self._size += written
+                self.written += written
                 view = view[written:]
         except OSError as e:
             self._failed = True
             log.warning("dropping further output for %s: %s", self.path, e.strerror or e)
+        finally:
+            self._followers.unpark_all()
 
     def _rotate(self) -> None:
         self._file.close()
@@ -83,9 +95,30 @@ class CappedLog:
     def close(self) -> None:
         """Close the file and date it to now (the process's exit; see `prune_logs`)."""
         now = time.time_ns()  # finer than the clock the kernel dates files with
+        self.closed = True
+        self._followers.unpark_all()
         with contextlib.suppress(OSError):
             self._file.close()
             os.utime(self.path, ns=(now, now))
+
+    async def follow(self, max_bytes: int) -> AsyncGenerator[bytes, None]:
+        """The log's last `max_bytes`, then each piece as it is written, until it is closed.
+
+        Pieces are at most `FOLLOW_CHUNK` bytes. A follower more than `max_bytes` behind
+        (or behind by more than the files keep) skips to the newest bytes: the log is written
+        at the child's pace, never the follower's.
+        """
+        seen = max(0, self.written - max_bytes)
+        while True:
+            if self.written > seen:
+                data = read_log(self.path, min(self.written - seen, max_bytes))
+                seen = self.written
+                for start in range(0, len(data), FOLLOW_CHUNK):
+                    yield data[start : start + FOLLOW_CHUNK]
+            elif self.closed:
+                return
+            else:
+                await self._followers.park()
 
 
 async def copy_output(
