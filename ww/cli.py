@@ -289,9 +289,15 @@ async def cmd_kill(args: argparse.Namespace) -> int:
 
 async def cmd_logs(args: argparse.Namespace) -> int:
     async with dial(args) as host:
-        data = await host.logs(args.pid)
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+        if not args.follow:
+            data = await host.logs(args.pid)
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return 0
+        async with host.stream("follow_logs", args.pid) as pieces:
+            async for data in pieces:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
     return 0
 
 
@@ -502,8 +508,20 @@ def build_parser() -> Parser:
     p = command("kill", cmd_kill, "Stop a process on the host.", client)
     p.add_argument("pid", type=int, metavar="PID", help="process id, as `ww ps` lists it")
 
-    p = command("logs", cmd_logs, "Print the captured stdout and stderr of a process.", client)
+    p = command(
+        "logs",
+        cmd_logs,
+        "Print the captured stdout and stderr of a process (its last 1 MiB).",
+        client,
+        example="ww logs -f --dial 127.0.0.1:2021 4242",
+    )
     p.add_argument("pid", type=int, metavar="PID", help="process id, as `ww ps` lists it")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="then keep printing its output as it is written, until the process exits",
+    )
     return parser
 
 

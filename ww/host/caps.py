@@ -6,6 +6,7 @@ and asks the `Host` (ww.host.node) to do the work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,14 @@ class HostCapability(Capability):
 
     async def logs(self, pid: int) -> bytes:
         return self._host.process(pid).logs()
+
+    async def follow_logs(self, pid: int) -> AsyncIterator[bytes]:
+        """A stream: the tail `logs` returns, then the output as the process writes it, until
+        it has exited. A slow reader skips to the newest output; it never holds up the
+        process."""
+        async with contextlib.aclosing(self._host.process(pid).follow_logs()) as pieces:
+            async for data in pieces:
+                yield data
 
     async def stats(self) -> dict[str, int]:
         """Counters for operators and tests: connections, exports, anchors, links, ..."""
@@ -268,6 +277,12 @@ class ProcessCapability(Capability):
 
     async def logs(self) -> bytes:
         return self._record.logs()
+
+    async def follow_logs(self) -> AsyncIterator[bytes]:
+        """A stream: `logs`, then the output as it is written, until the process has exited."""
+        async with contextlib.aclosing(self._record.follow_logs()) as pieces:
+            async for data in pieces:
+                yield data
 
 
 def _check_args(args: object) -> list[str]:

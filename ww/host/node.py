@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,9 @@ class ProcessRecord:
 
     def logs(self) -> bytes:
         return self.handle.read_logs()
+
+    def follow_logs(self) -> AsyncGenerator[bytes, None]:
+        return self.handle.follow_logs()
 
 
 class Host:
