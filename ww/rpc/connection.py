@@ -54,6 +54,8 @@ from ww.rpc.wire import (
     ITEMS,
     MAX_FRAME,
     RETURN,
+    SINK,
+    STREAM,
     Ack,
     Call,
     Cancel,
@@ -372,18 +374,27 @@ class Connection:
         qid = msg.qid
         if qid in self._answers:
             raise ProtocolError(f"question id {qid} reused")
+        out_qid = self._ask_on(target, qid, [CALL, ref._id, msg.method, msg.args])
+        if out_qid is not None:
+            relay = _Relay(self, qid, target, out_qid)
+            target._questions[out_qid] = relay
+            self._answers[qid] = relay
+        return True
+
+    def _ask_on(self, target: Connection, qid: int, fields: list[Any]) -> int | None:
+        """Pass the peer's question `qid` on as a new question of ours on `target`: `fields`
+        is its wire array without the question id. Its id there, or None when it could not
+        be encoded (the peer then got the error as its answer)."""
         out_qid = target._next_qid
+        fields.insert(1, out_qid)
         try:
-            frame = target._encode_fields([CALL, out_qid, ref._id, msg.method, msg.args])
+            frame = target._encode_fields(fields)
         except Exception as exc:
             self._reply_exception(qid, exc)
-            return True
+            return None
         target._next_qid = out_qid + 1
         target._send_nowait(frame)
-        relay = _Relay(self, qid, target, out_qid)
-        target._questions[out_qid] = relay
-        self._answers[qid] = relay
-        return True
+        return out_qid
 
     async def _reply_later(self, relay: _Relay, value: Any) -> None:
         try:
@@ -504,14 +515,9 @@ class Connection:
         qid = msg.qid
         if qid in self._answers:
             raise ProtocolError(f"question id {qid} reused")
-        out_qid = target._next_qid
-        try:
-            frame = target._encode(StreamStart(out_qid, ref._id, msg.method, msg.args, msg.credit))
-        except Exception as exc:
-            self._reply_exception(qid, exc)
+        out_qid = self._ask_on(target, qid, [STREAM, ref._id, msg.method, msg.args, msg.credit])
+        if out_qid is None:
             return True
-        target._next_qid = out_qid + 1
-        target._send_nowait(frame)
         relay = _StreamRelay(self, qid, target, out_qid, msg.credit)
         target._inbound[out_qid] = relay
         self._answers[qid] = relay
@@ -561,13 +567,12 @@ class Connection:
         qid = msg.qid
         try:
             target._check_usable(ref)
-            out_qid = target._next_qid
-            frame = target._encode(SinkStart(out_qid, ref._id, msg.method, msg.args, msg.credit))
         except Exception as exc:
             self._reply_exception(qid, exc)
             return
-        target._next_qid = out_qid + 1
-        target._send_nowait(frame)
+        out_qid = self._ask_on(target, qid, [SINK, ref._id, msg.method, msg.args, msg.credit])
+        if out_qid is None:
+            return
         relay = _SinkRelay(self, qid, target, out_qid, msg.credit)
         target._questions[out_qid] = relay
         self._answers[qid] = relay
