@@ -1,10 +1,26 @@
-"""A probe for the one-step guarantee of the storages: what a reader sees mid-save."""
+"""Probes of what a reader of a storage sees: all of it, or what it sees in the middle of a
+save."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
+from ww.raft.storage import LogStorage
 from ww.raft.types import Entry
+
+
+def observe(s: LogStorage) -> tuple[Any, ...]:
+    """Everything a reader of the storage can see."""
+    first, last = s.first_index(), s.last_index()
+    return (
+        s.initial_state(),
+        first,
+        last,
+        s.term(first - 1),
+        s.entries(first, last + 1),
+        s.snapshot(),
+    )
 
 
 class ReadWhileCopied(list[Entry]):

@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from storage_probe import observe
 
 from ww.raft.disk import DiskStorage
 from ww.raft.memory import MemoryStorage
@@ -72,18 +73,6 @@ def child(path: str, seed: int, round_: int) -> None:
         operation(rng, storage)
         done += 1
         print(done, flush=True)
-
-
-def observe(s: LogStorage) -> tuple[Any, ...]:
-    first, last = s.first_index(), s.last_index()
-    return (
-        s.initial_state(),
-        first,
-        last,
-        s.term(first - 1),
-        s.entries(first, last + 1),
-        s.snapshot(),
-    )
 
 
 def run_and_kill(path: Path, round_: int, rng: random.Random) -> int:

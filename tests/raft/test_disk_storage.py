@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from storage_probe import ReadWhileCopied
+from storage_probe import ReadWhileCopied, observe
 
 from ww.raft import wal
 from ww.raft.disk import (
@@ -81,19 +81,6 @@ def with_log(make: Factory, *terms_from_3: int) -> LogStorage:
     s.save(None, [], Snapshot(metadata=SnapshotMetadata(3, 3)))
     s.save(None, [Entry(t, i) for i, t in enumerate(terms_from_3, start=4)], None)
     return s
-
-
-def observe(s: LogStorage) -> tuple[Any, ...]:
-    """Everything a reader of the storage can see."""
-    first, last = s.first_index(), s.last_index()
-    return (
-        s.initial_state(),
-        first,
-        last,
-        s.term(first - 1),
-        s.entries(first, last + 1),
-        s.snapshot(),
-    )
 
 
 # --- the semantics of MemoryStorage (etcd's), for every kind ---
