@@ -225,11 +225,14 @@ class Connection:
 
     # --- asking ----------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closing:
+            raise ConnectionLost(f"connection {self.name} is closed ({self.close_reason})")
+
     def _check_usable(self, ref: Ref) -> None:
         if self._collected:
             self._flush_collected()
-        if self._closing:
-            raise ConnectionLost(f"connection {self.name} is closed ({self.close_reason})")
+        self._check_open()
         if ref._released:
             raise CapabilityError("this capability reference was released")
 

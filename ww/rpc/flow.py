@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError
+from ww.rpc.errors import CapabilityError, ProtocolError
 from ww.rpc.limits import HIGH_WATER
 from ww.rpc.ref import _release_refs_in
 from ww.rpc.wire import ITEMS, PUSH, Ack, Cancel, Credit, Done
@@ -314,8 +314,7 @@ class RefSink:
             if st.error is not None:
                 raise st.error
             raise CapabilityError("the sink returned and takes no more items")
-        if conn._closing:
-            raise ConnectionLost(f"connection {conn.name} is closed ({conn.close_reason})")
+        conn._check_open()
         part = conn._pack_value(value)
         st.credit -= 1
         conn._queue_part(PUSH, self._qid, part)
