@@ -260,7 +260,7 @@ def load_rom(path: Path) -> Any:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    from ww.guest import run_local
+    from ww.rom.guest import run_local
 
     rom = load_rom(Path(args.rom))
     if args.no_dial:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ww.guest import rom_data
+from ww.rom.guest import rom_data
 
 TOPIC = "test"
 

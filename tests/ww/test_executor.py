@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import trio
 
-from ww.executor import Executor, ProcessHandle
 from ww.rom import Rom, RomError, build_rom
+from ww.rom.executor import Executor, ProcessHandle
 from ww.rpc import Capability
 
 
@@ -85,7 +85,7 @@ async def test_guest_calls_the_host_capability(executor: Executor, tmp_path: Pat
     rom = make_rom(
         tmp_path,
         """
-        from ww.guest import rom_data
+        from ww.rom.guest import rom_data
 
         async def main(host, args):
             reply = await host.note(" ".join(args) + " " + rom_data("greeting").decode())

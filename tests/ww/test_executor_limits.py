@@ -17,9 +17,9 @@ import trio
 
 from tests.ww.conftest import connect
 from tests.ww.test_executor import SLEEPER, Probe, make_rom, spawn
-from ww.executor import KEEP_LOGS, LOG_LIMIT, ROM_CACHE_LIMIT, Executor, RomCache
 from ww.host import HostConfig, run_host
 from ww.rom import Rom
+from ww.rom.executor import KEEP_LOGS, LOG_LIMIT, ROM_CACHE_LIMIT, Executor, RomCache
 from ww.rpc import RemoteError
 
 CHATTY = """

@@ -15,9 +15,9 @@ import trio
 from tests.ww.conftest import HostFactory, HostProcess
 from tests.ww.test_executor import make_rom
 from tests.ww.test_hello import ENV, Lines, ww
-from ww.executor import Executor
-from ww.process_log import FOLLOW_CHUNK, CappedLog
 from ww.rom import build_rom
+from ww.rom.executor import Executor
+from ww.rom.process_log import FOLLOW_CHUNK, CappedLog
 from ww.rpc import Capability
 
 

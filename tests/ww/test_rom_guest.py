@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from ww import guest
-from ww.guest import EXIT_CANNOT_START, rom_data, run_local
-from ww.rom import Rom, RomError, build_rom
+from ww.rom import Rom, RomError, build_rom, guest
+from ww.rom.guest import EXIT_CANNOT_START, rom_data, run_local
 
 
 def make_rom(root: Path, files: dict[str, str], *, entry: str = "app:main", extra: str = "") -> Rom:
@@ -99,7 +98,7 @@ async def test_rom_data_reads_the_running_roms_embedded_data(tmp_path: Path) -> 
         tmp_path,
         {
             "app.py": """
-            from ww.guest import rom_data
+            from ww.rom.guest import rom_data
 
             async def main(host, args):
                 host.append(rom_data("blob"))

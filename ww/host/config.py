@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ww.auth import is_loopback
-from ww.executor import KEEP_LOGS, LOG_LIMIT, MIN_LOG_LIMIT, ROM_CACHE_LIMIT
+from ww.rom.executor import KEEP_LOGS, LOG_LIMIT, MIN_LOG_LIMIT, ROM_CACHE_LIMIT
 
 Address = tuple[str, int]
 

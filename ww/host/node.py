@@ -30,7 +30,7 @@ from ww.rom import Rom, RomError
 from ww.rpc import Capability, CapabilityError, Connection, Ref
 
 if TYPE_CHECKING:
-    from ww.executor import Executor, ProcessHandle
+    from ww.rom.executor import Executor, ProcessHandle
 
 log = logging.getLogger("ww.host")
 

@@ -22,7 +22,7 @@ async def run_host(
 ) -> None:
     """Run a host until cancelled. Raises HostError (one line) when it cannot start."""
     from ww.auth import Identity, load_cluster_key, open_client_stream, server_stream_wrapper
-    from ww.executor import Executor
+    from ww.rom.executor import Executor
 
     config.check()
     try:

@@ -1,6 +1,6 @@
 """The guest side: run a ROM's `async def main(host, args)`.
 
-A host spawns each ROM as `python -m ww.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]`. The
+A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]`. The
 guest validates the ROM, checks its `requires`, makes its modules importable from the validated
 archive (in memory, nothing is extracted), opens a capability connection over the inherited
 socket FD and calls `main` with the host's bootstrap capability (a `Ref`).
@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from ww.rom import Rom, RomError
+from ww.rom.archive import Rom, RomError
 
 __all__ = ["EXIT_CANNOT_START", "current_rom", "main", "rom_data", "run_local"]
 
@@ -184,7 +184,7 @@ class _Invocation:
 
 
 def _parse(argv: Sequence[str]) -> _Invocation:
-    usage = "usage: python -m ww.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]"
+    usage = "usage: python -m ww.rom.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]"
     fd: int | None = None
     cid: str | None = None
     rest = list(argv)
@@ -244,24 +244,26 @@ async def _serve(rom: Rom, args: list[str], sock: socket.socket) -> int:
         try:
             code = await run_local(rom, args, conn.bootstrap())
         except RomError as exc:
-            print(f"ww.guest: {exc}", file=sys.stderr)
+            print(f"ww.rom.guest: {exc}", file=sys.stderr)
             code = EXIT_CANNOT_START
         nursery.cancel_scope.cancel()
     if code is None:
         reason = conn.close_reason or "closed"
-        print(f"ww.guest: the connection to the host ended ({reason}); stopping", file=sys.stderr)
+        print(
+            f"ww.rom.guest: the connection to the host ended ({reason}); stopping", file=sys.stderr
+        )
         return 1
     return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m ww.guest`; returns the exit code."""
+    """Entry point of `python -m ww.rom.guest`; returns the exit code."""
     try:
         invocation = _parse(sys.argv[1:] if argv is None else argv)
         rom = _load(invocation)
         sock = _host_socket(invocation.fd)
     except RomError as exc:
-        print(f"ww.guest: {exc}", file=sys.stderr)
+        print(f"ww.rom.guest: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     sys.argv = [f"{rom.name}.rom", *invocation.args]
     logging.basicConfig(
@@ -275,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module, not this __main__ copy, so that ROM code importing
-    # ww.guest (rom_data) shares its state.
-    from ww.guest import main as _main
+    # ww.rom.guest (rom_data) shares its state.
+    from ww.rom.guest import main as _main
 
     sys.exit(_main())

@@ -16,11 +16,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from ww.rom import Rom, RomError
+from ww.rom.archive import Rom, RomError
 
 __all__ = ["ROM_CACHE_LIMIT", "RomCache", "check_count"]
 
-log = logging.getLogger("ww.executor")
+log = logging.getLogger("ww.rom.executor")
 
 ROM_CACHE_LIMIT = 1024 * 1024 * 1024  # bytes of cached ROMs
 _CID = re.compile(r"[0-9a-f]{64}")

@@ -1,6 +1,6 @@
 """The host side of ROMs: each spawned ROM runs in its own child process.
 
-The child is `python -m ww.guest`, given the ROM as a file in the host's ROM cache and one end
+The child is `python -m ww.rom.guest`, given the ROM as a file in the host's ROM cache and one end
 of a socket pair; the host serves the other end with `ww.rpc`, offering the capability that
 `capability_factory(handle)` makes for that process. Optional limits: address space
 (`memory_limit`, bytes, RLIMIT_AS) and CPU time (`cpu_seconds`, RLIMIT_CPU; the child gets
@@ -8,9 +8,9 @@ SIGXCPU, then SIGKILL a second later).
 
 Disk use is bounded. The child's stdout and stderr share one pipe that the host copies into a
 log file per process, keeping the newest `log_limit` bytes at most; the logs of the newest
-`keep_logs` exited processes are kept and older ones deleted (`ww.process_log`). The ROM cache
+`keep_logs` exited processes are kept and older ones deleted (`ww.rom.process_log`). The ROM cache
 keeps at most `rom_cache_limit` bytes, evicting the least recently used ROM first but never the
-ROM of a process that is starting or running (`ww.rom_cache`).
+ROM of a process that is starting or running (`ww.rom.cache`).
 
 Exit codes, as `wait()` returns them: the child's exit status (0 ok, 1 main raised, 2 could not
 start, or what the ROM passed to sys.exit), or ``-N`` when signal N ended it (-15 SIGTERM, -9
@@ -42,7 +42,9 @@ from typing import Any
 import trio
 
 import ww
-from ww.process_log import (
+from ww.rom.archive import Rom
+from ww.rom.cache import ROM_CACHE_LIMIT, RomCache, check_count
+from ww.rom.process_log import (
     KEEP_LOGS,
     LOG_LIMIT,
     LOG_TAIL,
@@ -53,8 +55,6 @@ from ww.process_log import (
     prune_logs,
     read_log,
 )
-from ww.rom import Rom
-from ww.rom_cache import ROM_CACHE_LIMIT, RomCache, check_count
 
 __all__ = [
     "KEEP_LOGS",
@@ -67,7 +67,7 @@ __all__ = [
     "RomCache",
 ]
 
-log = logging.getLogger("ww.executor")
+log = logging.getLogger("ww.rom.executor")
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 
@@ -281,7 +281,7 @@ class Executor:
             self.python,
             "-P",
             "-m",
-            "ww.guest",
+            "ww.rom.guest",
             "--fd",
             str(child_sock.fileno()),
             "--cid",
@@ -475,6 +475,6 @@ def _child_setup(memory_limit: int | None, cpu_seconds: float | None) -> Callabl
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # output reaches the log even if the child is killed
-    root = str(Path(ww.__file__).resolve().parent.parent)  # so `-m ww.guest` works anywhere
+    root = str(Path(ww.__file__).resolve().parent.parent)  # so `-m ww.rom.guest` works anywhere
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env

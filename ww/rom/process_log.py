@@ -33,7 +33,7 @@ __all__ = [
     "read_log",
 ]
 
-log = logging.getLogger("ww.executor")
+log = logging.getLogger("ww.rom.executor")
 
 LOG_TAIL = 1024 * 1024  # read_logs() returns at most this much by default
 LOG_LIMIT = 8 * 1024 * 1024  # bytes of output kept on disk per process, the newest
