@@ -1,10 +1,10 @@
 """From HTML bytes to a `Page`: title, visible text, links to follow, robots directives.
 
 Decoding follows the order browsers and w3lib use: a byte-order mark, then the charset of the
-Content-Type header, then `<meta charset>` / `http-equiv` (where a UTF-16 or UTF-32 charset means UTF-8, as in
-browsers: a `<meta>` that could be read is not UTF-16), then UTF-8. When the bytes are not
-valid in the declared encoding (a wrong charset) and are valid in another candidate (the meta
-charset, UTF-8, then Windows-1252), that candidate is used instead of decoding with
+Content-Type header, then `<meta charset>` / `http-equiv` (where UTF-16 or UTF-32 means UTF-8,
+as in browsers: a `<meta>` that could be read is not UTF-16), then UTF-8. When the bytes are
+not valid in the declared encoding (a wrong charset) and are valid in another candidate (the
+meta charset, UTF-8, then Windows-1252), that candidate is used instead of decoding with
 replacement characters.
 """
 
