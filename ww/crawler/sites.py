@@ -2,7 +2,8 @@
 
 A `Site` is a table of routes, each a function from a request to a response, with helpers for
 what a crawler must cope with (robots.txt, redirects and loops, failures before a success, 429
-with Retry-After, a page that trickles, large and binary bodies, a wrong charset, traps).
+with Retry-After, a page that trickles, a connection cut mid-body, large and binary bodies,
+exact bytes and headers for a wrong charset, traps).
 `serve_site` serves it on one address with h11 under trio; serve the same site on
 127.0.0.1, 127.0.0.2, ... to make several hosts, each on its own port (bind port 0):
 
@@ -58,6 +59,7 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     trickle: float | None = None  # send one byte every `trickle` seconds, without end
+    cut_at: int | None = None  # close the connection after this many bytes of the body
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,8 @@ def _html_response(body: str, status: int = 200, charset: str = "utf-8") -> Resp
 
 
 class Site:
-    """Routes by (host, target), where host "*" serves on every host; see the module doc."""
+    """Routes by (host, target), where host "*" serves on every host; a target with a query
+    falls back to the route of its path. See the module doc."""
 
     def __init__(self) -> None:
         self.routes: dict[tuple[str, str], Handler] = {}
@@ -122,7 +125,10 @@ class Site:
         self.prefixes.append((host, prefix, handler))
 
     def respond(self, request: Request) -> Response:
-        for key in ((request.host, request.target), ("*", request.target)):
+        path = request.target.partition("?")[0]
+        keys = [(request.host, request.target), ("*", request.target)]
+        keys += [(request.host, path), ("*", path)]
+        for key in keys:
             if key in self.routes:
                 return self.routes[key](request)
         for host, prefix, handler in self.prefixes:
@@ -246,6 +252,14 @@ class Site:
         self.raw(target, body, content_type=content_type, host=host)
         return body
 
+    def cut(self, target: str, body: bytes, at: int, *, host: str = "*") -> None:
+        """A response that declares all of `body` but closes the connection after `at` bytes."""
+
+        def handler(request: Request) -> Response:
+            return Response(200, [("content-type", "text/html")], body, cut_at=at)
+
+        self.route(target, handler, host=host)
+
     def trap(self, prefix: str = "/trap/", *, host: str = "*") -> None:
         """A space without end: every page under `prefix` links one level deeper and to a
         page with one more query parameter."""
@@ -280,6 +294,10 @@ async def serve_site(
     await trio.serve_listeners(handle, listeners)
 
 
+class _CloseConnection(Exception):
+    pass
+
+
 async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
     while True:
         event = conn.next_event()
@@ -302,7 +320,12 @@ async def _serve_connection(site: Site, host: str, stream: trio.SocketStream) ->
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+    except (
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+        h11.ProtocolError,
+        _CloseConnection,
+    ):
         return
     finally:
         await stream.aclose()
@@ -333,6 +356,10 @@ async def _answer(
         out = list(response.headers)
         if response.trickle is None:
             out.append(("content-length", str(len(response.body))))
+        if response.cut_at is not None:
+            head = conn.send(h11.Response(status_code=response.status, headers=out))
+            await stream.send_all(head + response.body[: response.cut_at])
+            raise _CloseConnection
         await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=out)))
         if response.trickle is not None:
             while True:
