@@ -182,7 +182,7 @@ async def _run(
             return state.fail("protocol", f"protocol error: {_describe(exc)}")
         except (httpx2.UnsupportedProtocol, httpx2.InvalidURL) as exc:
             return state.fail("bad-url", f"bad URL: {_describe(exc)}")
-        except httpx2.TransportError as exc:
+        except httpx2.HTTPError as exc:  # TransportError and any other the client raises
             return state.fail("network", f"network error: {_describe(exc)}")
         state.redirects.append({"url": state.current, "status": state.status})
         try:
