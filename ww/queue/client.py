@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Claimed", "Item", "PutResult", "QueueClient", "QueueError"]
 
+DISCOVERY_TIMEOUT = 1.0
+"""How long to wait for one host's anchor when looking for the replicas."""
+
 _GONE = (RemoteError, ConnectionLost, CapabilityError, OSError)
 """What a call on a replica raises when the replica, its host or the way there is gone."""
 
@@ -323,7 +326,8 @@ class QueueClient:
         peers = await root.ls()
 
         async def look(peer: str) -> None:
-            with contextlib.suppress(*_GONE):
+            # A host killed a moment ago is still in the view; do not wait long for it.
+            with contextlib.suppress(*_GONE), trio.move_on_after(DISCOVERY_TIMEOUT):
                 await self._anchor(peer, "request")
 
         async with trio.open_nursery() as nursery:

@@ -588,7 +588,7 @@ async def main(host: Any, args: Sequence[str]) -> int:
     from ww.raft.storage import StorageError
     from ww.rom import guest
 
-    home, volume = guest.home(), guest.volume()  # type: ignore[attr-defined]
+    home, volume = guest.home(), guest.volume()
     if host is None or home is None or volume is None:
         print(
             "the raft replica runs spawned at an anchor with a volume "
