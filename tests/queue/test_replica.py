@@ -183,3 +183,49 @@ async def test_restart_replays_only_entries_after_the_applied_index(
         lambda: restarted.status()["applied"] >= group.replicas[group.leader()].status()["applied"]
     )
     assert calls and min(calls) > applied_before
+
+
+SNAPPY = ReplicaOptions(
+    tick_interval=0.02,
+    clock_interval=0.2,
+    request_timeout=2.0,
+    chunk_size=4096,
+    snapshot_interval=20,
+    compaction_margin=5,
+)
+
+
+async def test_add_by_snapshot_transfer_and_remove(
+    host_factory: HostFactory, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    hosts = await host_factory.cluster(4, ttl=1.5)
+    g = Group(nursery, tmp_path / "volumes")
+    voters = [h.peer for h in hosts[:3]]
+    for host in hosts[:3]:
+        await g.start(host, voters, SNAPPY)
+    await wait_for(lambda: g.leader() is not None, timeout=10)
+    async with hosts[0].connect() as ref:
+        client = await QueueClient.connect(ref, timeout=15)
+        for i in range(60):  # past a few snapshots: the log behind them is compacted
+            await client.put("t", [Item(b"x" * 500, key=str(i))])
+        newcomer = hosts[3].peer
+        joined = await g.start(hosts[3], None, SNAPPY)  # empty: waits to be added
+        status = await client.add(newcomer)
+        assert newcomer in status["voters"]
+        assert joined.transport is not None and joined.transport.stats.snapshots_received >= 1
+        await wait_for(
+            lambda: joined.status()["applied"] >= g.replicas[g.leader()].status()["commit"]
+        )
+        state = joined.state.state  # type: ignore[union-attr]
+        assert state.query({"op": "stats", "topic": "t"})["seen"] == 60
+
+        await client.transfer(newcomer)
+        assert g.leader() == newcomer
+        old = hosts[0].peer
+        status = await client.remove(old)
+        assert old not in status["voters"] and len(status["voters"]) == 3
+        g.crash(old)
+        assert (await client.put("t", [Item(b"after", key="after")])).added == 1
+        # Removing the leader hands leadership on first, then removes it.
+        status = await client.remove(newcomer)
+        assert newcomer not in status["voters"] and status["leader"] != newcomer

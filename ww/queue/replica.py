@@ -142,6 +142,7 @@ class QueueReplica:
         self.node_id = node_id_of(self.peer)
         self._state_arg = state
         self._members: dict[int, str] = {self.node_id: self.peer}
+        self._view: dict[int, str] = {}  # the hosts in the cluster view, by node id
         self._stopped = trio.Event()
         self.driver: RaftDriver | None = None
         self.transport: WwTransport | None = None
@@ -252,11 +253,12 @@ class QueueReplica:
 
     async def _refresh_peers(self) -> None:
         hosts = await (await self.host.view()).hosts()
-        peers = dict(self._members)
-        for entry in hosts:
-            peers.setdefault(node_id_of(entry["peer"]), entry["peer"])
-        assert self.transport is not None
-        self.transport.set_peers(peers)
+        self._view = {node_id_of(entry["peer"]): entry["peer"] for entry in hosts}
+        self._publish_peers()
+
+    def _publish_peers(self) -> None:
+        if self.transport is not None:
+            self.transport.set_peers({**self._view, **self._members})
 
     async def _clock(self) -> None:
         """On the leader: propose a tick every `clock_interval` seconds."""
@@ -279,9 +281,7 @@ class QueueReplica:
     def peer_of(self, node_id: int) -> str | None:
         if node_id == 0:
             return None
-        if node_id in self._members:
-            return self._members[node_id]
-        return self.transport.peer_of(node_id) if self.transport is not None else None
+        return self._members.get(node_id) or self._view.get(node_id)
 
     def not_leader(self) -> dict[str, Any]:
         assert self.driver is not None
@@ -316,8 +316,7 @@ class QueueReplica:
             ):
                 self._members[cc.changes[0].node_id] = peer
                 self._save_members()
-                if self.transport is not None:
-                    self.transport.set_peers({**self._members})
+                self._publish_peers()
 
     async def _propose(self, data: bytes) -> Any:
         assert self.driver is not None
@@ -460,7 +459,10 @@ class QueueReplica:
                 return _error("cannot remove the last voter; stop the group instead")
             progress = self.driver.status().progress
             best = max(others, key=lambda n: progress[n].match if n in progress else -1)
-            return await self.transfer(self.peer_of(best) or "")
+            target = self.peer_of(best)
+            if target is None:
+                return _error(f"no host known for node {best} to hand leadership to", retry=True)
+            return await self.transfer(target)
         try:
             await self._change(ConfChangeType.REMOVE_NODE, node, peer)
         except RaftError as e:
