@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -116,7 +115,7 @@ async def ww_system() -> AsyncIterator[System]:
             host = conn.bootstrap()
             request = await (await (await host.root()).walk(f"/{leader}/raft/v1/request")).load()
             rom_pids = []
-            for peer, a in hosts:
+            for _, a in hosts:
                 s2 = await _open(a)
                 async with s2, Connection.open(s2) as c2:
                     rom_pids += [p["pid"] for p in await c2.bootstrap().ps()]
