@@ -133,6 +133,17 @@ async def test_a_malformed_request_gets_one_line_and_the_replica_keeps_serving(
             assert "\n" not in answer["error"] and answer["error"]
         answer = await request.query(b"\x81\xa2op\xa5write")
         assert "unknown query" in answer["error"]
+        # Garbage pushed into the Raft endpoint is dropped and counted.
+        rpc = await (await (await host.root()).walk(f"/{leader}/raft/v1/rpc")).load()
+        async with rpc.sink("messages", 7) as tx:
+            for junk in ("junk", [b"\xc1", 5], {"a": 1}):
+                await tx.send(junk)
+        async with rpc.sink("snapshot", 7) as tx:
+            await tx.send(b"short")
+        assert tx.result is False
+        stats = group.replicas[leader].transport.stats  # type: ignore[union-attr]
+        assert stats.bad_input >= 4
+        assert group.replicas[leader].driver.dropped_messages >= 1  # type: ignore[union-attr]
         with pytest.raises(QueueError, match="topic"):
             await client.put("", [Item(b"x")])
     assert (await client.put("t", [Item(b"still")])).added == 1
