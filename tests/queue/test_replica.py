@@ -240,3 +240,26 @@ async def test_add_by_snapshot_transfer_and_remove(
         # Removing the leader hands leadership on first, then removes it.
         status = await client.remove(newcomer)
         assert newcomer not in status["voters"] and status["leader"] != newcomer
+
+
+async def test_follow_yields_records_as_they_commit(client: QueueClient) -> None:
+    await client.create("log", kind="log")
+    await client.append("log", [b"r0", b"r1"])
+    got: list[tuple[int, bytes]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def follow() -> None:
+            async for offset, record in client.follow("log", 1):
+                got.append((offset, record))
+                if len(got) == 3:
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(follow)
+        await wait_for(lambda: len(got) == 1)
+        assert await client.append("log", [b"r2", b"r3"]) == 2
+    assert got == [(1, b"r1"), (2, b"r2"), (3, b"r3")]
+    await client.set_cursor("log", "reader", 3)
+    assert await client.cursor("log", "reader") == 3
+    with pytest.raises(QueueError):
+        async for _ in client.follow("no-such-log", 0):
+            pass
