@@ -134,6 +134,7 @@ def test_proposals_past_the_uncommitted_limit_are_refused_naming_the_limit(kit):
     assert "max_uncommitted_entries_size=1000 bytes" in str(e.value)
     assert r.raft_log.last_index() == 11
     # Once committed and applied, the room is back.
+    kit.persist_leader(r)
     r.step(Message(type=MT.APP_RESP, frm=2, to=1, term=1, index=11))
     ents = r.raft_log.next_committed_ents()
     r.advance((), None, ents)

@@ -410,12 +410,9 @@ class Raft:
                 f"({self.uncommitted_size} uncommitted + {size} proposed)"
             )
         self.uncommitted_size += size
-        li = self.raft_log.append(ents)
-        self.prs.progress[self.id].maybe_update(li)
-        if len(self.prs.config.voters.ids()) == 1:
-            # Only a quorum of one can commit on the leader's own acknowledgement: no other
-            # voter holds the new entries yet.
-            self.maybe_commit()
+        # The leader's own acknowledgement of these entries comes from `advance`, once they
+        # are saved: until then they count toward no commit, even for a single voter.
+        self.raft_log.append(ents)
 
     def reduce_uncommitted_size(self, entries: Sequence[Entry]) -> None:
         self.uncommitted_size = max(0, self.uncommitted_size - payload_size(entries))
@@ -449,8 +446,25 @@ class Raft:
                 self._append_pending = True
         if entries:
             self.raft_log.stable_to(entries[-1].index, entries[-1].term)
+            self._ack_own_entries(entries[-1].index, entries[-1].term)
         if snapshot is not None:
             self.raft_log.stable_snap_to(snapshot.metadata.index)
+
+    def _ack_own_entries(self, index: int, term: int) -> None:
+        """The leader's entries up to `index` are on its disk: acknowledge them (etcd's
+        self-addressed MsgAppResp after the storage write). This may commit, and the new
+        commit index goes out with the next appends."""
+        pr = self.prs.progress.get(self.id)
+        if (
+            self.state != StateType.LEADER
+            or pr is None
+            or not self.raft_log.match_term(index, term)
+            or not pr.maybe_update(index)
+        ):
+            return
+        if self.maybe_commit():
+            self._release_pending_read_index_messages()
+            self._append_pending = True
 
     # -- ticks ---------------------------------------------------------------------------------
 
@@ -513,8 +527,9 @@ class Raft:
         self.abort_leader_transfer()
         self.prs.reset_votes()
         last = self.raft_log.last_index()
+        stable = self.raft_log.last_stable_index()
         for i, pr in self.prs.progress.items():
-            pr.match = last if i == self.id else 0
+            pr.match = stable if i == self.id else 0
             pr.next = last + 1
             pr.inflights = self.prs.new_inflights()
             pr.state = ProgressState.PROBE

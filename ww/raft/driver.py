@@ -410,8 +410,9 @@ class RaftDriver:
 
 def _appends_with_new_entries(ready: Ready) -> list[Message]:
     """A leader's appends may leave while it writes the same entries to its own disk (Raft
-    thesis 10.2.1): nothing counts an entry as committed before this node's save returns,
-    because acknowledgements are stepped only after it. Every other message waits for it."""
+    thesis 10.2.1). This is safe because the core acknowledges its own entries only in
+    `advance`, after the save returns, so the commit index the appends carry covers only
+    entries a quorum has saved (even with a single voter). Every other message waits."""
     if not ready.entries:
         return []
     return [m for m in ready.messages if m.type == MessageType.APP]
