@@ -537,6 +537,7 @@ class Raft:
             pr.msg_app_flow_paused = False
             pr.recent_active = False
             pr.sent_commit = 0
+            pr.diverged = False
         self.pending_conf_index = 0
         self.uncommitted_size = 0
         self._append_pending = False
@@ -857,6 +858,9 @@ class Raft:
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
         pr.recent_active = True
+        if pr.diverged:
+            self.stats.drop("diverged_follower")
+            return
         if m.index > self.raft_log.last_index():
             self.stats.drop("app_resp_past_last_index")
             return
@@ -865,6 +869,11 @@ class Raft:
             next_probe = m.reject_hint
             if m.log_term > 0:
                 next_probe, _ = self.raft_log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if m.index < m.commit or next_probe < m.commit:
+                # While the follower's committed prefix agrees with our log, it rejects only
+                # above its commit index and our probe never goes below it (see docs/raft.md).
+                self._follower_diverged(m, pr, next_probe)
+                return
             if pr.maybe_decr_to(m.index, next_probe):
                 logger.debug("node %d: %d rejected %d, now %r", self.id, m.frm, m.index, pr)
                 if pr.state == ProgressState.REPLICATE:
@@ -895,6 +904,25 @@ class Raft:
         if m.frm == self.lead_transferee and pr.match == self.raft_log.last_index():
             logger.info("node %d: %d caught up; sending TimeoutNow", self.id, m.frm)
             self.send(Message(type=MT.TIMEOUT_NOW, to=m.frm))
+
+    def _follower_diverged(self, m: Message, pr: Progress, next_probe: int) -> None:
+        """The follower's committed log contradicts ours, which only a bug or lost storage
+        can cause, and no append can repair: say so once and stop replicating to it (it
+        would otherwise reject and be probed again without end)."""
+        logger.error(
+            "node %d: node %d diverges from the leader's log below its commit index %d "
+            "(it rejected the append at %d; our logs can match only up to %d); not "
+            "replicating to it any more: restore its data or replace it",
+            self.id,
+            m.frm,
+            m.commit,
+            m.index,
+            next_probe,
+        )
+        self.stats.drop("diverged_follower")
+        pr.diverged = True
+        pr.match = 0  # what it acknowledged cannot be trusted: it counts toward no commit
+        pr.become_probe()
 
     def _handle_transfer_leader(self, m: Message, pr: Progress) -> None:
         if pr.is_learner:
@@ -1053,6 +1081,8 @@ class Raft:
                 reject=True,
                 reject_hint=hint_index,
                 log_term=hint_term,
+                # Lets the leader notice a committed prefix that disagrees with its log.
+                commit=self.raft_log.committed,
             )
         )
 

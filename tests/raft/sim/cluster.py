@@ -381,6 +381,8 @@ class Cluster:
 
     def _check_leader(self, node: SimNode) -> None:
         assert node.replica is not None
+        if node.replica.node.stats.dropped_messages["diverged_follower"]:
+            self._fail(f"node {node.id} found a follower whose committed log diverges")
         if is_leader(node.replica):
             term = node.term
             other = self.leaders.setdefault(term, node.id)
