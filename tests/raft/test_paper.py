@@ -98,9 +98,10 @@ def test_the_leader_broadcasts_heartbeats_every_heartbeat_tick(kit):
     assert r.read_messages() == []
     r.tick()
     msgs = sorted_msgs(r.read_messages())
+    # `index` is the leader's tick count, which the answers echo to date its lease.
     assert [(m.type, m.to, m.term, m.commit, m.index, m.entries) for m in msgs] == [
-        (MT.HEARTBEAT, 2, 1, 0, 0, ()),
-        (MT.HEARTBEAT, 3, 1, 0, 0, ()),
+        (MT.HEARTBEAT, 2, 1, 0, r.clock, ()),
+        (MT.HEARTBEAT, 3, 1, 0, r.clock, ()),
     ]
 
 

@@ -43,6 +43,10 @@ from ww.raft.types import MessageType as MT
 
 logger = logging.getLogger(__name__)
 
+LEASE_MARGIN_TICKS = 2
+"""A lease read is served at most `election_tick - LEASE_MARGIN_TICKS` ticks after the
+heartbeat a quorum acknowledged was sent (see `Raft.lease_valid` and docs/raft.md)."""
+
 CAMPAIGN_TRANSFER = b"CampaignTransfer"
 """Context of the votes of an election forced by a leadership transfer: they bypass the
 leader lease."""
@@ -190,6 +194,16 @@ class Raft:
         self.pending_read_index_messages: list[Message] = []
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
+        self.clock = 1
+        """Ticks since this node started, plus one (0 stands for "never" in lease bookkeeping).
+        Heartbeats carry it and their answers echo it back (`_lease_start`)."""
+        self.lease_ticks = c.election_tick - LEASE_MARGIN_TICKS
+        # A node that (re)starts forgets which leader it heard last: with lease reads on, it
+        # grants no vote during its first election timeout, as if it had just heard one.
+        self._startup_hold = (
+            c.election_tick if c.read_only_option == ReadOnlyOption.LEASE_BASED else 0
+        )
+        self._lease_revoked = False
         self.check_quorum = c.check_quorum
         self.pre_vote = c.pre_vote
         self.heartbeat_timeout = c.heartbeat_tick
@@ -353,7 +367,8 @@ class Raft:
     def send_heartbeat(self, to: int, ctx: bytes) -> None:
         # Never tell a follower to commit past what it is known to have.
         commit = min(self.prs.progress[to].match, self.raft_log.committed)
-        self.send(Message(type=MT.HEARTBEAT, to=to, commit=commit, context=ctx))
+        # `index` is the tick it leaves at; the answer echoes it, which dates the lease.
+        self.send(Message(type=MT.HEARTBEAT, to=to, commit=commit, context=ctx, index=self.clock))
 
     def bcast_append(self) -> None:
         for i, pr in self.prs.items():
@@ -469,6 +484,7 @@ class Raft:
     # -- ticks ---------------------------------------------------------------------------------
 
     def tick(self) -> None:
+        self.clock += 1
         self._tick()
 
     def _tick_election(self) -> None:
@@ -538,6 +554,7 @@ class Raft:
             pr.recent_active = False
             pr.sent_commit = 0
             pr.diverged = False
+            pr.lease_sent = 0
         self.pending_conf_index = 0
         self.uncommitted_size = 0
         self._append_pending = False
@@ -547,6 +564,7 @@ class Raft:
             self._forward_buffer = []
         self.read_only = ReadOnly(self.read_only_option)
         self.pending_read_index_messages = []
+        self._lease_revoked = False
 
     def become_follower(self, term: int, lead: int) -> None:
         self._step = self._step_follower
@@ -675,10 +693,9 @@ class Raft:
         elif m.term > self.term:
             if m.type in (MT.VOTE, MT.PRE_VOTE):
                 force = m.context == CAMPAIGN_TRANSFER
-                in_lease = (
-                    self.check_quorum
-                    and self.lead != NONE
-                    and self.election_elapsed < self.election_timeout
+                in_lease = self.check_quorum and (
+                    (self.lead != NONE and self.election_elapsed < self.election_timeout)
+                    or self.clock <= self._startup_hold
                 )
                 if not force and in_lease:
                     # We heard from a live leader within the election timeout: its lease holds,
@@ -778,6 +795,8 @@ class Raft:
         elif t == MT.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.msg_app_flow_paused = False
+            if pr.lease_sent < m.index <= self.clock:
+                pr.lease_sent = m.index
             if pr.state == ProgressState.SNAPSHOT and m.commit >= pr.pending_snapshot > 0:
                 # The follower's commit index shows it installed the snapshot, though its
                 # answer to the snapshot was lost: resume without waiting for report_snapshot.
@@ -785,7 +804,7 @@ class Raft:
                 pr.become_probe()
             if pr.match < self.raft_log.last_index() or pr.state == ProgressState.PROBE:
                 self.send_append(m.frm)
-            if self.read_only_option != ReadOnlyOption.SAFE or not m.context:
+            if not m.context:
                 return
             acks = self.read_only.recv_ack(m.frm, m.context)
             if acks is None or self.prs.config.voters.vote_result(acks) != VoteResult.WON:
@@ -903,6 +922,7 @@ class Raft:
         self._append_pending = True
         if m.frm == self.lead_transferee and pr.match == self.raft_log.last_index():
             logger.info("node %d: %d caught up; sending TimeoutNow", self.id, m.frm)
+            self._lease_revoked = True
             self.send(Message(type=MT.TIMEOUT_NOW, to=m.frm))
 
     def _follower_diverged(self, m: Message, pr: Progress, next_probe: int) -> None:
@@ -940,6 +960,7 @@ class Raft:
         self.election_elapsed = 0
         self.lead_transferee = transferee
         if pr.match == self.raft_log.last_index():
+            self._lease_revoked = True
             self.send(Message(type=MT.TIMEOUT_NOW, to=transferee))
         else:
             self.send_append(transferee)
@@ -958,15 +979,36 @@ class Raft:
             self._send_read_index_response(m)
 
     def _send_read_index_response(self, m: Message) -> None:
-        if self.read_only_option == ReadOnlyOption.SAFE:
-            ctx = request_ctx(m)
-            self.read_only.add_request(self.raft_log.committed, m)
-            self.read_only.recv_ack(self.id, ctx)
-            self._bcast_heartbeat_with_ctx(ctx)
-        else:
+        if self.read_only_option == ReadOnlyOption.LEASE_BASED and self.lease_valid():
             resp = self._response_to_read_index_req(m, self.raft_log.committed)
             if resp is not None:
                 self.send(resp)
+            return
+        # SAFE, or a lease that does not hold now: confirm leadership with a quorum.
+        ctx = request_ctx(m)
+        self.read_only.add_request(self.raft_log.committed, m)
+        self.read_only.recv_ack(self.id, ctx)
+        self._bcast_heartbeat_with_ctx(ctx)
+
+    def _lease_start(self) -> int:
+        """The latest tick at which this leader sent heartbeats that a quorum of voters
+        (itself included, at the current tick) has acknowledged; 0 if none."""
+        sent = {i: pr.lease_sent for i, pr in self.prs.progress.items()}
+        sent[self.id] = self.clock
+        return self.prs.config.voters.committed_index(sent)
+
+    def lease_valid(self) -> bool:
+        """Whether no other node can have been elected yet, so that this leader may answer
+        a read from its own state. A voter that acknowledged a heartbeat sent at tick s
+        refuses every vote until `election_tick` of its own ticks have passed since it got
+        it (check-quorum), i.e. for more than `election_tick - 1` tick periods after s; the
+        lease ends `LEASE_MARGIN_TICKS` ticks before that, at s + lease_ticks, leaving one
+        tick period for clock drift and tick-processing delay. Revoked once this leader
+        hands leadership on (TimeoutNow makes its target campaign at once)."""
+        if self.state != StateType.LEADER or self._lease_revoked or self.lead_transferee:
+            return False
+        start = self._lease_start()
+        return start > 0 and self.clock - start < self.lease_ticks
 
     def _response_to_read_index_req(self, req: Message, read_index: int) -> Message | None:
         if req.frm in (NONE, self.id):
@@ -1091,7 +1133,11 @@ class Raft:
         # Our commit index tells a leader waiting on a snapshot that it arrived.
         self.send(
             Message(
-                type=MT.HEARTBEAT_RESP, to=m.frm, context=m.context, commit=self.raft_log.committed
+                type=MT.HEARTBEAT_RESP,
+                to=m.frm,
+                context=m.context,
+                commit=self.raft_log.committed,
+                index=m.index,  # the leader's send tick, for its lease
             )
         )
 

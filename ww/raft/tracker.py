@@ -83,6 +83,9 @@ class Progress:
     """In SNAPSHOT state: ticks since the snapshot was sent."""
     sent_commit: int = 0
     """The largest commit index sent in an append (the follower may not have it yet)."""
+    lease_sent: int = 0
+    """The leader's tick at which it sent the latest heartbeat this voter answered (0: none
+    in this leadership); dates the leader's lease."""
     diverged: bool = False
     """The follower's committed log contradicts the leader's: nothing is sent to it but
     heartbeats, and its acknowledgements are ignored."""
@@ -108,6 +111,7 @@ class Progress:
             self.msg_app_flow_paused,
             self.snapshot_ticks,
             self.sent_commit,
+            self.lease_sent,
             self.diverged,
         )
 
