@@ -59,6 +59,7 @@ def test_random_faults_keep_raft_safe_live_and_linearizable(seeds: range) -> Non
     if len(stats) < SEEDS_PER_BATCH:
         return
     assert sum(s.crashes for s in stats) > 0
+    assert sum(s.crashes_in_save for s in stats) > 0
     assert sum(s.partitions for s in stats) > 0
     assert sum(s.snapshots_sent for s in stats) > 0
     assert sum(s.conf_changes for s in stats) > 0
