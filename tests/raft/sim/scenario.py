@@ -96,9 +96,9 @@ class Scenario:
                 continue
             node = c.nodes[self.rng.choice(sorted(c.nodes))]
             kind = self.rng.choice(("put", "put", "cas", "get", "read", "read"))
-            if kind == "read" and self.rng.random() < 0.5:
+            if self.rng.random() < 0.5:
                 # On a node that thinks it leads, which may be cut off: reads answered there
-                # from a lease must still be linearizable.
+                # from a lease must still be linearizable with writes through the new one.
                 leaders = [n for n in c.alive() if n.replica is not None and is_leader(n.replica)]
                 node = self.rng.choice(leaders) if leaders else node
             if node.replica is None:
@@ -226,6 +226,7 @@ class Scenario:
         c = self.cluster
         c.net.heal()
         c.net.faults = Faults.reliable()
+        c.crash_in_save = 0.0
         for n in c.nodes.values():
             if n.replica is None:
                 c.start(n)
