@@ -251,11 +251,18 @@ class RaftDriver:
             self._proposals.clear()
 
     async def _ticker(self) -> None:
+        """Count the tick intervals that have passed, so that the tick count keeps up with
+        the clock even when this task wakes late (a busy loop, a long save): a leader whose
+        ticks fell behind would hold its lease too long (see docs/raft.md, Reads)."""
+        due = trio.current_time() + self.tick_interval
         while True:
-            await trio.sleep(self.tick_interval)
-            self._ticks += 1
+            await trio.sleep_until(due)
+            now = trio.current_time()
+            passed = 1 + int((now - due) // self.tick_interval)
+            due += passed * self.tick_interval
+            self._ticks += passed
             self._wakeup.set()
-            self._expire(trio.current_time())
+            self._expire(now)
 
     def _expire(self, now: float) -> None:
         """Fail the requests whose deadline has passed; drop the settled ones at the head."""
