@@ -12,13 +12,14 @@ own term, in both):
   count is below s + election_tick - 2 (`LEASE_MARGIN_TICKS`); a leadership transfer ends it.
   A voter that got such a heartbeat refuses votes and pre-votes until election_tick of its
   own ticks have passed, which is more than election_tick - 1 tick periods after s; so the
-  lease ends one tick period before anyone else can be elected. Linearizable if (1) every
-  voter runs with check_quorum=True (enforced) and the same election_tick; (2) the clocks'
-  rates stay within a fraction r of the nominal tick rate and the leader handles a tick at
+  lease ends one tick period before anyone else can be elected. A (re)started voter
+  configured for lease reads grants no vote during its first election_tick ticks (it cannot
+  know which leader it heard last). Linearizable if (1) every voter runs with
+  check_quorum=True (enforced), LEASE_BASED and the same election_tick; (2) every clock's
+  rate stays within a fraction r of the nominal tick rate and the leader handles a tick at
   most d late, with d + (2*election_tick - 3) * r * tick < tick: with perfect clocks any d
-  below one tick; for election_tick=10 and r=1% (a hundred times a quartz clock's drift),
-  d up to 0.83 tick. A (re)started voter grants no vote during its first election_tick ticks
-  (it cannot know which leader it heard last), so restarts need no assumption.
+  below one tick; for election_tick=10 and r=1% (a hundred times a quartz clock's drift), d
+  up to 0.83 tick.
 """
 
 from __future__ import annotations
