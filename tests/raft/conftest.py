@@ -101,6 +101,22 @@ def elapse_to_campaign(r: Raft) -> None:
         r.tick()
 
 
+def persist_leader(r: Raft) -> None:
+    """Save a leader's new entries to its MemoryStorage and tell it (`advance`): its own
+    acknowledgement, which counts toward a commit, comes only from there."""
+    ents = r.raft_log.unstable_entries()
+    if r.state == StateType.LEADER and ents and isinstance(r.raft_log.storage, MemoryStorage):
+        r.raft_log.storage.append(ents)
+        r.advance(ents, None, ())
+
+
+def read_messages(r: Raft) -> list[Message]:
+    """r's messages, once a leader among them has saved its entries (etcd's test network
+    does the same)."""
+    persist_leader(r)
+    return r.read_messages()
+
+
 class Network:
     """Connects cores by id. `peers[i] is None` makes node i a black hole."""
 
@@ -133,7 +149,7 @@ class Network:
             self.delivered.append(m)
             with contextlib.suppress(RaftError):  # a dropped proposal, as in etcd's network
                 p.step(m)
-            queue.extend(self.filter(p.read_messages()))
+            queue.extend(self.filter(read_messages(p)))
 
     def tick(self, times: int = 1, only: Iterable[int] | None = None) -> None:
         """Tick the live nodes (or `only` those) `times` times, delivering what they send."""
@@ -142,7 +158,7 @@ class Network:
                 if p is None or (only is not None and i not in only):
                     continue
                 p.tick()
-                self.send(*self.filter(p.read_messages()))
+                self.send(*self.filter(read_messages(p)))
 
     def campaign(self, i: int) -> None:
         self.send(Message(type=MT.HUP, frm=i, to=i))

@@ -78,7 +78,11 @@ def test_a_single_node_elects_itself_and_commits_its_proposals():
     n.campaign()
     rd = persist(n, s)
     assert rd.soft_state == SoftState(1, StateType.LEADER)
+    persist(n, s)  # its empty entry commits once written
     n.propose(b"hello")
+    rd = persist(n, s)
+    assert rd.entries[-1].data == b"hello"
+    assert not rd.committed_entries  # its own write acknowledges it: in the next Ready
     rd = persist(n, s)
     assert [e.data for e in rd.committed_entries] == [b"hello"]
     assert rd.hard_state is not None and rd.hard_state.commit == 3  # bootstrap, empty, hello
@@ -125,7 +129,8 @@ def test_a_restarted_node_resumes_from_its_storage():
     persist(n, s)
     for d in (b"a", b"b"):
         n.propose(d)
-    persist(n, s)
+    while n.has_ready():
+        persist(n, s)
     again = node(voters=(1,), storage=s, applied=3)
     r = again.raft
     assert (r.term, r.vote, r.raft_log.committed, r.raft_log.applied) == (2, 1, 4, 3)
@@ -321,12 +326,14 @@ def test_committed_entries_are_handed_out_within_max_committed_size_per_ready(li
     n = node(voters=(1,), storage=s, max_committed_size_per_ready=limit)
     persist(n, s)
     n.campaign()
-    persist(n, s)
+    while n.has_ready():
+        persist(n, s)
     n.propose_batch([b"x" * 40] * 5)  # 56 bytes each, counted
     sizes = []
     while n.has_ready():
         rd = persist(n, s)
-        sizes.append(len([e for e in rd.committed_entries if e.data]))
+        if rd.committed_entries:
+            sizes.append(len([e for e in rd.committed_entries if e.data]))
     assert sizes == want
 
 

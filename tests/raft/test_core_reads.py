@@ -3,9 +3,11 @@ a new leader holding reads back until it has committed an entry of its term."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from ww.raft.core import Config
+from ww.raft.core import LEASE_MARGIN_TICKS, Config
 from ww.raft.errors import ConfigError
 from ww.raft.memory import MemoryStorage
 from ww.raft.rawnode import ReadState
@@ -60,14 +62,25 @@ def test_a_read_on_a_follower_is_forwarded_and_answered_with_the_leaders_commit(
     assert read_states(c, 1) == []
 
 
-def test_a_lease_based_read_needs_no_heartbeat_round(kit):
+def lease_cluster(kit):
+    """Three nodes with lease reads, past their first election timeout (until then a node
+    grants no vote: it cannot know whether it heard a leader just before it started)."""
     c = kit.Cluster([1, 2, 3], read_only_option=ReadOnlyOption.LEASE_BASED)
+    c.tick(10)
+    assert c.leader() == 0
+    return c
+
+
+def test_a_lease_based_read_needs_no_heartbeat_round(kit):
+    c = lease_cluster(kit)
     c.elect(1)
+    c.tick(1)  # a quorum answers a heartbeat: the lease starts
     c.ignore.add(MT.HEARTBEAT)
+    before = len(c.sent)
     c.nodes[1].read_index(b"lease")
     c.stabilize()
     assert read_states(c, 1) == [ReadState(c.raft(1).raft_log.committed, b"lease")]
-    assert not any(m.type == MT.HEARTBEAT for m in c.sent[-5:])
+    assert c.sent[before:] == []
 
 
 def test_lease_based_reads_require_check_quorum():
@@ -82,7 +95,7 @@ def test_lease_based_reads_require_check_quorum():
 
 @pytest.mark.parametrize("option", list(ReadOnlyOption))
 def test_a_new_leader_serves_no_read_before_it_commits_an_entry_of_its_term(kit, option):
-    c = kit.Cluster([1, 2, 3], read_only_option=option)
+    c = lease_cluster(kit) if option == ReadOnlyOption.LEASE_BASED else kit.Cluster([1, 2, 3])
     c.stabilize()
     c.ignore.add(MT.APP)  # the new leader's empty entry cannot commit yet
     c.nodes[1].campaign()
@@ -115,3 +128,64 @@ def test_a_read_without_a_leader_is_dropped_and_counted(kit):
     c.stabilize()
     assert read_states(c, 2) == []
     assert c.nodes[2].stats.dropped_messages["read_index_no_leader"] == 1
+
+
+def test_the_lease_runs_from_the_acknowledged_heartbeats_send_tick(kit):
+    """The lease starts when the heartbeats a quorum answered were sent, and ends
+    LEASE_MARGIN_TICKS before an election timeout after that; then reads confirm with a quorum
+    again."""
+    c = lease_cluster(kit)
+    c.elect(1)
+    c.tick(1)
+    r1 = c.raft(1)
+    sent = r1.clock  # the heartbeats of this tick were answered
+    assert r1.lease_valid()
+    c.ignore.add(MT.HEARTBEAT_RESP)  # from now on no answer dates the lease again
+    served = []
+    for _ in range(12):
+        c.tick(1, only=[1])
+        ctx = b"%d" % r1.clock
+        c.nodes[1].read_index(ctx)
+        c.stabilize()
+        if any(rs.request_ctx == ctx for rs in read_states(c, 1)):
+            served.append(r1.clock - sent)
+    assert served == list(range(1, r1.election_timeout - LEASE_MARGIN_TICKS))
+    assert r1.lease_ticks == r1.election_timeout - LEASE_MARGIN_TICKS
+
+
+def test_a_leader_that_hands_over_leadership_gives_up_its_lease(kit):
+    c = lease_cluster(kit)
+    c.elect(1)
+    c.tick(1)
+    assert c.raft(1).lease_valid()
+    c.nodes[1].transfer_leader(2)
+    assert not c.raft(1).lease_valid()
+    c.stabilize()
+    assert c.leader() == 2
+
+
+def test_a_restarted_node_grants_no_vote_within_its_first_election_timeout(kit):
+    """A restarted node cannot know whether it heard a leader just before it stopped: with
+    lease reads on, it acts as if it had."""
+    c = lease_cluster(kit)
+    c.elect(1)
+    c.tick(1)
+    c.isolate(1)
+    restarted = kit.RawNode(
+        Config(
+            2,
+            storage=c.storage[2],
+            read_only_option=ReadOnlyOption.LEASE_BASED,
+            rng=random.Random(2),
+        )
+    )
+    c.nodes[2] = restarted
+    c.stabilize()
+    c.nodes[3].raft.election_elapsed = 10  # node 3's own lease on node 1 ran out
+    c.nodes[3].campaign()
+    c.stabilize()
+    assert c.raft(3).state != kit.StateType.LEADER
+    assert restarted.stats.dropped_messages["vote_in_lease"] >= 1
+    c.tick(10, only=[2, 3])  # past the hold, a new leader is elected without node 1
+    assert c.leader() in (2, 3)
+    assert c.raft(c.leader()).term > c.raft(1).term

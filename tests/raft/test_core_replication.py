@@ -3,12 +3,14 @@ uncommitted-size limit and snapshots."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from ww.raft.core import StateType
 from ww.raft.errors import UncommittedSizeLimitError
 from ww.raft.tracker import ProgressState
-from ww.raft.types import Entry, Message, MessageType
+from ww.raft.types import Entry, HardState, Message, MessageType
 
 MT = MessageType
 
@@ -134,6 +136,7 @@ def test_proposals_past_the_uncommitted_limit_are_refused_naming_the_limit(kit):
     assert "max_uncommitted_entries_size=1000 bytes" in str(e.value)
     assert r.raft_log.last_index() == 11
     # Once committed and applied, the room is back.
+    kit.persist_leader(r)
     r.step(Message(type=MT.APP_RESP, frm=2, to=1, term=1, index=11))
     ents = r.raft_log.next_committed_ents()
     r.advance((), None, ents)
@@ -356,3 +359,58 @@ def test_acknowledgements_handled_together_cost_one_append_per_follower(kit):
         r.step(Message(type=MT.APP_RESP, frm=frm, to=1, term=1, index=4))
     msgs = r.read_messages()
     assert all(m.entries for m in msgs) and len(msgs) == 2
+
+
+# -- a follower whose committed log disagrees ------------------------------------------------
+
+
+def diverged_cluster(kit):
+    """Node 2 committed index 3 at term 1 where the others have term 2 (possible only after a
+    bug or lost storage); node 1 leads term 3 with node 3's vote."""
+    rs = []
+    for i, terms in ((1, (1, 1, 2)), (2, (1, 1, 1)), (3, (1, 1, 2))):
+        s = kit.storage_with((1, 2, 3), kit.ents(*terms))
+        s.set_hard_state(HardState(term=2, commit=3))
+        rs.append(kit.new_raft(i, storage=s))
+    return rs
+
+
+def run_until_quiet(kit, rafts, first, limit=10_000):
+    """Deliver messages between `rafts` (no clock) until none is left or `limit` went by;
+    returns the messages delivered."""
+    by_id = {r.id: r for r in rafts}
+    queue = list(first)
+    delivered = []
+    while queue and len(delivered) < limit:
+        m = queue.pop(0)
+        delivered.append(m)
+        to = by_id[m.to]
+        to.step(m)
+        queue.extend(kit.read_messages(to))
+    return delivered
+
+
+def test_a_diverged_follower_is_reported_once_and_not_replicated_to(kit, caplog):
+    rafts = diverged_cluster(kit)
+    leader = rafts[0]
+    apps_to_2 = 0
+    with caplog.at_level(logging.ERROR, logger="ww.raft.core"):
+        leader.step(Message(type=MT.HUP, frm=1, to=1))
+        sent = run_until_quiet(kit, rafts, kit.read_messages(leader))
+        assert leader.state == StateType.LEADER
+        for tick in range(30):  # heartbeats go on; appends to node 2 do not start again
+            assert len(sent) < 50, f"{len(sent)} messages without the clock moving ({tick})"
+            leader.tick()
+            sent = run_until_quiet(kit, rafts, kit.read_messages(leader))
+            apps_to_2 += sum(1 for m in sent if m.type == MT.APP and m.to == 2)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "node 2" in errors[0].getMessage() and "diverge" in errors[0].getMessage()
+    assert leader.prs.progress[2].diverged
+    assert apps_to_2 == 0
+    # The healthy follower still gets everything.
+    kit.persist_leader(leader)
+    leader.step(Message(type=MT.PROP, frm=1, to=1, entries=(Entry(0, 0, data=b"x"),)))
+    run_until_quiet(kit, rafts, kit.read_messages(leader))
+    assert rafts[2].raft_log.last_index() == leader.raft_log.last_index()
+    assert leader.raft_log.committed == leader.raft_log.last_index()

@@ -18,13 +18,16 @@ import msgpack
 import pytest
 from storage_probe import ReadWhileCopied, observe
 
+from ww.raft import disk as ww_disk
 from ww.raft import wal
 from ww.raft.disk import (
     DiskStorage,
     ForeignDirectoryError,
+    MissingMetaError,
     StorageCorruptError,
     StorageLockedError,
 )
+from ww.raft.errors import RaftError
 from ww.raft.storage import (
     CompactedError,
     LogStorage,
@@ -476,8 +479,110 @@ def test_leftovers_of_interrupted_writes_are_ignored_and_removed(tmp_path: Path)
     ]
 
 
+FRESH = (
+    (HardState(), CONF),
+    1,
+    0,
+    0,
+    [],
+    Snapshot(metadata=SnapshotMetadata(conf_state=CONF)),
+)
+
+
+def test_a_missing_meta_file_with_log_segments_is_refused_naming_them(tmp_path: Path) -> None:
+    with open_disk(tmp_path, conf_state=CONF) as s:
+        for i in range(1, 21):
+            s.save(HardState(2, 3, i - 1), [Entry(2, i, data=b"entry %d" % i)], None)
+    (tmp_path / "raft.meta").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(MissingMetaError) as e:
+        open_disk(tmp_path, conf_state=CONF)
+    message = str(e.value)
+    assert isinstance(e.value, RaftError)
+    assert "\n" not in message
+    assert "wal-0000000000000001.log" in message and "no raft.meta" in message
+    assert "restore raft.meta" in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing wiped
+
+
+def test_a_missing_meta_file_with_a_snapshot_is_refused(tmp_path: Path) -> None:
+    with open_disk(tmp_path, conf_state=CONF) as s:
+        s.save(HardState(1, 1, 2), [Entry(1, 1), Entry(1, 2)], None)
+        s.create_snapshot(2, CONF, b"two")
+    (tmp_path / "raft.meta").unlink()
+    for segment in tmp_path.glob("wal-*.log"):
+        segment.unlink()
+    with pytest.raises(MissingMetaError, match=r"snap-0000000000000002-0000000000000001\.snap"):
+        open_disk(tmp_path)
+
+
+class Crash(BaseException):
+    """The process stops here: nothing after this file-system call happens."""
+
+
+_FS_CALLS = ("open", "write", "fsync", "fdatasync", "replace", "unlink", "close")
+
+
+def first_start_stopping_at(
+    path: Path, k: int, conf: ConfState | None, monkeypatch: pytest.MonkeyPatch
+) -> bool:
+    """Run a first start that stops (as if killed) at its k-th file-system call; returns
+    whether it finished before that."""
+    real = {name: getattr(os, name) for name in _FS_CALLS}
+    count = 0
+    left_open: set[int] = set()  # a dead process's descriptors close with it
+
+    def crashing(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            count += 1
+            if count == k:
+                raise Crash
+            result = real[name](*args, **kwargs)
+            if name == "open":
+                left_open.add(result)
+            elif name == "close":
+                left_open.discard(args[0])
+            return result
+
+        return call
+
+    for name in _FS_CALLS:
+        monkeypatch.setattr(os, name, crashing(name))
+    try:
+        open_disk(path, conf_state=conf).close()
+        return True
+    except Crash:
+        return False
+    finally:
+        for name in _FS_CALLS:
+            monkeypatch.setattr(os, name, real[name])
+        for fd in left_open:
+            os.close(fd)
+        ww_disk._locks.clear()
+
+
+@pytest.mark.parametrize("conf", [CONF, None])
+def test_a_first_start_interrupted_anywhere_starts_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conf: ConfState | None
+) -> None:
+    """Stop the first start before its k-th file-system call, for every k: the next start
+    must never mistake what is left for a storage that lost its raft.meta."""
+    want = FRESH if conf is not None else ((HardState(), ConfState()), 1, 0, 0, [], Snapshot())
+    k = 0
+    finished = False
+    while not finished:
+        k += 1
+        path = tmp_path / str(k)
+        finished = first_start_stopping_at(path, k, conf, monkeypatch)
+        with open_disk(path, conf_state=conf) as s:
+            assert observe(s) == want, f"stopped before call {k}"
+    assert k > 10
+
+
 def test_an_interrupted_first_start_is_started_again(tmp_path: Path) -> None:
-    (tmp_path / "wal-0000000000000001.log").write_bytes(b"partial")
+    (tmp_path / "wal-0000000000000001.log.tmp").write_bytes(b"partial")
+    (tmp_path / "snap-0000000000000000-0000000000000000.snap").write_bytes(b"")
     (tmp_path / "raft.meta.tmp").write_bytes(b"")
     with open_disk(tmp_path, conf_state=CONF) as s:
         assert observe(s) == (

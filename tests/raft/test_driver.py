@@ -475,3 +475,32 @@ def test_frames_refuse_chunks_that_contradict_their_header() -> None:
         assembler.feed(first[:9] + b"too many bytes")
     with pytest.raises(ValueError, match="announced 10"):
         FrameAssembler().feed(second)
+
+
+async def test_ticks_keep_up_with_the_clock_when_the_loop_is_held_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A save that holds the loop for several tick intervals costs no ticks: a leader whose
+    tick count fell behind the clock would hold its read lease too long."""
+    storage = MemoryStorage(ConfState(voters=(1,)))
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery)
+        driver = await c.start(1, storage=storage, tick_interval=TICK)
+        await c.wait_for_leader()
+        raft = driver.replica.node.raft
+        start_clock, start = raft.clock, trio.current_time()
+        save = storage.save
+
+        def slow_save(*args: Any, **kwargs: Any) -> None:
+            autojump_clock.jump(7.5 * TICK)  # the loop is held up for 7.5 tick intervals
+            save(*args, **kwargs)
+
+        storage.save = slow_save  # type: ignore[method-assign]
+        for i in range(5):
+            await driver.propose(encode("put", "x", i))
+        storage.save = save  # type: ignore[method-assign]
+        await trio.sleep(TICK)
+        elapsed_ticks = (trio.current_time() - start) / TICK
+        assert elapsed_ticks > 30
+        assert abs((raft.clock - start_clock) - elapsed_ticks) <= 2
+        nursery.cancel_scope.cancel()

@@ -98,9 +98,10 @@ def test_the_leader_broadcasts_heartbeats_every_heartbeat_tick(kit):
     assert r.read_messages() == []
     r.tick()
     msgs = sorted_msgs(r.read_messages())
+    # `index` is the leader's tick count, which the answers echo to date its lease.
     assert [(m.type, m.to, m.term, m.commit, m.index, m.entries) for m in msgs] == [
-        (MT.HEARTBEAT, 2, 1, 0, 0, ()),
-        (MT.HEARTBEAT, 3, 1, 0, 0, ()),
+        (MT.HEARTBEAT, 2, 1, 0, r.clock, ()),
+        (MT.HEARTBEAT, 3, 1, 0, r.clock, ()),
     ]
 
 
@@ -281,7 +282,7 @@ def test_an_entry_commits_once_a_majority_has_it(kit, size, acceptors, committed
     commit_noop_entry(r)
     li = r.raft_log.last_index()
     r.step(Message(type=MT.PROP, frm=1, to=1, entries=(Entry(0, 0, data=b"some data"),)))
-    for m in r.read_messages():
+    for m in kit.read_messages(r):
         if m.to in acceptors:
             r.step(accept_and_reply(m))
     assert (r.raft_log.committed > li) == committed
@@ -293,7 +294,7 @@ def test_committing_an_entry_commits_the_entries_of_earlier_leaders_before_it(ki
     r = kit.new_raft(1, storage=s)
     make_leader(r)
     r.step(Message(type=MT.PROP, frm=1, to=1, entries=(Entry(0, 0, data=b"some data"),)))
-    for m in r.read_messages():
+    for m in kit.read_messages(r):
         r.step(accept_and_reply(m))
     li = len(terms)
     assert r.raft_log.next_committed_ents() == [
@@ -461,7 +462,7 @@ def test_only_entries_of_the_leaders_term_commit_by_counting_replicas(kit, acked
     s = kit.storage_with((1, 2), kit.ents(1, 2), term=2)
     r = kit.new_raft(1, (1, 2), storage=s)
     make_leader(r)  # term 3, empty entry at 3
-    r.read_messages()
+    kit.read_messages(r)
     r.step(Message(type=MT.APP_RESP, frm=2, to=1, term=r.term, index=acked))
     assert r.raft_log.committed == commit
 

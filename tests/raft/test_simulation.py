@@ -23,6 +23,7 @@ from sim.linearizability import check_kv
 from sim.network import Faults
 from sim.scenario import LIVENESS_BOUND, RunStats, Scenario
 
+from ww.raft.read_only import ReadOnlyOption
 from ww.raft.types import ConfChangeSingle, ConfChangeType
 
 DEFAULT_SEEDS = 200
@@ -58,6 +59,7 @@ def test_random_faults_keep_raft_safe_live_and_linearizable(seeds: range) -> Non
     if len(stats) < SEEDS_PER_BATCH:
         return
     assert sum(s.crashes for s in stats) > 0
+    assert sum(s.crashes_in_save for s in stats) > 0
     assert sum(s.partitions for s in stats) > 0
     assert sum(s.snapshots_sent for s in stats) > 0
     assert sum(s.conf_changes for s in stats) > 0
@@ -236,3 +238,46 @@ def test_a_duplicated_forwarded_proposal_is_applied_twice_but_takes_effect_once(
     assert len(cas) == 2
     assert follower.sm.data["k"] == 2
     assert [op.result for op in c.history] == [None, True]
+
+
+@pytest.mark.parametrize("phase", range(ELECTION_TICK))
+def test_a_cut_off_leader_serves_no_stale_lease_read(tmp_path: Path, phase: int) -> None:
+    """Every node ticks in lockstep (perfect clocks) and messages arrive within the tick. The
+    leader is cut off `phase` ticks into its check-quorum period; the others elect a new
+    leader and write x=2. Reads on the old leader, asked every tick while it still thinks it
+    leads, must never return x=1 once x=2 is written: its lease must end before anyone else
+    can be elected."""
+    options = SimOptions(
+        nodes=3,
+        disk=False,
+        read_only_option=ReadOnlyOption.LEASE_BASED,
+        same_tick_delivery=True,
+    )
+    c = Cluster(9, options, tmp_path)
+    for _ in range(100):
+        c.tick()
+    old = c.leader()
+    assert old is not None and old.replica is not None
+    assert c.submit(0, old, "put", "x", 1)
+    while c.requests:
+        c.tick()
+    while old.replica.node.raft.election_elapsed != phase:
+        c.tick()
+    c.net.isolate(old.id)
+    lease_reads = 0
+    wrote = False
+    for _ in range(4 * ELECTION_TICK):
+        if is_leader(old.replica) and not any(r.node == old.id for r in c.requests.values()):
+            lease_reads += c.submit(1, old, "read", "x", None)
+        new = c.leader()
+        if new is not None and new is not old and not wrote:
+            wrote = c.submit(2, new, "put", "x", 2)
+        c.tick()
+    assert wrote and lease_reads > 0
+    while c.requests:
+        c.tick()
+    assert check_kv(c.history) == []
+    put_done = next(op.ret for op in c.history if op.kind == "put" and op.arg == 2)
+    assert put_done is not None
+    stale = [op for op in c.history if op.kind == "get" and op.call > put_done and op.result == 1]
+    assert stale == []

@@ -43,6 +43,10 @@ from ww.raft.types import MessageType as MT
 
 logger = logging.getLogger(__name__)
 
+LEASE_MARGIN_TICKS = 2
+"""A lease read is served at most `election_tick - LEASE_MARGIN_TICKS` ticks after the
+heartbeat a quorum acknowledged was sent (see `Raft.lease_valid` and docs/raft.md)."""
+
 CAMPAIGN_TRANSFER = b"CampaignTransfer"
 """Context of the votes of an election forced by a leadership transfer: they bypass the
 leader lease."""
@@ -190,6 +194,16 @@ class Raft:
         self.pending_read_index_messages: list[Message] = []
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
+        self.clock = 1
+        """Ticks since this node started, plus one (0 stands for "never" in lease bookkeeping).
+        Heartbeats carry it and their answers echo it back (`_lease_start`)."""
+        self.lease_ticks = c.election_tick - LEASE_MARGIN_TICKS
+        # A node that (re)starts forgets which leader it heard last: with lease reads on, it
+        # grants no vote during its first election timeout, as if it had just heard one.
+        self._startup_hold = (
+            c.election_tick if c.read_only_option == ReadOnlyOption.LEASE_BASED else 0
+        )
+        self._lease_revoked = False
         self.check_quorum = c.check_quorum
         self.pre_vote = c.pre_vote
         self.heartbeat_timeout = c.heartbeat_tick
@@ -353,7 +367,8 @@ class Raft:
     def send_heartbeat(self, to: int, ctx: bytes) -> None:
         # Never tell a follower to commit past what it is known to have.
         commit = min(self.prs.progress[to].match, self.raft_log.committed)
-        self.send(Message(type=MT.HEARTBEAT, to=to, commit=commit, context=ctx))
+        # `index` is the tick it leaves at; the answer echoes it, which dates the lease.
+        self.send(Message(type=MT.HEARTBEAT, to=to, commit=commit, context=ctx, index=self.clock))
 
     def bcast_append(self) -> None:
         for i, pr in self.prs.items():
@@ -410,12 +425,9 @@ class Raft:
                 f"({self.uncommitted_size} uncommitted + {size} proposed)"
             )
         self.uncommitted_size += size
-        li = self.raft_log.append(ents)
-        self.prs.progress[self.id].maybe_update(li)
-        if len(self.prs.config.voters.ids()) == 1:
-            # Only a quorum of one can commit on the leader's own acknowledgement: no other
-            # voter holds the new entries yet.
-            self.maybe_commit()
+        # The leader's own acknowledgement of these entries comes from `advance`, once they
+        # are saved: until then they count toward no commit, even for a single voter.
+        self.raft_log.append(ents)
 
     def reduce_uncommitted_size(self, entries: Sequence[Entry]) -> None:
         self.uncommitted_size = max(0, self.uncommitted_size - payload_size(entries))
@@ -449,12 +461,30 @@ class Raft:
                 self._append_pending = True
         if entries:
             self.raft_log.stable_to(entries[-1].index, entries[-1].term)
+            self._ack_own_entries(entries[-1].index, entries[-1].term)
         if snapshot is not None:
             self.raft_log.stable_snap_to(snapshot.metadata.index)
+
+    def _ack_own_entries(self, index: int, term: int) -> None:
+        """The leader's entries up to `index` are on its disk: acknowledge them (etcd's
+        self-addressed MsgAppResp after the storage write). This may commit, and the new
+        commit index goes out with the next appends."""
+        pr = self.prs.progress.get(self.id)
+        if (
+            self.state != StateType.LEADER
+            or pr is None
+            or not self.raft_log.match_term(index, term)
+            or not pr.maybe_update(index)
+        ):
+            return
+        if self.maybe_commit():
+            self._release_pending_read_index_messages()
+            self._append_pending = True
 
     # -- ticks ---------------------------------------------------------------------------------
 
     def tick(self) -> None:
+        self.clock += 1
         self._tick()
 
     def _tick_election(self) -> None:
@@ -513,8 +543,9 @@ class Raft:
         self.abort_leader_transfer()
         self.prs.reset_votes()
         last = self.raft_log.last_index()
+        stable = self.raft_log.last_stable_index()
         for i, pr in self.prs.progress.items():
-            pr.match = last if i == self.id else 0
+            pr.match = stable if i == self.id else 0
             pr.next = last + 1
             pr.inflights = self.prs.new_inflights()
             pr.state = ProgressState.PROBE
@@ -522,6 +553,8 @@ class Raft:
             pr.msg_app_flow_paused = False
             pr.recent_active = False
             pr.sent_commit = 0
+            pr.diverged = False
+            pr.lease_sent = 0
         self.pending_conf_index = 0
         self.uncommitted_size = 0
         self._append_pending = False
@@ -531,6 +564,7 @@ class Raft:
             self._forward_buffer = []
         self.read_only = ReadOnly(self.read_only_option)
         self.pending_read_index_messages = []
+        self._lease_revoked = False
 
     def become_follower(self, term: int, lead: int) -> None:
         self._step = self._step_follower
@@ -659,10 +693,9 @@ class Raft:
         elif m.term > self.term:
             if m.type in (MT.VOTE, MT.PRE_VOTE):
                 force = m.context == CAMPAIGN_TRANSFER
-                in_lease = (
-                    self.check_quorum
-                    and self.lead != NONE
-                    and self.election_elapsed < self.election_timeout
+                in_lease = self.check_quorum and (
+                    (self.lead != NONE and self.election_elapsed < self.election_timeout)
+                    or self.clock <= self._startup_hold
                 )
                 if not force and in_lease:
                     # We heard from a live leader within the election timeout: its lease holds,
@@ -762,6 +795,8 @@ class Raft:
         elif t == MT.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.msg_app_flow_paused = False
+            if pr.lease_sent < m.index <= self.clock:
+                pr.lease_sent = m.index
             if pr.state == ProgressState.SNAPSHOT and m.commit >= pr.pending_snapshot > 0:
                 # The follower's commit index shows it installed the snapshot, though its
                 # answer to the snapshot was lost: resume without waiting for report_snapshot.
@@ -769,7 +804,7 @@ class Raft:
                 pr.become_probe()
             if pr.match < self.raft_log.last_index() or pr.state == ProgressState.PROBE:
                 self.send_append(m.frm)
-            if self.read_only_option != ReadOnlyOption.SAFE or not m.context:
+            if not m.context:
                 return
             acks = self.read_only.recv_ack(m.frm, m.context)
             if acks is None or self.prs.config.voters.vote_result(acks) != VoteResult.WON:
@@ -842,6 +877,9 @@ class Raft:
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
         pr.recent_active = True
+        if pr.diverged:
+            self.stats.drop("diverged_follower")
+            return
         if m.index > self.raft_log.last_index():
             self.stats.drop("app_resp_past_last_index")
             return
@@ -850,6 +888,11 @@ class Raft:
             next_probe = m.reject_hint
             if m.log_term > 0:
                 next_probe, _ = self.raft_log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if m.index < m.commit or next_probe < m.commit:
+                # While the follower's committed prefix agrees with our log, it rejects only
+                # above its commit index and our probe never goes below it (see docs/raft.md).
+                self._follower_diverged(m, pr, next_probe)
+                return
             if pr.maybe_decr_to(m.index, next_probe):
                 logger.debug("node %d: %d rejected %d, now %r", self.id, m.frm, m.index, pr)
                 if pr.state == ProgressState.REPLICATE:
@@ -879,7 +922,27 @@ class Raft:
         self._append_pending = True
         if m.frm == self.lead_transferee and pr.match == self.raft_log.last_index():
             logger.info("node %d: %d caught up; sending TimeoutNow", self.id, m.frm)
+            self._lease_revoked = True
             self.send(Message(type=MT.TIMEOUT_NOW, to=m.frm))
+
+    def _follower_diverged(self, m: Message, pr: Progress, next_probe: int) -> None:
+        """The follower's committed log contradicts ours, which only a bug or lost storage
+        can cause, and no append can repair: say so once and stop replicating to it (it
+        would otherwise reject and be probed again without end)."""
+        logger.error(
+            "node %d: node %d diverges from the leader's log below its commit index %d "
+            "(it rejected the append at %d; our logs can match only up to %d); not "
+            "replicating to it any more: restore its data or replace it",
+            self.id,
+            m.frm,
+            m.commit,
+            m.index,
+            next_probe,
+        )
+        self.stats.drop("diverged_follower")
+        pr.diverged = True
+        pr.match = 0  # what it acknowledged cannot be trusted: it counts toward no commit
+        pr.become_probe()
 
     def _handle_transfer_leader(self, m: Message, pr: Progress) -> None:
         if pr.is_learner:
@@ -897,6 +960,7 @@ class Raft:
         self.election_elapsed = 0
         self.lead_transferee = transferee
         if pr.match == self.raft_log.last_index():
+            self._lease_revoked = True
             self.send(Message(type=MT.TIMEOUT_NOW, to=transferee))
         else:
             self.send_append(transferee)
@@ -915,15 +979,36 @@ class Raft:
             self._send_read_index_response(m)
 
     def _send_read_index_response(self, m: Message) -> None:
-        if self.read_only_option == ReadOnlyOption.SAFE:
-            ctx = request_ctx(m)
-            self.read_only.add_request(self.raft_log.committed, m)
-            self.read_only.recv_ack(self.id, ctx)
-            self._bcast_heartbeat_with_ctx(ctx)
-        else:
+        if self.read_only_option == ReadOnlyOption.LEASE_BASED and self.lease_valid():
             resp = self._response_to_read_index_req(m, self.raft_log.committed)
             if resp is not None:
                 self.send(resp)
+            return
+        # SAFE, or a lease that does not hold now: confirm leadership with a quorum.
+        ctx = request_ctx(m)
+        self.read_only.add_request(self.raft_log.committed, m)
+        self.read_only.recv_ack(self.id, ctx)
+        self._bcast_heartbeat_with_ctx(ctx)
+
+    def _lease_start(self) -> int:
+        """The latest tick at which this leader sent heartbeats that a quorum of voters
+        (itself included, at the current tick) has acknowledged; 0 if none."""
+        sent = {i: pr.lease_sent for i, pr in self.prs.progress.items()}
+        sent[self.id] = self.clock
+        return self.prs.config.voters.committed_index(sent)
+
+    def lease_valid(self) -> bool:
+        """Whether no other node can have been elected yet, so that this leader may answer
+        a read from its own state. A voter that acknowledged a heartbeat sent at tick s
+        refuses every vote until `election_tick` of its own ticks have passed since it got
+        it (check-quorum), i.e. for more than `election_tick - 1` tick periods after s; the
+        lease ends `LEASE_MARGIN_TICKS` ticks before that, at s + lease_ticks, leaving one
+        tick period for clock drift and tick-processing delay. Revoked once this leader
+        hands leadership on (TimeoutNow makes its target campaign at once)."""
+        if self.state != StateType.LEADER or self._lease_revoked or self.lead_transferee:
+            return False
+        start = self._lease_start()
+        return start > 0 and self.clock - start < self.lease_ticks
 
     def _response_to_read_index_req(self, req: Message, read_index: int) -> Message | None:
         if req.frm in (NONE, self.id):
@@ -1038,6 +1123,8 @@ class Raft:
                 reject=True,
                 reject_hint=hint_index,
                 log_term=hint_term,
+                # Lets the leader notice a committed prefix that disagrees with its log.
+                commit=self.raft_log.committed,
             )
         )
 
@@ -1046,7 +1133,11 @@ class Raft:
         # Our commit index tells a leader waiting on a snapshot that it arrived.
         self.send(
             Message(
-                type=MT.HEARTBEAT_RESP, to=m.frm, context=m.context, commit=self.raft_log.committed
+                type=MT.HEARTBEAT_RESP,
+                to=m.frm,
+                context=m.context,
+                commit=self.raft_log.committed,
+                index=m.index,  # the leader's send tick, for its lease
             )
         )
 

@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from ww.raft import wal
+from ww.raft.errors import RaftError
 from ww.raft.memory import MemoryStorage
 from ww.raft.storage import (
     CompactedError,
@@ -82,6 +83,11 @@ class ForeignDirectoryError(StorageError):
 
 class StorageLockedError(StorageError):
     """Another process has the directory open."""
+
+
+class MissingMetaError(StorageCorruptError, RaftError):
+    """Log data without ``raft.meta``: the directory lost its metadata file, so the node
+    refuses to start rather than forget its vote and the entries it acknowledged."""
 
 
 def _segment_name(seq: int) -> str:
@@ -173,6 +179,7 @@ class DiskStorage:
                 _check_meta(directory, node_id, cluster_id)
                 self._recover()
             else:
+                _refuse_data_without_meta(directory, names)
                 self._initialize(node_id, cluster_id, conf_state)
         except OSError as e:
             self._release()
@@ -335,9 +342,10 @@ class DiskStorage:
         os.close(self._fd)
         self._fd = fd
 
-    def _create_segment(self, seq: int) -> int:
+    def _create_segment(self, seq: int, *, publish: bool = True) -> int:
         """Create segment `seq` holding a header that checkpoints the current state, atomically,
-        and make it the last segment."""
+        and make it the last segment. Unless `publish`, it keeps its temporary name (the first
+        start renames it once raft.meta exists)."""
         last = self._cache.last_index()
         hs = self._cache.hard_state
         snap = None if self._snapshot_id is None else list(self._snapshot_id)
@@ -351,8 +359,9 @@ class DiskStorage:
                 _write_all(fd, data)
                 if self._sync:
                     os.fsync(fd)
-                os.replace(temp, self._dir / name)
-                self._sync_dir()
+                if publish:
+                    os.replace(temp, self._dir / name)
+                    self._sync_dir()
             except BaseException:
                 os.close(fd)
                 raise
@@ -444,8 +453,12 @@ class DiskStorage:
     def _initialize(
         self, node_id: int, cluster_id: str | int, conf_state: ConfState | None
     ) -> None:
-        """Create a new storage. raft.meta is written last: until it exists, the directory
-        holds only the leftovers of an interrupted start, which the next open removes."""
+        """Create a new storage. The first segment is written and synced under its temporary
+        name, then raft.meta is written (atomically), then the segment is renamed. A crash
+        before raft.meta exists leaves only leftovers (temporary files, the initial snapshot),
+        which the next open removes; a crash after it leaves the synced temporary segment,
+        which the next open renames. So log segments without raft.meta never come from an
+        interrupted start: `open` refuses them."""
         for name in os.listdir(self._dir):
             if name != LOCK:
                 self._remove(name)
@@ -453,14 +466,26 @@ class DiskStorage:
             self._cache = MemoryStorage(conf_state)
             self._snapshot_id = (0, 0)
             self._write_snapshot_file(self._cache.snapshot())
-        self._fd = self._create_segment(1)
+        self._fd = self._create_segment(1, publish=False)
         meta: dict[str, Any] = {"format": FORMAT, "version": VERSION}
         meta.update(node_id=node_id, cluster_id=cluster_id)
         self._write_atomically(META, wal.frame(_pack(meta)))
+        self._publish_first_segment()
+
+    def _publish_first_segment(self) -> None:
+        first = self._segment_path(1)
+        os.replace(first.with_name(f"{first.name}.tmp"), first)
+        self._sync_dir()
 
     def _recover(self) -> None:
         """Rebuild the state from the segments and the snapshot they name."""
         names = os.listdir(self._dir)
+        first_tmp = f"{_segment_name(1)}.tmp"
+        if first_tmp in names and not any(_SEGMENT.fullmatch(n) for n in names):
+            # A first start that wrote raft.meta and stopped before renaming its segment.
+            log.info("raft data in %s: finishing an interrupted first start", self._dir)
+            self._publish_first_segment()
+            names = os.listdir(self._dir)
         for name in names:
             if _TEMP.fullmatch(name):
                 self._remove(name)
@@ -639,6 +664,24 @@ def _prepare_directory(directory: Path) -> list[str]:
                 "use an empty or new --data-dir"
             )
     return names
+
+
+def _refuse_data_without_meta(directory: Path, names: list[str]) -> None:
+    """Log segments, or a snapshot past the initial one, without raft.meta: the metadata file
+    was lost (a first start never leaves them behind). Starting afresh would forget the vote
+    and every acknowledged entry, so refuse, naming the files."""
+    data = sorted(
+        n
+        for n in names
+        if _SEGMENT.fullmatch(n) or ((m := _SNAPSHOT.fullmatch(n)) and int(m[1], 16) > 0)
+    )
+    if data:
+        shown = ", ".join(data[:3]) + (f" and {len(data) - 3} more" if len(data) > 3 else "")
+        raise MissingMetaError(
+            f"{directory} holds raft log data ({shown}) but no {META}; refusing to start, as "
+            f"starting empty would forget this node's vote and log: restore {META} from a "
+            "backup, or move the directory away and rejoin the node as a new member"
+        )
 
 
 def _check_meta(directory: Path, node_id: int, cluster_id: str | int) -> None:

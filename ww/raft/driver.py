@@ -251,11 +251,18 @@ class RaftDriver:
             self._proposals.clear()
 
     async def _ticker(self) -> None:
+        """Count the tick intervals that have passed, so that the tick count keeps up with
+        the clock even when this task wakes late (a busy loop, a long save): a leader whose
+        ticks fell behind would hold its lease too long (see docs/raft.md, Reads)."""
+        due = trio.current_time() + self.tick_interval
         while True:
-            await trio.sleep(self.tick_interval)
-            self._ticks += 1
+            await trio.sleep_until(due)
+            now = trio.current_time()
+            passed = 1 + int((now - due) // self.tick_interval)
+            due += passed * self.tick_interval
+            self._ticks += passed
             self._wakeup.set()
-            self._expire(trio.current_time())
+            self._expire(now)
 
     def _expire(self, now: float) -> None:
         """Fail the requests whose deadline has passed; drop the settled ones at the head."""
@@ -410,8 +417,9 @@ class RaftDriver:
 
 def _appends_with_new_entries(ready: Ready) -> list[Message]:
     """A leader's appends may leave while it writes the same entries to its own disk (Raft
-    thesis 10.2.1): nothing counts an entry as committed before this node's save returns,
-    because acknowledgements are stepped only after it. Every other message waits for it."""
+    thesis 10.2.1). This is safe because the core acknowledges its own entries only in
+    `advance`, after the save returns, so the commit index the appends carry covers only
+    entries a quorum has saved (even with a single voter). Every other message waits."""
     if not ready.entries:
         return []
     return [m for m in ready.messages if m.type == MessageType.APP]

@@ -295,6 +295,12 @@ class RaftLog:
     def stable_to(self, i: int, t: int) -> None:
         self.unstable.stable_to(i, t)
 
+    def last_stable_index(self) -> int:
+        """The last index of the entries on disk that the log still holds."""
+        if self.unstable.entries:
+            return self.unstable.offset - 1
+        return self.last_index()
+
     def stable_snap_to(self, i: int) -> None:
         self.unstable.stable_snap_to(i)
 

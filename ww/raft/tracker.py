@@ -83,13 +83,20 @@ class Progress:
     """In SNAPSHOT state: ticks since the snapshot was sent."""
     sent_commit: int = 0
     """The largest commit index sent in an append (the follower may not have it yet)."""
+    lease_sent: int = 0
+    """The leader's tick at which it sent the latest heartbeat this voter answered (0: none
+    in this leadership); dates the leader's lease."""
+    diverged: bool = False
+    """The follower's committed log contradicts the leader's: nothing is sent to it but
+    heartbeats, and its acknowledgements are ignored."""
 
     def __repr__(self) -> str:
         return (
             f"Progress({self.state.value} match={self.match} next={self.next}"
             f"{' learner' if self.is_learner else ''}"
             f"{f' pending_snap={self.pending_snapshot}' if self.pending_snapshot else ''}"
-            f" inflight={self.inflights.count()}{' paused' if self.msg_app_flow_paused else ''})"
+            f" inflight={self.inflights.count()}{' paused' if self.msg_app_flow_paused else ''}"
+            f"{' diverged' if self.diverged else ''})"
         )
 
     def clone(self) -> Progress:
@@ -104,6 +111,8 @@ class Progress:
             self.msg_app_flow_paused,
             self.snapshot_ticks,
             self.sent_commit,
+            self.lease_sent,
+            self.diverged,
         )
 
     def _reset_state(self, state: ProgressState) -> None:
@@ -174,7 +183,7 @@ class Progress:
         return index > self.sent_commit and self.sent_commit < self.next - 1
 
     def is_paused(self) -> bool:
-        if self.state == ProgressState.SNAPSHOT:
+        if self.state == ProgressState.SNAPSHOT or self.diverged:
             return True
         return self.msg_app_flow_paused
 

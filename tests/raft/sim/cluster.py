@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ww.raft.driver import _appends_with_new_entries
 from ww.raft.errors import RaftError
 from ww.raft.memory import MemoryStorage
 from ww.raft.node import Outcome, Replica
 from ww.raft.rawnode import Config, Ready
 from ww.raft.read_only import ReadOnlyOption
 from ww.raft.storage import LogStorage
-from ww.raft.types import ConfChange, ConfChangeSingle, ConfState, Message
+from ww.raft.types import ConfChange, ConfChangeSingle, ConfState, Message, MessageType
 
 from .kv import KVStateMachine, encode
 from .linearizability import Op
@@ -88,6 +89,9 @@ class _TrackedKV(KVStateMachine):
 @dataclass(slots=True)
 class SimOptions:
     nodes: int = 3
+    """Voters at the start."""
+    learners: int = 0
+    """Learners at the start (ids after the voters')."""
     disk: bool = True
     snapshot_interval: int = 5
     compaction_margin: int = 2
@@ -95,6 +99,9 @@ class SimOptions:
     max_inflight_msgs: int = 4
     request_timeout: int = 60  # ticks
     read_only_option: ReadOnlyOption = ReadOnlyOption.SAFE
+    same_tick_delivery: bool = False
+    """Deliver what is sent within the tick it is sent in (a network much faster than a
+    tick); by default a message arrives at the next tick at the earliest."""
 
 
 class Cluster:
@@ -116,9 +123,13 @@ class Cluster:
         self.history: list[Op] = []
         self.requests: dict[tuple[int, bytes], Request] = {}
         self.on_outcome: Callable[[SimNode, Outcome], None] | None = None
+        self.crash_in_save = 0.0
+        """The chance that a node dies inside each `save()` that writes entries."""
+        self.crashes_in_save = 0
         voters = tuple(range(1, options.nodes + 1))
-        for node_id in voters:
-            self.add_node(node_id, ConfState(voters=voters))
+        learners = tuple(range(options.nodes + 1, options.nodes + options.learners + 1))
+        for node_id in voters + learners:
+            self.add_node(node_id, ConfState(voters=voters, learners=learners))
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -214,6 +225,11 @@ class Cluster:
             self.deliver(m)
         self._report_snapshots()
         self.process_all()
+        while self.options.same_tick_delivery and self.net.due(self.now):
+            for m in self.net.deliver(self.now):
+                self.deliver(m)
+            self._report_snapshots()
+            self.process_all()
         self._expire_requests()
 
     def deliver(self, m: Message) -> None:
@@ -239,19 +255,51 @@ class Cluster:
             self.process(n)
 
     def process(self, node: SimNode) -> None:
+        """Handle the node's Readys as `RaftDriver` does: a leader's appends of new entries
+        leave before its save, everything else after it."""
         replica = node.replica
         assert replica is not None
         while replica.has_ready():
             ready = replica.node.ready()
             self._check_ready(node, ready)
+            early = _appends_with_new_entries(ready)
+            self.net.send(early, self.now)
+            if ready.entries and self.rng.random() < self.crash_in_save:
+                self._die_in_save(node, ready)
+                return
             replica.persist(ready)
             self._check_persisted(node, ready)
             out = replica.finish(ready)
             self._check_leader(node)
+            if early:
+                out.messages = [m for m in out.messages if m.type != MessageType.APP]
             self.net.send(out.messages, self.now)
             self._settle(node, out)
             if self.on_outcome is not None:
                 self.on_outcome(node, out)
+
+    def _die_in_save(self, node: SimNode, ready: Ready) -> None:
+        """The node dies inside `save()`: before anything reached the disk, after all of it
+        did, or (on disk) with its record torn at a random byte."""
+        assert node.replica is not None
+        self.crashes_in_save += 1
+        how = self.rng.choice(("nothing", "all", "torn"))
+        if how != "nothing":
+            segment = self._last_segment(node)
+            size = segment.stat().st_size if segment is not None else 0
+            node.replica.persist(ready)
+            if how == "torn" and segment is not None and segment == self._last_segment(node):
+                cut = self.rng.randrange(size, segment.stat().st_size)
+                with segment.open("r+b") as f:
+                    f.truncate(cut)
+        self.crash(node)
+        self.start(node)
+
+    @staticmethod
+    def _last_segment(node: SimNode) -> Path | None:
+        if node.path is None:
+            return None
+        return max(node.path.glob("wal-*.log"), default=None)
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -381,6 +429,8 @@ class Cluster:
 
     def _check_leader(self, node: SimNode) -> None:
         assert node.replica is not None
+        if node.replica.node.stats.dropped_messages["diverged_follower"]:
+            self._fail(f"node {node.id} found a follower whose committed log diverges")
         if is_leader(node.replica):
             term = node.term
             other = self.leaders.setdefault(term, node.id)

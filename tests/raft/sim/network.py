@@ -65,6 +65,10 @@ class Network:
                 at = now + (self.rng.randint(0, f.max_delay) if f.max_delay else 0)
                 heapq.heappush(self._queue, (at, self._seq, m))
 
+    def due(self, now: int) -> bool:
+        """Whether a message is due by `now`."""
+        return bool(self._queue) and self._queue[0][0] <= now
+
     def deliver(self, now: int) -> list[Message]:
         """The messages due by `now` whose endpoints are still connected, in random order."""
         due: list[Message] = []

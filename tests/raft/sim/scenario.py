@@ -46,16 +46,22 @@ class RunStats:
     snapshots_sent: int
     recovery_ticks: int
     max_term: int
+    crashes_in_save: int = 0
 
 
 def options_for(seed: int) -> SimOptions:
-    """3 or 5 nodes, disk or memory storage, and for one seed in four lease-based reads,
+    """3 or 5 voters (for one seed in five, a single voter with two learners), disk or memory
+    storage, for one seed in four lease-based reads, and for one in two messages delivered
+    within the tick they are sent in (which leaves a stale leader's lease the least room),
     chosen by the seed so that every combination comes round."""
     lease = (seed // 4) % 4 == 3
+    single = (seed // 8) % 5 == 2
     return SimOptions(
-        nodes=3 if seed % 2 == 0 else 5,
+        nodes=1 if single else 3 if seed % 2 == 0 else 5,
+        learners=2 if single else 0,
         disk=seed % 4 < 2,
         read_only_option=ReadOnlyOption.LEASE_BASED if lease else ReadOnlyOption.SAFE,
+        same_tick_delivery=(seed // 2) % 2 == 1,
     )
 
 
@@ -69,6 +75,7 @@ class Scenario:
             max_delay=self.rng.choice((0, 2, 5)),
         )
         self.cluster = Cluster(seed, options_for(seed), workdir, faults)
+        self.cluster.crash_in_save = self.rng.choice((0.0, 0.003, 0.01))
         self.chaos_ticks = chaos_ticks
         self.next_value = 0
         self.crashes = self.partitions = self.conf_changes = self.snapshots_sent = 0
@@ -88,10 +95,15 @@ class Scenario:
             if client in busy or self.rng.random() > 0.3:
                 continue
             node = c.nodes[self.rng.choice(sorted(c.nodes))]
+            kind = self.rng.choice(("put", "put", "cas", "get", "read", "read"))
+            if self.rng.random() < 0.5:
+                # On a node that thinks it leads, which may be cut off: reads answered there
+                # from a lease must still be linearizable with writes through the new one.
+                leaders = [n for n in c.alive() if n.replica is not None and is_leader(n.replica)]
+                node = self.rng.choice(leaders) if leaders else node
             if node.replica is None:
                 continue
             key = self.rng.choice(KEYS)
-            kind = self.rng.choice(("put", "put", "cas", "get", "read", "read"))
             arg: object = None
             if kind == "put":
                 self.next_value += 1
@@ -138,6 +150,11 @@ class Scenario:
                 voters = [v for v in leader.replica.conf_state.voters if v != leader.id]
                 if voters:
                     leader.replica.node.transfer_leader(self.rng.choice(voters))
+        elif r < 0.1:
+            leader = c.leader()
+            if leader is not None:
+                c.net.isolate(leader.id)  # the others elect a new leader; it may not know
+                self.partitions += 1
 
     def _membership(self) -> None:
         """One membership change through the leader: a new node joins as a learner or a
@@ -201,6 +218,7 @@ class Scenario:
             snapshots_sent=self.snapshots_sent,
             recovery_ticks=recovery,
             max_term=max(n.term for n in c.nodes.values()),
+            crashes_in_save=c.crashes_in_save,
         )
 
     def _heal(self) -> int:
@@ -208,6 +226,7 @@ class Scenario:
         c = self.cluster
         c.net.heal()
         c.net.faults = Faults.reliable()
+        c.crash_in_save = 0.0
         for n in c.nodes.values():
             if n.replica is None:
                 c.start(n)
