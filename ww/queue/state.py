@@ -621,7 +621,8 @@ class QueueState:
     def _claimable(self, part: _Part) -> bool:
         """Whether `part` may be claimed again within the same claim (after its head went)."""
         k, d = self._limits(part)
-        return part.ready > 0 and d <= 0 and (k is None or part.leased < k)
+        now = self._clock
+        return part.ready > 0 and now + d <= now and (k is None or part.leased < k)
 
     def _find_heads(self, parts: list[_Part]) -> None:
         """Look up the oldest ready item of each part (their heads are unknown)."""
