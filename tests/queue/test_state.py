@@ -494,6 +494,18 @@ def test_sessions_are_bounded_least_recently_used_first(
     assert q.stats("w")["ready"] == 5
 
 
+def test_a_session_keeps_a_bounded_window_of_unacknowledged_answers(
+    q: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "ANSWER_WINDOW", 2)
+    put = Command.put("w", items(b"a"))
+    for seq in (1, 2, 3):
+        q.ok(put, client="cl", seq=seq)  # never acknowledges
+    assert q(put, client="cl", seq=2) == {"added": 1, "duplicates": 0}  # still remembered
+    assert "duplicate request" in q(put, client="cl", seq=1)["error"]  # forgotten, not redone
+    assert q.stats("w")["ready"] == 3
+
+
 # -- determinism, snapshots, restarts -------------------------------------------------------
 
 

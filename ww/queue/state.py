@@ -28,7 +28,7 @@ from typing import Any
 
 from ww.queue.commands import (
     CommandError,
-    Item,
+    ItemFields,
     as_int,
     as_list,
     as_str,
@@ -37,7 +37,7 @@ from ww.queue.commands import (
     decode_command,
     encode,
     field,
-    item_from_map,
+    item_fields,
     one_line,
 )
 
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SESSION_IDLE = 3600.0  # seconds of log time after which an idle client session is forgotten
 SESSION_LIMIT = 10_000  # client sessions remembered at most (the least recently used goes)
+ANSWER_WINDOW = 10_000  # answers a session keeps: seq n acknowledges those below n - 9,999
 MAX_CLAIM = 10_000  # items in one claim
 MAX_READ = 10_000  # records in one read
 LOG_SHIFT = 40  # a log record's rowid is topic_id << LOG_SHIFT | offset
@@ -163,7 +164,11 @@ class QueueState:
         self._autocommit = autocommit
         self._conn = self._open(self.path, check)
         self._load_meta()
-        self._topics: dict[str, _Topic] = {}  # rows touched by the entry being applied
+        # The topics (a small table) stay cached between entries; what was last written of
+        # each is kept to write only changes. Part rows are cached while one entry applies.
+        self._topics: dict[str, _Topic] = {}
+        self._topics_by_id: dict[int, _Topic] = {}
+        self._topic_rows: dict[int, tuple[Any, ...]] = {}
         self._parts: dict[int, _Part] = {}
         self._part_rows: dict[int, tuple[Any, ...]] = {}  # the rows as loaded
 
@@ -255,14 +260,18 @@ class QueueState:
             )
             if self._autocommit:
                 conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             # Only a failing database gets here: forget everything not yet committed.
-            self._topics.clear()
+            self._forget_topics()
             self._parts.clear()
             self._part_rows.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._load_meta()
+            if isinstance(exc, sqlite3.Error):
+                raise QueueStateError(
+                    f"{self.path}: the database failed applying entry {index}: {one_line(exc)}"
+                ) from exc
             raise
         return answer
 
@@ -291,7 +300,7 @@ class QueueState:
             self._flush()
         except Exception as exc:
             self._conn.execute("ROLLBACK TO op")
-            self._topics.clear()
+            self._forget_topics()
             self._parts.clear()
             self._part_rows.clear()
             self._next_item = saved_next
@@ -349,6 +358,7 @@ class QueueState:
             (seq, client),
         ).fetchone()
         if row is None:
+            ack = max(ack, seq - ANSWER_WINDOW + 1)
             (count,) = conn.execute("SELECT COUNT(*) FROM sessions").fetchone()
             if count >= SESSION_LIMIT:
                 self._drop_sessions(
@@ -365,7 +375,7 @@ class QueueState:
             old_ack = 0
         else:
             old_ack = row[0]
-            ack = max(old_ack, ack)
+            ack = max(old_ack, ack, seq - ANSWER_WINDOW + 1)
             conn.execute(
                 "UPDATE sessions SET ack = ?, last = ?, touched = ? WHERE client = ?",
                 (ack, self._clock, self._applied, client),
@@ -455,15 +465,16 @@ class QueueState:
 
     # -- work topics -------------------------------------------------------------------------
 
-    def _items(self, value: Any) -> list[Item]:
-        return [item_from_map(m) for m in as_list(value, "items")]
+    def _items(self, value: Any) -> list[ItemFields]:
+        return [item_fields(m) for m in as_list(value, "items")]
 
-    def _put(self, topic: _Topic, items: list[Item]) -> tuple[int, int]:
+    def _put(self, topic: _Topic, items: list[ItemFields]) -> tuple[int, int]:
+        """Add the items whose key is new to the topic (payload, key, partition, not_before)."""
         if topic.kind != "work":
             raise _Refused(f"put: topic {topic.name!r} is a log topic; put needs a work topic")
         conn, now = self._conn, self._clock
         seen: set[str] = set()
-        keys = list(dict.fromkeys(item.key for item in items if item.key is not None))
+        keys = list(dict.fromkeys(item[1] for item in items if item[1] is not None))
         for chunk in _chunks(keys):
             seen.update(
                 k
@@ -472,41 +483,32 @@ class QueueState:
                     (topic.id, *chunk),
                 )
             )
-        fresh: list[Item] = []
+        fresh: list[ItemFields] = []
         new_keys: list[str] = []
         for item in items:
-            if item.key is not None:
-                if item.key in seen:
+            key = item[1]
+            if key is not None:
+                if key in seen:
                     continue
-                seen.add(item.key)
-                new_keys.append(item.key)
+                seen.add(key)
+                new_keys.append(key)
             fresh.append(item)
         dups = len(items) - len(fresh)
-        parts = self._parts_for(topic, [item.partition for item in fresh])
+        parts = self._parts_for(topic, [item[2] for item in fresh])
         rows: list[tuple[Any, ...]] = []
         heads: dict[str | None, list[int]] = {}  # partition -> [ready count, min ready id]
         next_id = self._next_item
-        for item in fresh:
-            nb = -math.inf if item.not_before is None else item.not_before
-            delayed = nb > now
-            rows.append(
-                (
-                    next_id,
-                    topic.id,
-                    parts[item.partition].id,
-                    DELAYED if delayed else READY,
-                    item.payload,
-                    item.key,
-                    item.not_before,
-                )
-            )
-            if delayed:
+        tid = topic.id
+        for payload, key, partition, not_before in fresh:
+            if not_before is not None and not_before > now:
+                rows.append((next_id, tid, parts[partition].id, DELAYED, payload, key, not_before))
                 topic.delayed += 1
-                self._due_ready = min(self._due_ready, nb)
+                self._due_ready = min(self._due_ready, not_before)
             else:
-                head = heads.get(item.partition)
+                rows.append((next_id, tid, parts[partition].id, READY, payload, key, not_before))
+                head = heads.get(partition)
                 if head is None:
-                    heads[item.partition] = [1, next_id]
+                    heads[partition] = [1, next_id]
                 else:
                     head[0] += 1
             next_id += 1
@@ -883,8 +885,18 @@ class QueueState:
                 f"SELECT {TOPIC_COLS} FROM topics WHERE name = ?", (name,)
             ).fetchone()
             if row is not None:
-                topic = self._topics[name] = _Topic(*row)
+                topic = self._cache_topic(row)
         return topic
+
+    def _cache_topic(self, row: tuple[Any, ...]) -> _Topic:
+        topic = self._topics[row[1]] = self._topics_by_id[row[0]] = _Topic(*row)
+        self._topic_rows[row[0]] = row
+        return topic
+
+    def _forget_topics(self) -> None:
+        self._topics.clear()
+        self._topics_by_id.clear()
+        self._topic_rows.clear()
 
     def _topic(self, name: str, kind: str) -> _Topic:
         """The topic called `name`, created as a `kind` topic if it is new."""
@@ -899,20 +911,18 @@ class QueueState:
             next_id, name, kind, max_attempts, dead or f"{name}.dead", None, 0.0,
             0, 0, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
-        self._conn.execute(
-            f"INSERT INTO topics ({TOPIC_COLS}) VALUES ({','.join('?' * 15)})", _topic_row(topic)
-        )
-        self._topics[name] = topic
-        return topic
+        row = _topic_row(topic)
+        self._conn.execute(f"INSERT INTO topics ({TOPIC_COLS}) VALUES ({','.join('?' * 15)})", row)
+        self._cache_topic(row)
+        return self._topics[name]
 
     def _topic_by_id(self, topic_id: int) -> _Topic:
-        for topic in self._topics.values():
-            if topic.id == topic_id:
-                return topic
-        row = self._conn.execute(
-            f"SELECT {TOPIC_COLS} FROM topics WHERE id = ?", (topic_id,)
-        ).fetchone()
-        topic = self._topics[row[1]] = _Topic(*row)
+        topic = self._topics_by_id.get(topic_id)
+        if topic is None:
+            row = self._conn.execute(
+                f"SELECT {TOPIC_COLS} FROM topics WHERE id = ?", (topic_id,)
+            ).fetchone()
+            topic = self._cache_topic(row)
         return topic
 
     def _part(self, part_id: int) -> _Part:
@@ -991,20 +1001,21 @@ class QueueState:
         self._part_rows.clear()
 
     def _flush(self) -> None:
-        """Write the rows cached while applying this entry."""
+        """Write the rows changed while applying this entry."""
         self._flush_parts()
-        if self._topics:
+        changed = []
+        for t in self._topics.values():
+            row = _topic_row(t)
+            if row != self._topic_rows[t.id]:
+                changed.append((*row[5:], t.id))
+                self._topic_rows[t.id] = row
+        if changed:
             self._conn.executemany(
                 "UPDATE topics SET def_max_leased = ?, def_min_interval = ?, ready = ?, "
                 "leased = ?, delayed = ?, done = ?, dead = ?, seen = ?, log_first = ?, "
                 "log_next = ? WHERE id = ?",
-                [
-                    (t.def_max_leased, t.def_min_interval, t.ready, t.leased, t.delayed, t.done,
-                     t.dead, t.seen, t.log_first, t.log_next, t.id)
-                    for t in self._topics.values()
-                ],
-            )  # fmt: skip
-            self._topics.clear()
+                changed,
+            )
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -1118,6 +1129,9 @@ class QueueState:
         _fsync_dir(self.path.parent)
         self._conn = self._open(self.path, False)
         self._load_meta()
+        self._forget_topics()
+        self._parts.clear()
+        self._part_rows.clear()
 
     def digest(self) -> bytes:
         """A hash of every row of every table in key order: equal on replicas at the same
