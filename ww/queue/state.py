@@ -2,16 +2,23 @@
 
 Everything an answer depends on comes from the log: the clock is the largest "time" the
 leader stamped on an entry so far, item ids and log offsets are counters in the database, and
-every query that returns several rows orders them. Each `apply` is one SQLite transaction that
-also writes the applied index, so after a crash the database is at some applied index and the
-entries after it are applied again from the Raft log.
+every query that returns several rows orders them. The applied index is written in the same
+SQLite transaction as the changes of its entry (one transaction per entry, or with
+autocommit=False one per `commit()`), so after a crash the database is at some applied index
+and the entries after it are applied again from the Raft log.
 
 Work topics: an item is ready (state 0), leased (1) or delayed (2, not_before in the future);
-a done item is deleted (its key stays in the seen-set). Each (topic, partition key) has a row
-in `parts` with its counters, its limits and two derived columns that keep claim cheap:
-`cand` (the key's oldest ready item id while the key may be claimed now) and `wake` (the time
-the key may be claimed again while only its minimum interval holds it back). Items without a
-partition key each count as a key of their own: no limits apply to them.
+a done item is deleted (its key stays in the seen-set, which holds a 16-byte digest of each
+key). Each (topic, partition key) has a row in `parts` with its counters, its limits and two
+derived columns that keep claim cheap: `cand` (the key's oldest ready item id while the key
+may be claimed now) and `wake` (the time the key may be claimed again while only its minimum
+interval holds it back). Items without a partition key each count as a key of their own: no
+limits apply to them.
+
+Client sessions: the answer of each (client, seq) is kept until the client acknowledges it
+(`ack`: every seq below it is answered), for at most SESSION_IDLE seconds of log time without
+a command from that client, for SESSION_LIMIT clients (the least recently used goes), and for
+the last ANSWER_WINDOW seqs of a client.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ __all__ = ["SESSION_IDLE", "SESSION_LIMIT", "QueueState", "QueueStateError"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SESSION_IDLE = 3600.0  # seconds of log time after which an idle client session is forgotten
 SESSION_LIMIT = 10_000  # client sessions remembered at most (the least recently used goes)
 ANSWER_WINDOW = 10_000  # answers a session keeps: seq n acknowledges those below n - 9,999
@@ -66,7 +73,7 @@ CREATE TABLE topics(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT
     def_max_leased INT, def_min_interval REAL NOT NULL,
     ready INT NOT NULL, leased INT NOT NULL, delayed INT NOT NULL, done INT NOT NULL,
     dead INT NOT NULL, seen INT NOT NULL, log_first INT NOT NULL, log_next INT NOT NULL);
-CREATE TABLE seen(topic INT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (topic, key)) WITHOUT ROWID;
+CREATE TABLE seen(topic INT NOT NULL, h BLOB NOT NULL, PRIMARY KEY (topic, h)) WITHOUT ROWID;
 CREATE TABLE parts(id INTEGER PRIMARY KEY, topic INT NOT NULL, pkey TEXT,
     own INT NOT NULL, max_leased INT, min_interval REAL NOT NULL,
     ready INT NOT NULL, leased INT NOT NULL, last_claim REAL,
@@ -92,7 +99,7 @@ CREATE TABLE answers(client TEXT NOT NULL, seq INT NOT NULL, answer BLOB NOT NUL
 TABLES = {  # table -> ORDER BY of its canonical dump
     "meta": "id",
     "topics": "id",
-    "seen": "topic, key",
+    "seen": "topic, h",
     "parts": "id",
     "items": "id",
     "records": "rid",
@@ -195,8 +202,10 @@ class QueueState:
                 r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")
             }
             if not names:
-                conn.executescript("BEGIN;" + SCHEMA + "COMMIT;")
-                conn.execute("INSERT INTO meta VALUES (0, ?, 0, 0.0, 1)", (SCHEMA_VERSION,))
+                conn.executescript(
+                    f"BEGIN; {SCHEMA} INSERT INTO meta VALUES (0, {SCHEMA_VERSION}, 0, 0.0, 1); "
+                    "COMMIT;"
+                )
             elif not set(TABLES) <= names:
                 raise damaged("it lacks the queue's tables")
             else:
@@ -473,25 +482,25 @@ class QueueState:
         if topic.kind != "work":
             raise _Refused(f"put: topic {topic.name!r} is a log topic; put needs a work topic")
         conn, now = self._conn, self._clock
-        seen: set[str] = set()
-        keys = list(dict.fromkeys(item[1] for item in items if item[1] is not None))
-        for chunk in _chunks(keys):
+        digests = {key: _key_digest(key) for _, key, _, _ in items if key is not None}
+        seen: set[bytes] = set()
+        for chunk in _chunks(list(digests.values())):
             seen.update(
-                k
-                for (k,) in conn.execute(
-                    f"SELECT key FROM seen WHERE topic = ? AND key IN ({_marks(chunk)})",
+                h
+                for (h,) in conn.execute(
+                    f"SELECT h FROM seen WHERE topic = ? AND h IN ({_marks(chunk)})",
                     (topic.id, *chunk),
                 )
             )
         fresh: list[ItemFields] = []
-        new_keys: list[str] = []
+        new_keys: list[bytes] = []
         for item in items:
-            key = item[1]
-            if key is not None:
-                if key in seen:
+            if item[1] is not None:
+                h = digests[item[1]]
+                if h in seen:
                     continue
-                seen.add(key)
-                new_keys.append(key)
+                seen.add(h)
+                new_keys.append(h)
             fresh.append(item)
         dups = len(items) - len(fresh)
         parts = self._parts_for(topic, [item[2] for item in fresh])
@@ -1127,6 +1136,7 @@ class QueueState:
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
+        logger.info("%s: restored a snapshot of %d bytes", self.path, len(data))
         self._conn = self._open(self.path, False)
         self._load_meta()
         self._forget_topics()
@@ -1142,6 +1152,12 @@ class QueueState:
             for row in self._conn.execute(f"SELECT * FROM {table} ORDER BY {order}"):
                 h.update(encode({"r": list(row)}))
         return h.digest()
+
+
+def _key_digest(key: str) -> bytes:
+    """What the seen-set stores of a key: 16 bytes of BLAKE2b (a false duplicate needs a
+    128-bit collision), so a million keys take some 30 MB whatever the keys' length."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _chunks(values: list[Any], size: int = 500) -> Iterable[list[Any]]:
