@@ -566,6 +566,21 @@ def test_snapshot_restore_round_trip_then_the_same_future(q: Driver, tmp_path: P
     reopened.close()
 
 
+def test_a_snapshot_through_a_file_round_trips(q: Driver, tmp_path: Path) -> None:
+    busy_log(q)
+    q.state.snapshot_to(tmp_path / "snap.db")
+    fresh = QueueState(tmp_path / "fresh.db")
+    fresh.restore_from(tmp_path / "snap.db")
+    assert (fresh.applied_index, fresh.digest()) == (q.state.applied_index, q.state.digest())
+    with pytest.raises(QueueStateError):
+        fresh.restore_from(tmp_path / "missing.db")
+    (tmp_path / "bad.db").write_bytes(b"SQLite format 3\x00" + b"\x01" * 5000)
+    with pytest.raises(QueueStateError):
+        fresh.restore_from(tmp_path / "bad.db")
+    assert fresh.digest() == q.state.digest()
+    fresh.close()
+
+
 @pytest.mark.parametrize(
     "garbage",
     [b"", b"not a database at all", b"SQLite format 3\x00" + b"\x00" * 200],

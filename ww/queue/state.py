@@ -1111,6 +1111,16 @@ class QueueState:
         self.commit()
         return bytes(self._conn.serialize())
 
+    def snapshot_to(self, dest: Path | str) -> None:
+        """Write a consistent copy of the database to the file `dest` without holding it in
+        memory (SQLite's backup API; for snapshots sent in chunks)."""
+        self.commit()
+        target = sqlite3.connect(dest)
+        try:
+            self._conn.backup(target)
+        finally:
+            target.close()
+
     def restore(self, data: bytes) -> None:
         """Replace the database with a snapshot's, atomically; a damaged snapshot raises
         QueueStateError and keeps the current state."""
@@ -1118,12 +1128,36 @@ class QueueState:
             b"SQLite format 3\x00"
         ):
             raise QueueStateError("queue snapshot is not an SQLite database; state kept")
-        tmp = self.path.with_name(self.path.name + ".restore")
-        _remove_db(tmp)
+        tmp = self._restore_path()
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        self._install(tmp)
+
+    def restore_from(self, src: Path | str) -> None:
+        """Like restore, from a snapshot file (which is copied, not moved)."""
+        tmp = self._restore_path()
+        try:
+            with open(src, "rb") as f, open(tmp, "wb") as out:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            _remove_db(tmp)
+            raise QueueStateError(
+                f"queue snapshot {src} unreadable ({one_line(exc)}); state kept"
+            ) from None
+        self._install(tmp)
+
+    def _restore_path(self) -> Path:
+        tmp = self.path.with_name(self.path.name + ".restore")
+        _remove_db(tmp)
+        return tmp
+
+    def _install(self, tmp: Path) -> None:
+        """Check the database file `tmp` and put it in place of the current one."""
         try:
             self._open(tmp, True).close()
         except QueueStateError as exc:
@@ -1136,12 +1170,12 @@ class QueueState:
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
-        logger.info("%s: restored a snapshot of %d bytes", self.path, len(data))
         self._conn = self._open(self.path, False)
         self._load_meta()
         self._forget_topics()
         self._parts.clear()
         self._part_rows.clear()
+        logger.info("%s: restored a snapshot at applied index %d", self.path, self._applied)
 
     def digest(self) -> bytes:
         """A hash of every row of every table in key order: equal on replicas at the same
