@@ -81,6 +81,15 @@ def parse_size(text: str) -> int:
     return int(match[1]) * SIZE_UNITS[match[2].lower()]
 
 
+def parse_allow(text: str) -> frozenset[str]:
+    from ww.rom.permissions import parse_allow as parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def non_negative_int(text: str) -> int:
     if not text.isdigit() or not text.isascii():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. 100")
@@ -138,6 +147,7 @@ async def walk(host: Any, path: str) -> Any:
 
 async def cmd_start(args: argparse.Namespace) -> int:
     from ww.host import HostConfig, run_host
+    from ww.rom.sandbox import ChildLimits
 
     with ExitStack() as cleanup:
         if args.data_dir:
@@ -158,6 +168,14 @@ async def cmd_start(args: argparse.Namespace) -> int:
             log_limit=args.log_limit,
             keep_logs=args.keep_logs,
             rom_cache_limit=args.rom_cache_limit,
+            allow=args.allow,
+            limits=ChildLimits(
+                memory=args.limit_memory or None,
+                cpu_seconds=args.limit_cpu,
+                procs=args.limit_procs or None,
+                files=args.limit_files or None,
+            ),
+            sandbox=not args.unsafe_no_sandbox,
         )
         log.debug("starting host with %s", config)
         await run_host(config)
@@ -261,8 +279,15 @@ def load_rom(path: Path) -> Any:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     from ww.rom.guest import run_local
+    from ww.rom.permissions import describe as describe_permissions
 
     rom = load_rom(Path(args.rom))
+    # Said before it runs, when there is something to say. `ww run` runs the ROM in this
+    # process, as this user: the permissions are what a host would confine it to.
+    if rom.permissions:
+        print(f"ww run: {describe_permissions(rom.name, rom.permissions)}", file=sys.stderr)
+    else:
+        log.debug("%s", describe_permissions(rom.name, rom.permissions))
     if args.no_dial:
         return await run_local(rom, list(args.args), None)
     async with dial(args) as host:
@@ -473,6 +498,53 @@ def build_parser() -> Parser:
         metavar="SIZE",
         help="ROMs cached by content id, least recently used evicted first; the ROMs of "
         "running processes always stay (default: 1G)",
+    )
+
+    p.add_argument(
+        "--allow",
+        type=parse_allow,
+        default="net.connect,volume",
+        metavar="PERMISSIONS",
+        help="the permissions this host grants ROMs, comma-separated (net.connect, volume) or "
+        "none; a ROM asking for more is refused (default: net.connect,volume)",
+    )
+    p.add_argument(
+        "--limit-memory",
+        type=parse_size,
+        default="4G",
+        metavar="SIZE",
+        help="address space of each ROM process: the default, and the most a spawn may ask "
+        "for; 0 for no limit (default: 4G)",
+    )
+    p.add_argument(
+        "--limit-cpu",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="CPU seconds of each ROM process, the default and the most a spawn may ask for "
+        "(default: no limit; ROMs always run at a lower priority than the host)",
+    )
+    p.add_argument(
+        "--limit-procs",
+        type=non_negative_int,
+        default=256,
+        metavar="N",
+        help="processes and threads of each ROM (counted per uid, so only when the host runs "
+        "as root); the default and the most a spawn may ask for; 0 for no limit (default: 256)",
+    )
+    p.add_argument(
+        "--limit-files",
+        type=non_negative_int,
+        default=1024,
+        metavar="N",
+        help="open files of each ROM process; the default and the most a spawn may ask for "
+        "(default: 1024)",
+    )
+    p.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        help="run ROMs without Landlock, seccomp and a uid of their own: they can do all the "
+        "host's user can. Needed to spawn ROMs on a kernel without Landlock",
     )
 
     p = command("keygen", cmd_keygen, "Make a cluster key (give it to every host with --key).")

@@ -27,6 +27,9 @@ log = logging.getLogger("ww.host")
 
 MAX_ANCHOR_BYTES = 1024 * 1024
 
+LIMITS = {"memory", "cpu_seconds", "procs", "files"}
+"""What a spawn may limit: bytes of address space, CPU seconds, processes, open files."""
+
 
 class HostCapability(Capability):
     """The bootstrap of one connection or one spawned process; its lease ends on release.
@@ -74,7 +77,8 @@ class HostCapability(Capability):
         restart: str = "no",
     ) -> ProcessCapability:
         """Run a ROM (its bytes, or the content id of one this host has cached) in a child
-        process. `limits`: {"memory": bytes, "cpu_seconds": seconds}, both optional;
+        process. `limits`: {"memory": bytes, "cpu_seconds": seconds, "procs": n, "files": n},
+        each optional and at most the host's own (its default);
         `restart`: "no", "on-failure" or "always". A volume needs an anchor (Anchor.spawn)."""
         process = await self._host.spawn(
             rom,
@@ -338,8 +342,10 @@ def _check_flag(value: object) -> bool:
 def _check_limits(limits: object) -> dict[str, float]:
     if limits is None:
         return {}
-    if not isinstance(limits, dict) or not set(limits) <= {"memory", "cpu_seconds"}:
-        raise CapabilityError('limits must be a map with "memory" and/or "cpu_seconds"')
+    if not isinstance(limits, dict) or not set(limits) <= LIMITS:
+        raise CapabilityError(
+            'limits must be a map with any of "memory", "cpu_seconds", "procs", "files"'
+        )
     for name, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise CapabilityError(f"limit {name} must be a positive number, not {value!r}")

@@ -32,6 +32,8 @@ from ww.host.supervisor import Process, Run, supervise
 from ww.host.view import GossipError, HostRecord, Membership
 from ww.host.volumes import VolumeError, Volumes
 from ww.rom import Rom, RomError
+from ww.rom.permissions import VOLUME, refusal
+from ww.rom.sandbox import SandboxError
 from ww.rpc import Capability, CapabilityError, Connection, Ref
 
 if TYPE_CHECKING:
@@ -248,6 +250,14 @@ class Host:
         if volume and not at:
             raise CapabilityError("a volume belongs to an anchor; spawn at one: anchor.spawn(...)")
         loaded = self._load_rom(rom)
+        refused = refusal(loaded.name, loaded.permissions, self.config.allow)
+        if refused is not None:
+            raise CapabilityError(refused)
+        if volume and VOLUME not in loaded.permissions:
+            raise CapabilityError(
+                f"ROM {loaded.name!r} does not ask for the volume permission; add "
+                'permissions = ["volume"] to its rom.toml to spawn it with volume=True'
+            )
         limits = dict(limits or {})
         directory: Path | None = None
         if volume:
@@ -310,7 +320,7 @@ class Host:
                 volume.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise CapabilityError(f"cannot make volume {volume}: {e.strerror}") from None
-        memory = limits.get("memory")
+        memory, procs, files = (limits.get(k) for k in ("memory", "procs", "files"))
         try:
             handle = await self.executor.spawn(
                 rom,
@@ -318,10 +328,12 @@ class Host:
                 capability,
                 memory_limit=None if memory is None else int(memory),
                 cpu_seconds=limits.get("cpu_seconds"),
+                procs=None if procs is None else int(procs),
+                files=None if files is None else int(files),
                 volume=volume,
                 home=home,
             )
-        except RomError as e:
+        except (RomError, SandboxError, ValueError) as e:
             lease.end()
             raise CapabilityError(str(e)) from None
         return Run(handle, lease)

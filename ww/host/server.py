@@ -58,6 +58,8 @@ async def run_host(
         keep_logs=config.keep_logs,
         rom_cache_limit=config.rom_cache_limit,
         pinned=restarts.cids,
+        limits=config.limits,
+        sandbox=config.sandbox,
     )
     async with executor, trio.open_nursery() as nursery:
         host = Host(config, identity.peer_id, addr, nursery, dialer, executor, key, restarts)
@@ -70,6 +72,10 @@ async def run_host(
         for peer in config.peers:
             nursery.start_soon(host.keep_peer, peer)
         log.info("host %s listening on %s", host.peer_id, format_address(addr))
+        if executor.sandbox is None:
+            log.warning("%s", executor.sandbox_error)
+        else:
+            log.info("%s", executor.sandbox.describe())
         task_status.started(HostInfo(host.peer_id, addr))
         await host.start_recorded(records)
         try:
