@@ -25,7 +25,13 @@ class HostConfig:
     `keep_logs` exited processes kept, `rom_cache_limit` bytes of cached ROMs.
 
     ROMs: `allow` the permissions this host grants (ww.rom.permissions), `limits` the
-    default and the most of each spawn's limits, `sandbox` False runs them unconfined."""
+    default and the most of each spawn's limits, `sandbox` False runs them unconfined.
+
+    Connections: at most `max_connections` (and `max_connections_per_address` from one
+    address); one that has sent no complete frame within `handshake_timeout` seconds of
+    its start (the TLS handshake included), or none for `idle_timeout` seconds while it
+    holds nothing, is closed; frames partly received on all of them hold at most
+    `receive_budget` bytes."""
 
     listen: Address = ("127.0.0.1", 2020)
     data_dir: Path = Path("ww-host")
@@ -41,6 +47,11 @@ class HostConfig:
     allow: frozenset[str] = frozenset(PERMISSIONS)
     limits: ChildLimits = DEFAULT_LIMITS
     sandbox: bool = True
+    max_connections: int = 1024
+    max_connections_per_address: int = 256
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    receive_budget: int = 256 * 1024 * 1024
 
     def check(self) -> None:
         """Raise HostError when the configuration cannot work."""

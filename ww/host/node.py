@@ -34,7 +34,7 @@ from ww.host.volumes import VolumeError, Volumes
 from ww.rom import Rom, RomError
 from ww.rom.permissions import VOLUME, refusal
 from ww.rom.sandbox import SandboxError
-from ww.rpc import Capability, CapabilityError, Connection, Ref
+from ww.rpc import Capability, CapabilityError, Connection, ReceiveBudget, Ref
 
 if TYPE_CHECKING:
     from ww.rom.executor import Executor, ProcessHandle
@@ -87,6 +87,8 @@ class Host:
         self._processes: dict[int, Process] = {}  # by the pid of the current run
         self.restarts = restarts
         self.volumes = Volumes(config.data_dir / "volumes", peer_id)
+        self.receive_budget = ReceiveBudget(config.receive_budget)
+        self.stopping = False  # a clean stop has begun: no new links
         self._volume_holders: dict[Path, Process | None] = {}  # None: starting
 
     # --- capabilities for a connection ------------------------------------------------------
@@ -128,6 +130,19 @@ class Host:
             log.info("host %s joined the view", peer)
         if new:
             self.dial_new_hosts()
+
+    def on_leave(self, peer: str) -> None:
+        if self.view.leave(peer, self.now()):
+            log.info("host %s left the view (it is stopping)", peer)
+
+    async def announce_leaving(self, timeout: float = 1.0) -> None:
+        """Tell every linked host this one is stopping (a clean stop), for at most `timeout`."""
+        self.stopping = True
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for link in list(self.links.values()):
+                    if not link.closed:
+                        nursery.start_soon(_leave, link)
 
     def credentials(self) -> bytes | None:
         """What a process of ours needs to dial hosts of the cluster itself: a bundle from
@@ -479,6 +494,8 @@ class Host:
         """A host dialed us and offers its PeerLink; register the link and offer ours."""
         if not isinstance(ref, Ref):
             raise CapabilityError("peer_link needs the dialing host's PeerLink capability")
+        if self.stopping:
+            raise CapabilityError(f"host {self.peer_id} is stopping")
         peer = self._check_hello(hello, certified)
         local = PeerLinkCapability(self)
         link = self._add_link(Link(self, peer, ref, local))
@@ -491,7 +508,7 @@ class Host:
         backoff = 0.1
         where = format_address(addr)
         while True:
-            if not self._linked_at(where):
+            if not self._linked_at(where) and not self.stopping:
                 try:
                     await self._dial(addr)
                     backoff = 0.1
@@ -502,6 +519,8 @@ class Host:
 
     def dial_new_hosts(self) -> None:
         """Dial hosts in the view we have no link to (when our peer id is the smaller)."""
+        if self.stopping:
+            return
         now = self.now()
         for member in self.view.live(now)[1:]:
             peer = member.record.peer
@@ -534,7 +553,9 @@ class Host:
             stream = await self._dialer(addr)
         cap, lease = self.bootstrap(f"link to {format_address(addr)}")
         try:
-            async with Connection.open(stream, cap, name=f"link {format_address(addr)}") as conn:
+            async with Connection.open(
+                stream, cap, name=f"link {format_address(addr)}", budget=self.receive_budget
+            ) as conn:
                 local = PeerLinkCapability(self)
                 with trio.fail_after(DIAL_TIMEOUT):
                     answer = await conn.bootstrap().call("peer_link", self.hello(), local)
@@ -631,6 +652,11 @@ class Host:
             "processes": sum(1 for p in self._processes.values() if p.handle.exit_code is None),
             "remote_leases": sum(len(link.remote_leases) for link in self.links.values()),
         }
+
+
+async def _leave(link: Link) -> None:
+    with contextlib.suppress(Exception):
+        await link.ref.call("leave")
 
 
 def one_line(e: BaseException) -> str:
