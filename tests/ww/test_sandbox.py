@@ -335,3 +335,37 @@ async def test_no_descendant_of_a_rom_outlives_a_kill_9_of_its_host(
     h.kill()
     await h.process.wait()
     await wait_for(lambda: processes_of(UID_BASE + pid) == [], timeout=5)
+
+
+async def test_a_spawn_asking_for_wall_time_is_stopped_after_it(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    h = await host_factory.start()
+    sleeper = "import trio\n\nasync def main(host, args):\n    await trio.sleep_forever()\n"
+    async with h.connect() as host:
+        process = await host.spawn(rom(tmp_path, sleeper), [], {"wall_seconds": 0.5})
+        with trio.fail_after(10):
+            assert await process.wait() == -signal.SIGTERM
+
+
+READER = """
+async def main(host, args):
+    try:
+        open("/etc/hostname", "rb").close()
+        print("RESULT read")
+    except OSError as e:
+        print("RESULT", e.strerror)
+"""
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+async def test_only_an_unsafe_host_lets_a_rom_read_outside_its_sandbox(
+    host_factory: HostFactory, tmp_path: Path, unsafe: bool
+) -> None:
+    h = await host_factory.start(args=["--unsafe-no-sandbox"] if unsafe else [])
+    assert ("--unsafe-no-sandbox" in h.output()) == unsafe
+    async with h.connect() as host:
+        process = await host.spawn(rom(tmp_path, READER))
+        assert await process.wait() == 0
+        logs = await process.logs()
+    assert (b"RESULT read" in logs) == unsafe

@@ -32,8 +32,9 @@ MAX_HELD_BYTES = 16 * 1024 * 1024
 """What one holder (a connection, a process, a client of another host) may keep in a host's
 anchor tree: values, and bytes of bytes values."""
 
-LIMITS = {"memory", "cpu_seconds", "procs", "files"}
-"""What a spawn may limit: bytes of address space, CPU seconds, processes, open files."""
+LIMITS = {"memory", "cpu_seconds", "procs", "files", "wall_seconds"}
+"""What a spawn may limit: bytes of address space, CPU seconds, processes, open files, and
+seconds of wall time (then it is stopped as by kill)."""
 
 
 class HostCapability(Capability):
@@ -82,8 +83,9 @@ class HostCapability(Capability):
         restart: str = "no",
     ) -> ProcessCapability:
         """Run a ROM (its bytes, or the content id of one this host has cached) in a child
-        process. `limits`: {"memory": bytes, "cpu_seconds": seconds, "procs": n, "files": n},
-        each optional and at most the host's own (its default);
+        process. `limits`: {"memory": bytes, "cpu_seconds": seconds, "procs": n, "files": n,
+        "wall_seconds": seconds}, each optional, the first four at most the host's own (its
+        default);
         `restart`: "no", "on-failure" or "always". A volume needs an anchor (Anchor.spawn)."""
         process = await self._host.spawn(
             rom,
@@ -373,7 +375,8 @@ def _check_limits(limits: object) -> dict[str, float]:
         return {}
     if not isinstance(limits, dict) or not set(limits) <= LIMITS:
         raise CapabilityError(
-            'limits must be a map with any of "memory", "cpu_seconds", "procs", "files"'
+            'limits must be a map with any of "memory", "cpu_seconds", "procs", "files", '
+            '"wall_seconds"'
         )
     for name, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:

@@ -345,6 +345,7 @@ class Host:
                 cpu_seconds=limits.get("cpu_seconds"),
                 procs=None if procs is None else int(procs),
                 files=None if files is None else int(files),
+                wall_seconds=limits.get("wall_seconds"),
                 volume=volume,
                 home=home,
             )

@@ -87,11 +87,11 @@ async def run_host(
         nursery.start_soon(host.tick_loop)
         for peer in config.peers:
             nursery.start_soon(host.keep_peer, peer)
-        log.info("host %s listening on %s", host.peer_id, format_address(addr))
         if executor.sandbox is None:
             log.warning("%s", executor.sandbox_error)
         else:
             log.info("%s", executor.sandbox.describe())
+        log.info("host %s listening on %s", host.peer_id, format_address(addr))
         task_status.started(HostInfo(host.peer_id, addr))
         await host.start_recorded(records)
         try:

@@ -279,6 +279,7 @@ class Executor:
         cpu_seconds: float | None = None,
         procs: int | None = None,
         files: int | None = None,
+        wall_seconds: float | None = None,
         volume: Path | None = None,
         home: str | None = None,
     ) -> ProcessHandle:
@@ -287,7 +288,8 @@ class Executor:
         `volume` (a directory) and `home` (the anchor path it runs at) are passed to the guest,
         where `ww.rom.guest.volume()` and `home()` return them; a volume needs the ROM to ask
         for the `volume` permission. Limits not given are the executor's `limits`; larger ones
-        are refused. The ROM gets the permissions it asks for (a host checks them first).
+        are refused; `wall_seconds` stops it (as `kill()` does) once it has run that long.
+        The ROM gets the permissions it asks for (a host checks them first).
 
         Raises RomError when a package the ROM requires is missing here, SandboxError when
         ROMs cannot be confined here, ValueError for a bad limit or a volume not asked for;
@@ -325,7 +327,12 @@ class Executor:
             preexec = self.sandbox.child_setup(
                 limits, net=NET_CONNECT in rom.permissions, writable=writable, chown=writable
             )
-            return await self._start(nursery, rom, args, capability_factory, preexec, options, tmp)
+            handle = await self._start(
+                nursery, rom, args, capability_factory, preexec, options, tmp
+            )
+            if wall_seconds is not None:
+                nursery.start_soon(self._wall_clock, handle, wall_seconds)
+            return handle
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -514,6 +521,18 @@ class Executor:
             if handle.exit_code is None:
                 handle._signal(signal.SIGKILL)
                 await self._reap(handle, process)
+
+    async def _wall_clock(self, handle: ProcessHandle, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await handle._exited.wait()
+            return
+        log.info(
+            "pid %d (%s) ran for its %gs of wall time; stopping it",
+            handle.pid,
+            handle.name,
+            seconds,
+        )
+        handle.kill()
 
     def _start_escalation(self, handle: ProcessHandle) -> None:
         if self._nursery is not None:

@@ -299,8 +299,11 @@ class Sandbox:
         """The sandbox of a host: raises SandboxError (one line) when it cannot confine ROMs
         (no Landlock) or when its data dir would be readable by them."""
         as_root = os.geteuid() == 0
+        read = tuple(read_paths(python, pythonpath))
+        data = data_dir.resolve()
+        read_search = as_root and not all(_searchable_by_others(p) for p in (*read, data))
         if not enabled:
-            return cls(enabled=False, as_root=as_root)
+            return cls(enabled=False, as_root=as_root, read_search=read_search)
         abi = landlock_abi()
         if abi < 1:
             raise SandboxError(
@@ -308,22 +311,26 @@ class Sandbox:
                 "option), so ROMs cannot be confined; the host refuses to spawn them unless "
                 "started with --unsafe-no-sandbox"
             )
-        read = tuple(read_paths(python, pythonpath))
-        data = data_dir.resolve()
         for path in read:
             if path.is_dir() and data.is_relative_to(path):
                 raise SandboxError(
                     f"the data directory {data} is inside {path}, which ROMs may read; "
                     "choose a --data-dir outside the Python installation and sys.path"
                 )
-        read_search = as_root and not all(_searchable_by_others(p) for p in (*read, data))
         seccomp = platform.machine() == "x86_64"
         return cls(True, abi, as_root, read_search, seccomp, read)
 
     def describe(self) -> str:
         """One line for the host's log: how ROMs are confined here."""
         if not self.enabled:
-            return "ROMs run unconfined (--unsafe-no-sandbox): they can do all this host's user can"
+            text = "ROMs run without Landlock and seccomp (--unsafe-no-sandbox): they read "
+            if self.as_root:
+                text += "and write what a uid of their own may"
+                text += (
+                    " and, with CAP_DAC_READ_SEARCH, read every file" if self.read_search else ""
+                )
+                return text
+            return text + "and write all this host's user can"
         missing = []
         if self.abi < 4:
             missing.append("TCP rules (Landlock ABI 4)")
@@ -373,7 +380,7 @@ class Sandbox:
                 uid = UID_BASE + os.getpid()
                 for path in chowned:
                     _chown_tree(path, uid)
-                _become(uid, self.read_search and self.enabled, bounding)
+                _become(uid, self.read_search, bounding)
             _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
             _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
             if os.getppid() != parent:  # the host died before the signal was set
