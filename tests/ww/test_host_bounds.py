@@ -264,3 +264,13 @@ async def test_a_host_that_cannot_start_leaves_no_data_dir(tmp_path: Path) -> No
         )
     assert result.returncode == 1 and "cannot listen" in result.stderr
     assert not data.exists()
+
+
+async def test_a_host_without_the_key_says_why_it_cannot_join(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    key = tmp_path / "cluster.key"
+    generate_cluster_key(key)
+    a = await host_factory.start(key=key)
+    b = await host_factory.start(peers=[a])
+    await wait_for(lambda: "start this host with --key FILE" in b.output())

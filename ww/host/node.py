@@ -34,7 +34,7 @@ from ww.host.volumes import VolumeError, Volumes
 from ww.rom import Rom, RomError
 from ww.rom.permissions import VOLUME, refusal
 from ww.rom.sandbox import SandboxError
-from ww.rpc import Capability, CapabilityError, Connection, ReceiveBudget, Ref
+from ww.rpc import Capability, CapabilityError, Connection, ConnectionLost, ReceiveBudget, Ref
 
 if TYPE_CHECKING:
     from ww.rom.executor import Executor, ProcessHandle
@@ -514,7 +514,7 @@ class Host:
                     await self._dial(addr)
                     backoff = 0.1
                 except Exception as e:
-                    log.info("cannot link to peer %s: %s", where, one_line(e))
+                    log.info("cannot link to peer %s: %s", where, self._why(e))
             await trio.sleep(backoff)
             backoff = min(MAX_BACKOFF, backoff * 2)
 
@@ -541,7 +541,7 @@ class Host:
                     self._next_dial.pop(peer, None)
                     return
                 except Exception as e:
-                    log.info("cannot link to %s at %s: %s", peer, text, one_line(e))
+                    log.info("cannot link to %s at %s: %s", peer, text, self._why(e))
             _, backoff = self._next_dial.get(peer, (0.0, 0.05))
             backoff = min(MAX_BACKOFF, backoff * 2)
             self._next_dial[peer] = (self.now() + backoff, backoff)
@@ -574,6 +574,13 @@ class Host:
                     self.connections.discard(conn)
         finally:
             lease.end()
+
+    def _why(self, e: BaseException) -> str:
+        """One line on why a link failed, with what to do when it is a key mismatch."""
+        text = one_line(e)
+        if isinstance(e, ConnectionLost) and self.cluster_key is None:
+            text += " (if the cluster uses a key, start this host with --key FILE)"
+        return text
 
     def _add_link(self, link: Link) -> Link:
         """Register a link; with two links to one host (both dialed at once) the newer one
