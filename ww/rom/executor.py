@@ -1,10 +1,13 @@
 """The host side of ROMs: each spawned ROM runs in its own child process.
 
-The child is `python -m ww.rom.guest`, given the ROM as a file in the host's ROM cache and one end
-of a socket pair; the host serves the other end with `ww.rpc`, offering the capability that
-`capability_factory(handle)` makes for that process. Optional limits: address space
-(`memory_limit`, bytes, RLIMIT_AS) and CPU time (`cpu_seconds`, RLIMIT_CPU; the child gets
-SIGXCPU, then SIGKILL a second later).
+The child is `python -m ww.rom.guest`, given the ROM as an open file from the host's ROM cache
+and one end of a socket pair; the host serves the other end with `ww.rpc`, offering the
+capability that `capability_factory(handle)` makes for that process. The kernel confines the
+child before it runs (ww.rom.sandbox: Landlock, seccomp, a uid and PID namespace of its own
+on a root host, the permissions its manifest asks for) and limits it: address space
+(`memory_limit`, bytes, RLIMIT_AS), CPU time (`cpu_seconds`, RLIMIT_CPU; the child gets
+SIGXCPU, then SIGKILL a second later), processes (`procs`) and open files (`files`), each by
+default and at most the executor's `limits`; `wall_seconds` stops it after that long.
 
 Disk use is bounded. The child's stdout and stderr share one pipe that the host copies into a
 log file per process, keeping the newest `log_limit` bytes at most; the logs of the newest

@@ -1,10 +1,11 @@
 """The guest side: run a ROM's `async def main(host, args)`.
 
 A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR]
-[--home PATH] ROM_FILE [-- ARGS...]`. The guest validates the ROM, checks its `requires`,
-makes its modules importable from the validated archive (in memory, nothing is extracted),
-opens a capability connection over the inherited socket FD and calls `main` with the host's
-bootstrap capability (a `Ref`).
+[--home PATH] [--pidns] (--rom-fd FD | ROM_FILE) [-- ARGS...]`; with `--pidns` (the host made
+a PID namespace for it) the guest first forks the namespace's init. The guest validates the
+ROM, checks its `requires`, makes its modules importable from the validated archive (in
+memory, nothing is extracted), opens a capability connection over the inherited socket FD and
+calls `main` with the host's bootstrap capability (a `Ref`).
 
 Exit codes: 0 when main returns None, the value when it returns an int, the code of
 `sys.exit(n)`, 1 (traceback on stderr) when it raises or when the host hangs up before main
