@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,22 @@ async def test_only_an_unsafe_host_lets_a_rom_read_outside_its_sandbox(
         assert await process.wait() == 0
         logs = await process.logs()
     assert (b"RESULT read" in logs) == unsafe
+
+
+async def test_ww_run_says_what_a_rom_asks_for_before_running_it(tmp_path: Path) -> None:
+    src = tmp_path / "asking"
+    src.mkdir()
+    (src / "rom.toml").write_text(
+        'name = "asking"\nversion = "1"\nentry = "t:main"\n'
+        'permissions = ["volume", "net.connect"]\n'
+    )
+    (src / "t.py").write_text("async def main(host, args):\n    print('ran')\n")
+    result = await trio.run_process(
+        [sys.executable, "-m", "ww", "run", "--no-dial", str(src)],
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    assert result.stderr.decode().splitlines() == [
+        "ww run: ROM 'asking' asks for permissions: net.connect, volume"
+    ]
+    assert result.stdout == b"ran\n"
