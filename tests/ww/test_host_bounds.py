@@ -274,3 +274,23 @@ async def test_a_host_without_the_key_says_why_it_cannot_join(
     a = await host_factory.start(key=key)
     b = await host_factory.start(peers=[a])
     await wait_for(lambda: "start this host with --key FILE" in b.output())
+
+
+async def test_an_idle_client_holding_nothing_is_closed_but_a_subscriber_is_not(
+    host_factory: HostFactory,
+) -> None:
+    from ww.rpc import ConnectionLost
+
+    h = await host_factory.start(args=["--idle-timeout", "1"])
+    async with h.connect() as idle, h.connect() as subscriber:
+        topic = await (await subscriber.pubsub()).join("t")
+        async with topic.stream("subscribe") as messages:
+            await topic.name()  # the subscription is in place
+            assert await idle.id() == h.peer
+            with trio.fail_after(5):
+                await idle.connection.closed.wait()
+            with pytest.raises(ConnectionLost):
+                await idle.id()
+            await topic.publish(b"still here")
+            with trio.fail_after(5):
+                assert await messages.__anext__() == b"still here"

@@ -256,11 +256,13 @@ async def _serve_admitted(
 async def _until_closed_or_idle(conn: Connection, first: float, idle: float) -> None:
     """Return when `conn` closes, or when it has held nothing and sent no complete frame for
     `idle` seconds (`first` seconds before its first frame): then leaving closes it."""
+    period = min(first, idle, 10.0)  # how late a check may come
     while not conn.closed.is_set():
         limit = idle if conn.frames_received else first
         deadline = conn.last_frame + limit
-        if trio.current_time() >= deadline and conn.holds_nothing():
-            log.info("closing %s: nothing held and nothing sent for %.0fs", conn.name, limit)
+        now = trio.current_time()
+        if now >= deadline and conn.holds_nothing():
+            log.info("closing %s: nothing held and nothing sent for %gs", conn.name, limit)
             return
-        with trio.move_on_at(max(deadline, trio.current_time() + min(limit, 10.0))):
+        with trio.move_on_at(min(deadline, now + period) if now < deadline else now + period):
             await conn.closed.wait()
