@@ -363,8 +363,14 @@ async def open_client_stream(
         raise AuthError(f"TLS handshake with {host}:{port} timed out") from None
     except trio.BrokenResourceError as e:
         await trio.aclose_forcefully(stream)
+        reason = _ssl_reason(e)
+        if "EOF" in reason.upper():  # it hung up without a word of TLS
+            raise AuthError(
+                f"host {host}:{port} closed the connection without answering TLS; if it runs "
+                "without a cluster key, drop --key"
+            ) from None
         raise AuthError(
-            f"host {host}:{port} refused the connection during TLS ({_ssl_reason(e)}); "
+            f"host {host}:{port} refused the connection during TLS ({reason}); "
             "is it using the same cluster key?"
         ) from None
     if reply != ACCEPTED:

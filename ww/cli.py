@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -81,9 +82,24 @@ def parse_size(text: str) -> int:
     return int(match[1]) * SIZE_UNITS[match[2].lower()]
 
 
+def parse_allow(text: str) -> frozenset[str]:
+    from ww.rom.permissions import parse_allow as parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def non_negative_int(text: str) -> int:
     if not text.isdigit() or not text.isascii():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. 100")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or not text.isascii() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number, e.g. 100")
     return int(text)
 
 
@@ -98,32 +114,41 @@ def format_address(address: tuple[str, int]) -> str:
 
 @asynccontextmanager
 async def dial(args: argparse.Namespace) -> AsyncIterator[Any]:
-    """Connect to the host named by --dial (and --key) and yield its Host capability."""
+    """Connect to the host named by --dial (and --key) and yield its Host capability.
+
+    Connecting and the host's first answer must come within --timeout; the one-shot
+    commands (WHOLE_CALL) also give up when the whole call takes longer."""
     from ww.auth import load_cluster_key, open_client_stream
     from ww.rpc import Connection, ConnectionLost
 
     address: tuple[str, int] = args.dial
+    where = format_address(address)
     cluster_key = load_cluster_key(args.key) if args.key else None
     try:
         with trio.fail_after(args.timeout):
             stream = await open_client_stream(*address, cluster_key=cluster_key)
-    except (OSError, trio.TooSlowError) as exc:
-        log.debug("dial %s failed: %r", format_address(address), exc)
+    except trio.TooSlowError as exc:
+        raise CliError(f"the host at {where} did not answer within {args.timeout:g}s") from exc
+    except OSError as exc:
+        log.debug("dial %s failed: %r", where, exc)
         raise CliError(
-            f"no ww host at {format_address(address)}; "
-            "start one with `ww start` or pass --dial HOST:PORT"
+            f"no ww host at {where}; start one with `ww start` or pass --dial HOST:PORT"
         ) from exc
     async with stream, Connection.open(stream) as conn:
         host = conn.bootstrap()
         try:
-            await host.id()  # a host with a key closes a connection that did not use it
+            with trio.fail_after(args.timeout):
+                await host.id()  # a host with a key closes a connection that did not use it
+        except trio.TooSlowError as exc:
+            raise CliError(
+                f"the host at {where} did not answer within {args.timeout:g}s; "
+                "is it a ww host? pass a larger --timeout if it is busy"
+            ) from exc
         except ConnectionLost as exc:
             hint = "is it still running?"
             if not args.key:
                 hint = "if it was started with --key, pass the same --key FILE"
-            raise CliError(
-                f"the host at {format_address(address)} closed the connection; {hint}"
-            ) from exc
+            raise CliError(f"the host at {where} closed the connection; {hint}") from exc
         yield host
 
 
@@ -137,7 +162,10 @@ async def walk(host: Any, path: str) -> Any:
 
 
 async def cmd_start(args: argparse.Namespace) -> int:
+    from ww.auth import AuthError
     from ww.host import HostConfig, run_host
+    from ww.host.config import HostError
+    from ww.rom.sandbox import ChildLimits
 
     with ExitStack() as cleanup:
         if args.data_dir:
@@ -158,9 +186,28 @@ async def cmd_start(args: argparse.Namespace) -> int:
             log_limit=args.log_limit,
             keep_logs=args.keep_logs,
             rom_cache_limit=args.rom_cache_limit,
+            allow=args.allow,
+            limits=ChildLimits(
+                memory=args.limit_memory or None,
+                cpu_seconds=args.limit_cpu,
+                procs=args.limit_procs or None,
+                files=args.limit_files or None,
+            ),
+            sandbox=not args.unsafe_no_sandbox,
+            max_connections=args.max_connections,
+            max_connections_per_address=args.max_connections_per_address,
+            handshake_timeout=args.handshake_timeout,
+            idle_timeout=args.idle_timeout,
+            receive_budget=args.receive_budget,
         )
         log.debug("starting host with %s", config)
-        await run_host(config)
+        fresh = not data_dir.exists()
+        try:
+            await run_host(config, stop=args.stop)
+        except (HostError, AuthError):  # raised only when the host cannot start
+            if fresh:  # a host that could not start leaves nothing behind
+                shutil.rmtree(data_dir, ignore_errors=True)
+            raise
     return 0
 
 
@@ -198,7 +245,10 @@ async def cmd_ls(args: argparse.Namespace) -> int:
                 print(f"/{entry['peer']}")
             return 0
         anchor = await walk(host, path)
-        for name in sorted(await anchor.ls()):
+        names = await anchor.ls()
+        if not names and path.count("/") > 1 and await anchor.load() is None:
+            raise CliError(f"nothing at {path}; `ww ls {path.rsplit('/', 1)[0]}` lists what is")
+        for name in sorted(names):
             print(f"{path.rstrip('/')}/{name.strip('/')}")
     return 0
 
@@ -261,8 +311,15 @@ def load_rom(path: Path) -> Any:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     from ww.rom.guest import run_local
+    from ww.rom.permissions import describe as describe_permissions
 
     rom = load_rom(Path(args.rom))
+    # Said before it runs, when there is something to say. `ww run` runs the ROM in this
+    # process, as this user: the permissions are what a host would confine it to.
+    if rom.permissions:
+        print(f"ww run: {describe_permissions(rom.name, rom.permissions)}", file=sys.stderr)
+    else:
+        log.debug("%s", describe_permissions(rom.name, rom.permissions))
     if args.no_dial:
         return await run_local(rom, list(args.args), None)
     async with dial(args) as host:
@@ -351,7 +408,9 @@ def client_options(defaults: bool = True) -> Parser:
         type=positive_float,
         default=default(5.0),
         metavar="SECONDS",
-        help="give up connecting after this long (default: 5.0)",
+        help="give up when the host has not answered this long after the start; for ls, ps, "
+        "kill, volumes, logs and pub MESSAGE, when the whole command takes longer "
+        "(default: 5.0)",
     )
     return client
 
@@ -473,6 +532,93 @@ def build_parser() -> Parser:
         metavar="SIZE",
         help="ROMs cached by content id, least recently used evicted first; the ROMs of "
         "running processes always stay (default: 1G)",
+    )
+
+    p.add_argument(
+        "--allow",
+        type=parse_allow,
+        default="net.connect,volume",
+        metavar="PERMISSIONS",
+        help="the permissions this host grants ROMs, comma-separated (net.connect, volume) or "
+        "none; a ROM asking for more is refused (default: net.connect,volume)",
+    )
+    p.add_argument(
+        "--limit-memory",
+        type=parse_size,
+        default="4G",
+        metavar="SIZE",
+        help="address space of each ROM process: the default, and the most a spawn may ask "
+        "for; 0 for no limit (default: 4G)",
+    )
+    p.add_argument(
+        "--limit-cpu",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="CPU seconds of each ROM process, the default and the most a spawn may ask for "
+        "(default: no limit; ROMs always run at a lower priority than the host)",
+    )
+    p.add_argument(
+        "--limit-procs",
+        type=non_negative_int,
+        default=256,
+        metavar="N",
+        help="processes and threads of each ROM (counted per uid, so only when the host runs "
+        "as root); the default and the most a spawn may ask for; 0 for no limit (default: 256)",
+    )
+    p.add_argument(
+        "--limit-files",
+        type=non_negative_int,
+        default=1024,
+        metavar="N",
+        help="open files of each ROM process; the default and the most a spawn may ask for "
+        "(default: 1024)",
+    )
+    p.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        help="run ROMs without Landlock, seccomp and a uid of their own: they can do all the "
+        "host's user can. Needed to spawn ROMs on a kernel without Landlock",
+    )
+
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=1024,
+        metavar="N",
+        help="connections open at once, at most (and never more than the open-file limit "
+        "leaves room for); more are closed at once (default: 1024)",
+    )
+    p.add_argument(
+        "--max-connections-per-address",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="connections open at once from one address, at most (default: 256)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a connection that has not finished its TLS handshake and sent its first "
+        "message by then is closed (default: 10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a connection that holds nothing (no capability, call or stream) and sent "
+        "nothing for this long is closed (default: 300)",
+    )
+    p.add_argument(
+        "--receive-budget",
+        type=parse_size,
+        default="256M",
+        metavar="SIZE",
+        help="bytes of messages being received on all connections at once; a connection "
+        "that would go past it is closed (default: 256M)",
     )
 
     p = command("keygen", cmd_keygen, "Make a cluster key (give it to every host with --key).")
@@ -617,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbosity: int = args.verbose
     setup_logging(verbosity)
     try:
-        return trio.run(until_signal, args)
+        return trio.run(run_command if args.command == "run" else until_signal, args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as group:  # turned into one line; -v shows where it came from
@@ -636,17 +782,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 EXIT_INTERRUPTED = 130
 ENDED_BY_SIGNAL = {"start", "sub"}  # commands whose normal end is Ctrl-C or SIGTERM
+STOP_GRACE = 3.0  # seconds a host gets to say goodbye to its peers on Ctrl-C or SIGTERM
+WHOLE_CALL = {"ls", "ps", "kill", "volumes"}  # --timeout bounds the whole command
+
+
+def whole_call(args: argparse.Namespace) -> bool:
+    """Whether --timeout bounds the whole command (not only connecting to the host)."""
+    if args.command == "logs":
+        return not args.follow
+    if args.command == "pub":
+        return args.message is not None
+    return args.command in WHOLE_CALL
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    """`ww run`: the ROM's own code runs in this thread and may never yield to trio, so
+    Ctrl-C is trio's KeyboardInterrupt, raised wherever the ROM is, and SIGTERM does the
+    same (it raises SIGINT)."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
+    code: int = await args.handler(args)
+    return code
 
 
 async def until_signal(args: argparse.Namespace) -> int:
     """Run the command; Ctrl-C or SIGTERM cancels it cleanly."""
     code = EXIT_INTERRUPTED
+    args.stop = trio.Event() if args.command == "start" else None
+    stopped = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def command() -> None:
+                try:
+                    await run()
+                finally:
+                    stopped.set()
+
+            async def run() -> None:
                 nonlocal code
-                code = await args.handler(args)
+                if whole_call(args):
+                    try:
+                        with trio.fail_after(args.timeout):
+                            code = await args.handler(args)
+                    except trio.TooSlowError:
+                        raise CliError(
+                            f"the host at {format_address(args.dial)} did not answer within "
+                            f"{args.timeout:g}s; pass a larger --timeout if it is busy"
+                        ) from None
+                else:
+                    code = await args.handler(args)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(command)
@@ -654,6 +838,10 @@ async def until_signal(args: argparse.Namespace) -> int:
                 log.info("%s; stopping", signal.Signals(signum).name)
                 if args.command in ENDED_BY_SIGNAL:
                     code = 0
+                if args.stop is not None:  # let the command end itself, for a while
+                    args.stop.set()
+                    with trio.move_on_after(STOP_GRACE):
+                        await stopped.wait()
                 nursery.cancel_scope.cancel()
                 break
     return code

@@ -66,7 +66,9 @@ async def test_a_rom_dials_through_a_keyed_cluster_with_credentials_that_name_no
     a, b = await host_factory.cluster(2, key=key)
     src = tmp_path / "dialer"
     src.mkdir()
-    (src / "rom.toml").write_text('name = "dialer"\nversion = "1"\nentry = "dialer:main"\n')
+    (src / "rom.toml").write_text(
+        'name = "dialer"\nversion = "1"\nentry = "dialer:main"\npermissions = ["net.connect"]\n'
+    )
     (src / "dialer.py").write_text(DIALER_ROM)
     async with a.connect() as host_a, b.connect() as host_b:
         inbox = await host_b.channel(1)

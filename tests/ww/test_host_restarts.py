@@ -41,7 +41,9 @@ async def main(host, args):
 def rom_bytes(tmp_path: Path, body: str = BODY) -> bytes:
     src = tmp_path / "rom-src"
     src.mkdir(exist_ok=True)
-    (src / "rom.toml").write_text('name = "t"\nversion = "1"\nentry = "t:main"\n')
+    (src / "rom.toml").write_text(
+        'name = "t"\nversion = "1"\nentry = "t:main"\npermissions = ["volume"]\n'
+    )
     (src / "t.py").write_text(textwrap.dedent(body))
     return build_rom(src)
 
@@ -227,6 +229,8 @@ async def test_a_damaged_restart_record_is_skipped_and_the_host_starts(
     async with h.connect() as host:
         anchor = await anchor_at(host, h.peer, "good")
         await anchor.spawn(rom_bytes(tmp_path), ["sleep"], volume=True, restart="always")
+        # The process dies with its host: let it start for real first.
+        await wait_for(lambda: len(starts(h.data_dir, "good")) == 1)
     h.kill()
     await h.process.wait()
     records = h.data_dir / "restarts"

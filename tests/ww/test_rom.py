@@ -388,3 +388,32 @@ def test_fuzz_mutated_archives_load_or_raise_rom_error(edits: list[tuple[int, in
 def test_fuzz_arbitrary_bytes_never_escape_as_anything_but_rom_error(data: bytes) -> None:
     with pytest.raises(RomError):
         Rom.load(b"PK\x03\x04" + data)
+
+
+def test_permissions_come_from_the_vocabulary_and_stay_out_of_manifests_without_them(
+    tmp_path: Path,
+) -> None:
+    from ww.rom.permissions import parse_allow
+
+    src = tmp_path / "p"
+    src.mkdir()
+    (src / "m.py").write_text("async def main(host, args):\n    pass\n")
+    base = 'name = "p"\nversion = "1"\nentry = "m:main"\n'
+    (src / "rom.toml").write_text(base)
+    plain = Rom.load(build_rom(src))
+    assert plain.permissions == () and b"permissions" not in plain.files["manifest.json"]
+    (src / "rom.toml").write_text(base + 'permissions = ["volume", "net.connect"]\n')
+    asking = Rom.load(build_rom(src))
+    assert asking.permissions == ("net.connect", "volume")
+    for bad, message in (
+        ('["net.listen"]', "unknown permission 'net.listen'"),
+        ('["volume", "volume"]', "names a permission twice"),
+        ('"volume"', "must be a list"),
+    ):
+        (src / "rom.toml").write_text(base + f"permissions = {bad}\n")
+        with pytest.raises(RomError, match=message):
+            build_rom(src)
+    assert parse_allow("volume, net.connect") == {"volume", "net.connect"}
+    assert parse_allow("none") == frozenset()
+    with pytest.raises(ValueError, match="not a list of permissions"):
+        parse_allow("everything")

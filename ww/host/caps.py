@@ -27,6 +27,15 @@ log = logging.getLogger("ww.host")
 
 MAX_ANCHOR_BYTES = 1024 * 1024
 
+MAX_HELD_VALUES = 1024
+MAX_HELD_BYTES = 16 * 1024 * 1024
+"""What one holder (a connection, a process, a client of another host) may keep in a host's
+anchor tree: values, and bytes of bytes values."""
+
+LIMITS = {"memory", "cpu_seconds", "procs", "files", "wall_seconds"}
+"""What a spawn may limit: bytes of address space, CPU seconds, processes, open files, and
+seconds of wall time (then it is stopped as by kill)."""
+
 
 class HostCapability(Capability):
     """The bootstrap of one connection or one spawned process; its lease ends on release.
@@ -74,7 +83,9 @@ class HostCapability(Capability):
         restart: str = "no",
     ) -> ProcessCapability:
         """Run a ROM (its bytes, or the content id of one this host has cached) in a child
-        process. `limits`: {"memory": bytes, "cpu_seconds": seconds}, both optional;
+        process. `limits`: {"memory": bytes, "cpu_seconds": seconds, "procs": n, "files": n,
+        "wall_seconds": seconds}, each optional, the first four at most the host's own (its
+        default);
         `restart`: "no", "on-failure" or "always". A volume needs an anchor (Anchor.spawn)."""
         process = await self._host.spawn(
             rom,
@@ -91,7 +102,13 @@ class HostCapability(Capability):
 
     async def kill(self, pid: int) -> None:
         """Stop the process whose current run is `pid`: it is not restarted."""
-        self._host.process(pid).kill()
+        process = self._host.process(pid)
+        if process.ended:
+            code = process.handle.exit_code
+            raise CapabilityError(
+                f"process {pid} has already exited (code {code}); nothing to stop"
+            )
+        process.kill()
 
     async def volumes(self) -> list[dict[str, Any]]:
         """This host's volumes: {"anchor", "path", "size", "pid"} (pid None when unused)."""
@@ -207,6 +224,8 @@ class AnchorCapability(Capability):
             raise CapabilityError(f"anchor value is {len(value)} bytes; at most {MAX_ANCHOR_BYTES}")
         if value is not None and not isinstance(value, bytes | Capability | Ref):
             raise CapabilityError(f"anchors hold bytes or a capability, not {type(value).__name__}")
+        if value is not None:
+            _check_quota(self._host.tree, self._local, value, self._lease)
         _store(self._host.tree, self._local, value, self._lease)
 
     async def load(self) -> Any:
@@ -239,6 +258,22 @@ class AnchorCapability(Capability):
     def _check_writable(self) -> None:
         if not self._parts:
             raise CapabilityError("the root anchor lists hosts; walk to /<peer id>/NAME to store")
+
+
+def _check_quota(tree: AnchorTree, parts: Parts, value: Any, lease: Lease) -> None:
+    """Refuse a value that would take its holder past MAX_HELD_VALUES or MAX_HELD_BYTES."""
+    held = [p for p in tree.owned_by(lease) if p != parts]
+    if len(held) >= MAX_HELD_VALUES:
+        raise CapabilityError(
+            f"this holder keeps {len(held)} anchor values here, the most one may; clear some"
+        )
+    if isinstance(value, bytes):
+        size = len(value) + sum(len(v) for p in held if isinstance(v := tree.load(p), bytes))
+        if size > MAX_HELD_BYTES:
+            raise CapabilityError(
+                f"this holder's anchor values would take {size} bytes here, over the "
+                f"{MAX_HELD_BYTES} byte quota; store less or clear some"
+            )
 
 
 def _store(tree: AnchorTree, parts: Parts, value: Any, lease: Lease) -> None:
@@ -338,8 +373,11 @@ def _check_flag(value: object) -> bool:
 def _check_limits(limits: object) -> dict[str, float]:
     if limits is None:
         return {}
-    if not isinstance(limits, dict) or not set(limits) <= {"memory", "cpu_seconds"}:
-        raise CapabilityError('limits must be a map with "memory" and/or "cpu_seconds"')
+    if not isinstance(limits, dict) or not set(limits) <= LIMITS:
+        raise CapabilityError(
+            'limits must be a map with any of "memory", "cpu_seconds", "procs", "files", '
+            '"wall_seconds"'
+        )
     for name, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise CapabilityError(f"limit {name} must be a positive number, not {value!r}")

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ww.auth import is_loopback
-from ww.rom.executor import KEEP_LOGS, LOG_LIMIT, MIN_LOG_LIMIT, ROM_CACHE_LIMIT
+from ww.rom.executor import DEFAULT_LIMITS, KEEP_LOGS, LOG_LIMIT, MIN_LOG_LIMIT, ROM_CACHE_LIMIT
+from ww.rom.permissions import PERMISSIONS
+from ww.rom.sandbox import ChildLimits
 
 Address = tuple[str, int]
 
@@ -20,7 +22,16 @@ class HostConfig:
     """How to run a host. `listen` port 0 picks a free port.
 
     The executor's disk limits: `log_limit` bytes of output kept per process, the logs of
-    `keep_logs` exited processes kept, `rom_cache_limit` bytes of cached ROMs."""
+    `keep_logs` exited processes kept, `rom_cache_limit` bytes of cached ROMs.
+
+    ROMs: `allow` the permissions this host grants (ww.rom.permissions), `limits` the
+    default and the most of each spawn's limits, `sandbox` False runs them unconfined.
+
+    Connections: at most `max_connections` (and `max_connections_per_address` from one
+    address); one that has sent no complete frame within `handshake_timeout` seconds of
+    its start (the TLS handshake included), or none for `idle_timeout` seconds while it
+    holds nothing, is closed; frames partly received on all of them hold at most
+    `receive_budget` bytes."""
 
     listen: Address = ("127.0.0.1", 2020)
     data_dir: Path = Path("ww-host")
@@ -33,6 +44,14 @@ class HostConfig:
     log_limit: int = LOG_LIMIT
     keep_logs: int = KEEP_LOGS
     rom_cache_limit: int = ROM_CACHE_LIMIT
+    allow: frozenset[str] = frozenset(PERMISSIONS)
+    limits: ChildLimits = DEFAULT_LIMITS
+    sandbox: bool = True
+    max_connections: int = 1024
+    max_connections_per_address: int = 256
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    receive_budget: int = 256 * 1024 * 1024
 
     def check(self) -> None:
         """Raise HostError when the configuration cannot work."""

@@ -44,6 +44,11 @@ class PeerLinkCapability(Capability):
     async def deliver(self, envelopes: list[Any]) -> None:
         self._host.on_deliver(envelopes, self.link.peer if self.link else None)
 
+    async def leave(self) -> None:
+        """The linked host is stopping: it leaves the view now, not after its TTL."""
+        if self.link is not None:
+            self._host.on_leave(self.link.peer)
+
     async def lease(self) -> RemoteLeaseCapability:
         """A lease on this host held for one client of the linked host."""
         name = f"client of {self.link.peer if self.link else 'a peer'}"

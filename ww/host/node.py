@@ -32,7 +32,9 @@ from ww.host.supervisor import Process, Run, supervise
 from ww.host.view import GossipError, HostRecord, Membership
 from ww.host.volumes import VolumeError, Volumes
 from ww.rom import Rom, RomError
-from ww.rpc import Capability, CapabilityError, Connection, Ref
+from ww.rom.permissions import VOLUME, refusal
+from ww.rom.sandbox import SandboxError
+from ww.rpc import Capability, CapabilityError, Connection, ConnectionLost, ReceiveBudget, Ref
 
 if TYPE_CHECKING:
     from ww.rom.executor import Executor, ProcessHandle
@@ -85,6 +87,8 @@ class Host:
         self._processes: dict[int, Process] = {}  # by the pid of the current run
         self.restarts = restarts
         self.volumes = Volumes(config.data_dir / "volumes", peer_id)
+        self.receive_budget = ReceiveBudget(config.receive_budget)
+        self.stopping = False  # a clean stop has begun: no new links
         self._volume_holders: dict[Path, Process | None] = {}  # None: starting
 
     # --- capabilities for a connection ------------------------------------------------------
@@ -126,6 +130,19 @@ class Host:
             log.info("host %s joined the view", peer)
         if new:
             self.dial_new_hosts()
+
+    def on_leave(self, peer: str) -> None:
+        if self.view.leave(peer, self.now()):
+            log.info("host %s left the view (it is stopping)", peer)
+
+    async def announce_leaving(self, timeout: float = 1.0) -> None:
+        """Tell every linked host this one is stopping (a clean stop), for at most `timeout`."""
+        self.stopping = True
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for link in list(self.links.values()):
+                    if not link.closed:
+                        nursery.start_soon(_leave, link)
 
     def credentials(self) -> bytes | None:
         """What a process of ours needs to dial hosts of the cluster itself: a bundle from
@@ -248,6 +265,14 @@ class Host:
         if volume and not at:
             raise CapabilityError("a volume belongs to an anchor; spawn at one: anchor.spawn(...)")
         loaded = self._load_rom(rom)
+        refused = refusal(loaded.name, loaded.permissions, self.config.allow)
+        if refused is not None:
+            raise CapabilityError(refused)
+        if volume and VOLUME not in loaded.permissions:
+            raise CapabilityError(
+                f"ROM {loaded.name!r} does not ask for the volume permission; add "
+                'permissions = ["volume"] to its rom.toml to spawn it with volume=True'
+            )
         limits = dict(limits or {})
         directory: Path | None = None
         if volume:
@@ -310,7 +335,7 @@ class Host:
                 volume.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise CapabilityError(f"cannot make volume {volume}: {e.strerror}") from None
-        memory = limits.get("memory")
+        memory, procs, files = (limits.get(k) for k in ("memory", "procs", "files"))
         try:
             handle = await self.executor.spawn(
                 rom,
@@ -318,10 +343,13 @@ class Host:
                 capability,
                 memory_limit=None if memory is None else int(memory),
                 cpu_seconds=limits.get("cpu_seconds"),
+                procs=None if procs is None else int(procs),
+                files=None if files is None else int(files),
+                wall_seconds=limits.get("wall_seconds"),
                 volume=volume,
                 home=home,
             )
-        except RomError as e:
+        except (RomError, SandboxError, ValueError) as e:
             lease.end()
             raise CapabilityError(str(e)) from None
         return Run(handle, lease)
@@ -467,6 +495,8 @@ class Host:
         """A host dialed us and offers its PeerLink; register the link and offer ours."""
         if not isinstance(ref, Ref):
             raise CapabilityError("peer_link needs the dialing host's PeerLink capability")
+        if self.stopping:
+            raise CapabilityError(f"host {self.peer_id} is stopping")
         peer = self._check_hello(hello, certified)
         local = PeerLinkCapability(self)
         link = self._add_link(Link(self, peer, ref, local))
@@ -479,17 +509,19 @@ class Host:
         backoff = 0.1
         where = format_address(addr)
         while True:
-            if not self._linked_at(where):
+            if not self._linked_at(where) and not self.stopping:
                 try:
                     await self._dial(addr)
                     backoff = 0.1
                 except Exception as e:
-                    log.info("cannot link to peer %s: %s", where, one_line(e))
+                    log.info("cannot link to peer %s: %s", where, self._why(e))
             await trio.sleep(backoff)
             backoff = min(MAX_BACKOFF, backoff * 2)
 
     def dial_new_hosts(self) -> None:
         """Dial hosts in the view we have no link to (when our peer id is the smaller)."""
+        if self.stopping:
+            return
         now = self.now()
         for member in self.view.live(now)[1:]:
             peer = member.record.peer
@@ -509,7 +541,7 @@ class Host:
                     self._next_dial.pop(peer, None)
                     return
                 except Exception as e:
-                    log.info("cannot link to %s at %s: %s", peer, text, one_line(e))
+                    log.info("cannot link to %s at %s: %s", peer, text, self._why(e))
             _, backoff = self._next_dial.get(peer, (0.0, 0.05))
             backoff = min(MAX_BACKOFF, backoff * 2)
             self._next_dial[peer] = (self.now() + backoff, backoff)
@@ -522,7 +554,9 @@ class Host:
             stream = await self._dialer(addr)
         cap, lease = self.bootstrap(f"link to {format_address(addr)}")
         try:
-            async with Connection.open(stream, cap, name=f"link {format_address(addr)}") as conn:
+            async with Connection.open(
+                stream, cap, name=f"link {format_address(addr)}", budget=self.receive_budget
+            ) as conn:
                 local = PeerLinkCapability(self)
                 with trio.fail_after(DIAL_TIMEOUT):
                     answer = await conn.bootstrap().call("peer_link", self.hello(), local)
@@ -540,6 +574,13 @@ class Host:
                     self.connections.discard(conn)
         finally:
             lease.end()
+
+    def _why(self, e: BaseException) -> str:
+        """One line on why a link failed, with what to do when it is a key mismatch."""
+        text = one_line(e)
+        if isinstance(e, ConnectionLost) and self.cluster_key is None:
+            text += " (if the cluster uses a key, start this host with --key FILE)"
+        return text
 
     def _add_link(self, link: Link) -> Link:
         """Register a link; with two links to one host (both dialed at once) the newer one
@@ -619,6 +660,11 @@ class Host:
             "processes": sum(1 for p in self._processes.values() if p.handle.exit_code is None),
             "remote_leases": sum(len(link.remote_leases) for link in self.links.values()),
         }
+
+
+async def _leave(link: Link) -> None:
+    with contextlib.suppress(Exception):
+        await link.ref.call("leave")
 
 
 def one_line(e: BaseException) -> str:

@@ -81,6 +81,7 @@ class Membership:
     def __init__(self, me: HostRecord) -> None:
         self.me = me
         self._members: dict[str, Member] = {}
+        self._left: dict[str, float] = {}  # peer -> when it said it was leaving
 
     def observe(self, record: HostRecord, age: float, now: float) -> bool:
         """Merge news about `record.peer` heard `age` seconds after its heartbeat.
@@ -89,6 +90,9 @@ class Membership:
         if record.peer == self.me.peer or age >= record.ttl:
             return False
         last_seen = now - age
+        left = self._left.get(record.peer)
+        if left is not None and last_seen <= left:
+            return False  # news from before it left (a restarted host sends newer)
         known = self._members.get(record.peer)
         if known is not None and known.last_seen >= last_seen:
             return False
@@ -108,11 +112,21 @@ class Membership:
                 new.append(record.peer)
         return new
 
+    def leave(self, peer: str, now: float) -> bool:
+        """`peer` said it is leaving: drop it now, and ignore news of it from before.
+        True when it was in the view."""
+        self._left[peer] = now
+        return self._members.pop(peer, None) is not None
+
     def expire(self, now: float) -> list[str]:
         """Drop hosts whose TTL has passed since their last heartbeat; return their ids."""
         gone = [peer for peer, m in self._members.items() if m.expired(now)]
         for peer in gone:
             del self._members[peer]
+        # After a TTL no news from before a departure can still arrive.
+        ttl = self.me.ttl
+        for peer in [p for p, t in self._left.items() if now - t > ttl]:
+            del self._left[peer]
         return gone
 
     def live(self, now: float) -> list[Member]:

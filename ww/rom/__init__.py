@@ -1,6 +1,7 @@
 """ROMs: the archive format (`archive`), the host's ROM cache (`cache`), the executor that runs
-each spawned ROM in a child process (`executor`, `process_log`) and the guest side that runs a
-ROM's `main` in that child (`guest`)."""
+each spawned ROM in a child process (`executor`, `process_log`), what a ROM may touch besides
+its capabilities (`permissions`) and how the kernel holds it to that (`sandbox`), and the guest
+side that runs a ROM's `main` in that child (`guest`)."""
 
 from ww.rom.archive import (
     MAX_FILE_BYTES,

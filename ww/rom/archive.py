@@ -30,6 +30,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ww.rom.permissions import check_permissions
+
 __all__ = [
     "MAX_FILES",
     "MAX_FILE_BYTES",
@@ -63,7 +65,7 @@ _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
 _ENTRY = re.compile(rf"(?P<module>{_IDENT}(\.{_IDENT})*):(?P<function>{_IDENT})")
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-_SOURCE_KEYS = {"name", "version", "entry", "requires", "embed"}
+_SOURCE_KEYS = {"name", "version", "entry", "requires", "embed", "permissions"}
 
 
 class RomError(Exception):
@@ -81,6 +83,7 @@ class Manifest:
     modules: tuple[str, ...] = ()  # paths under src/, e.g. "hello.py", "pkg/__init__.py"
     data: tuple[str, ...] = ()  # names under data/, e.g. "inner.rom"
     format: int = FORMAT
+    permissions: tuple[str, ...] = ()  # what it may touch besides capabilities (ww.rom.permissions)
 
     @property
     def entry_module(self) -> str:
@@ -100,6 +103,8 @@ class Manifest:
             "modules": list(self.modules),
             "data": list(self.data),
         }
+        if self.permissions:  # left out when empty, so older ROMs keep their content ids
+            doc["permissions"] = list(self.permissions)
         return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
 
     @classmethod
@@ -123,6 +128,7 @@ class Manifest:
             requires=_requires_field(doc.get("requires"), MANIFEST),
             modules=_str_list(doc.get("modules"), "modules", MANIFEST),
             data=_str_list(doc.get("data"), "data", MANIFEST),
+            permissions=_permissions_field(doc.get("permissions"), MANIFEST),
         )
 
 
@@ -142,6 +148,11 @@ class Rom:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    @property
+    def permissions(self) -> tuple[str, ...]:
+        """What it asks to touch besides its capabilities (see ww.rom.permissions)."""
+        return self.manifest.permissions
 
     @classmethod
     def load(cls, data: bytes) -> Rom:
@@ -382,6 +393,13 @@ def _requires_field(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _permissions_field(value: Any, where: str) -> tuple[str, ...]:
+    try:
+        return check_permissions(value, where)
+    except ValueError as exc:
+        raise RomError(str(exc)) from None
+
+
 def _str_list(value: Any, key: str, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RomError(f"{where}: {key!r} must be a list of strings; rebuild the ROM")
@@ -468,6 +486,7 @@ def _build(src: Path, building: tuple[Path, ...]) -> bytes:
         version=_version_field(source["version"], where),
         entry=_entry_field(source["entry"], where),
         requires=_requires_field(source.get("requires"), where),
+        permissions=_permissions_field(source.get("permissions"), where),
         modules=tuple(sorted(modules)),
         data=tuple(sorted(data)),
     )

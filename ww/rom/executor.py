@@ -1,10 +1,13 @@
 """The host side of ROMs: each spawned ROM runs in its own child process.
 
-The child is `python -m ww.rom.guest`, given the ROM as a file in the host's ROM cache and one end
-of a socket pair; the host serves the other end with `ww.rpc`, offering the capability that
-`capability_factory(handle)` makes for that process. Optional limits: address space
-(`memory_limit`, bytes, RLIMIT_AS) and CPU time (`cpu_seconds`, RLIMIT_CPU; the child gets
-SIGXCPU, then SIGKILL a second later).
+The child is `python -m ww.rom.guest`, given the ROM as an open file from the host's ROM cache
+and one end of a socket pair; the host serves the other end with `ww.rpc`, offering the
+capability that `capability_factory(handle)` makes for that process. The kernel confines the
+child before it runs (ww.rom.sandbox: Landlock, seccomp, a uid and PID namespace of its own
+on a root host, the permissions its manifest asks for) and limits it: address space
+(`memory_limit`, bytes, RLIMIT_AS), CPU time (`cpu_seconds`, RLIMIT_CPU; the child gets
+SIGXCPU, then SIGKILL a second later), processes (`procs`) and open files (`files`), each by
+default and at most the executor's `limits`; `wall_seconds` stops it after that long.
 
 Disk use is bounded. The child's stdout and stderr share one pipe that the host copies into a
 log file per process, keeping the newest `log_limit` bytes at most; the logs of the newest
@@ -24,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Collection, Sequence
@@ -44,6 +47,7 @@ import trio
 import ww
 from ww.rom.archive import Rom
 from ww.rom.cache import ROM_CACHE_LIMIT, RomCache, check_count
+from ww.rom.permissions import NET_CONNECT, VOLUME
 from ww.rom.process_log import (
     KEEP_LOGS,
     LOG_LIMIT,
@@ -55,8 +59,10 @@ from ww.rom.process_log import (
     prune_logs,
     read_log,
 )
+from ww.rom.sandbox import ChildLimits, Sandbox, SandboxError
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "KEEP_LOGS",
     "KILL_GRACE",
     "LOG_LIMIT",
@@ -65,11 +71,22 @@ __all__ = [
     "Executor",
     "ProcessHandle",
     "RomCache",
+    "SandboxError",
 ]
 
 log = logging.getLogger("ww.rom.executor")
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+
+DEFAULT_LIMITS = ChildLimits(memory=4 << 30, cpu_seconds=None, procs=256, files=1024)
+"""A host's limits for each ROM process: the default of a spawn, and the most it may ask."""
+
+_LIMIT_FLAGS = {
+    "memory": "--limit-memory",
+    "cpu_seconds": "--limit-cpu",
+    "procs": "--limit-procs",
+    "files": "--limit-files",
+}
 
 
 @dataclass(slots=True, eq=False)
@@ -89,6 +106,7 @@ class ProcessHandle:
     _done: trio.Event = field(default_factory=trio.Event, repr=False)
     _escalate: Callable[[ProcessHandle], None] | None = field(default=None, repr=False)
     _log: CappedLog | None = field(default=None, repr=False)
+    _tmp: Path | None = field(default=None, repr=False)
 
     @property
     def state(self) -> str:
@@ -168,10 +186,14 @@ class Executor:
         keep_logs: int = KEEP_LOGS,
         rom_cache_limit: int = ROM_CACHE_LIMIT,
         pinned: Callable[[], Collection[str]] = frozenset,
+        limits: ChildLimits = DEFAULT_LIMITS,
+        sandbox: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.roms_dir = self.data_dir / "roms"
         self.logs_dir = self.data_dir / "logs"
+        self.tmp_dir = self.data_dir / "tmp"
+        self.limits = limits
         self.kill_grace = kill_grace
         self.python = python or sys.executable
         self.log_limit = check_count("log_limit", log_limit, MIN_LOG_LIMIT)
@@ -182,7 +204,23 @@ class Executor:
         self._cm: Any = None
         self._pinned = pinned
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        # Nothing in the data dir is for ROMs: only their own volume and temporary directory
+        # (reached through directories they may search, not list).
+        self.data_dir.chmod(0o711)
+        for private in (self.logs_dir, self.roms_dir):
+            private.mkdir(exist_ok=True)
+            private.chmod(0o700)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # left by a host that was killed
+        self.tmp_dir.mkdir(mode=0o711)
         self.rom_cache = RomCache(self.roms_dir, rom_cache_limit, self._roms_in_use)
+        self.sandbox: Sandbox | None = None
+        self.sandbox_error: str | None = None
+        try:
+            self.sandbox = Sandbox.for_host(
+                sandbox, self.python, _child_pythonpath(), self.data_dir
+            )
+        except SandboxError as e:
+            self.sandbox_error = str(e)
         self._prune_logs()
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -242,38 +280,88 @@ class Executor:
         *,
         memory_limit: int | None = None,
         cpu_seconds: float | None = None,
+        procs: int | None = None,
+        files: int | None = None,
+        wall_seconds: float | None = None,
         volume: Path | None = None,
         home: str | None = None,
     ) -> ProcessHandle:
         """Start `rom` in a child process serving it `capability_factory(handle)`.
 
         `volume` (a directory) and `home` (the anchor path it runs at) are passed to the guest,
-        where `ww.rom.guest.volume()` and `home()` return them.
+        where `ww.rom.guest.volume()` and `home()` return them; a volume needs the ROM to ask
+        for the `volume` permission. Limits not given are the executor's `limits`; larger ones
+        are refused; `wall_seconds` stops it (as `kill()` does) once it has run that long.
+        The ROM gets the permissions it asks for (a host checks them first).
 
-        Raises RomError when a package the ROM requires is missing here, ValueError for a bad
-        limit; never for anything the child does later.
+        Raises RomError when a package the ROM requires is missing here, SandboxError when
+        ROMs cannot be confined here, ValueError for a bad limit or a volume not asked for;
+        never for anything the child does later.
         """
         nursery = self._nursery
         if nursery is None:
             raise RuntimeError("the executor is not running; use `async with Executor(...)`")
+        if self.sandbox is None:
+            raise SandboxError(self.sandbox_error or "no sandbox")
         if not all(isinstance(a, str) for a in args):
             raise ValueError("ROM arguments must be strings")
-        preexec = _child_setup(memory_limit, cpu_seconds)
+        if volume is not None and VOLUME not in rom.permissions:
+            raise ValueError(
+                f"ROM {rom.name!r} does not ask for the volume permission; add "
+                'permissions = ["volume"] to its rom.toml to spawn it with a volume'
+            )
+        limits = self._limits(
+            memory=memory_limit, cpu_seconds=cpu_seconds, procs=procs, files=files
+        )
         rom.check_requires()
         # Until the child is in the table, its ROM counts as in use here, so that a spawn
         # running meanwhile cannot evict the file before the child has read it.
         self._starting[rom.cid] += 1
+        tmp = Path(tempfile.mkdtemp(prefix=f"{rom.name}-", dir=self.tmp_dir))
         try:
             options = []
             if volume is not None:
                 options += ["--volume", str(volume)]
             if home is not None:
                 options += ["--home", home]
-            return await self._start(nursery, rom, args, capability_factory, preexec, options)
+            if self.sandbox.as_root:
+                options += ["--pidns"]
+            writable = [tmp] if volume is None else [tmp, volume]
+            preexec = self.sandbox.child_setup(
+                limits, net=NET_CONNECT in rom.permissions, writable=writable, chown=writable
+            )
+            handle = await self._start(
+                nursery, rom, args, capability_factory, preexec, options, tmp
+            )
+            if wall_seconds is not None:
+                nursery.start_soon(self._wall_clock, handle, wall_seconds)
+            return handle
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         finally:
             self._starting[rom.cid] -= 1
             if not self._starting[rom.cid]:
                 del self._starting[rom.cid]
+
+    def _limits(self, **asked: float | None) -> ChildLimits:
+        """The limits of one child: those asked for, within this executor's, else its own."""
+        chosen: dict[str, Any] = {}
+        for name, value in asked.items():
+            most = getattr(self.limits, name)
+            if value is None:
+                chosen[name] = most
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                label = {"memory": "memory_limit"}.get(name, name)
+                raise ValueError(f"{label} must be a positive number, not {value!r}")
+            if most is not None and value > most:
+                raise ValueError(
+                    f"a {name} limit of {value} is over this host's maximum of {most}; "
+                    f"ask for less, or start the host with a larger {_LIMIT_FLAGS[name]}"
+                )
+            chosen[name] = value if name == "cpu_seconds" else int(value)
+        return ChildLimits(**chosen)
 
     async def _start(
         self,
@@ -283,6 +371,7 @@ class Executor:
         capability_factory: Callable[[ProcessHandle], Any],
         preexec: Callable[[], None],
         options: list[str],
+        tmp: Path,
     ) -> ProcessHandle:
         rom_path = self.rom_cache.put(rom)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -290,6 +379,8 @@ class Executor:
         # the cap holds whatever the ROM does (a file the child held open could grow past
         # any limit the host checks after the fact), and the log is rotated without races.
         output_r, output_w = os.pipe()
+        # The ROM travels as an open file: the child may not read the host's ROM cache.
+        rom_fd = os.open(rom_path, os.O_RDONLY | os.O_CLOEXEC)
         started_at = time.time()
         command = [
             self.python,
@@ -300,22 +391,28 @@ class Executor:
             str(child_sock.fileno()),
             "--cid",
             rom.cid,
+            "--rom-fd",
+            str(rom_fd),
             *options,
-            str(rom_path),
             "--",
             *args,
         ]
         try:
-            process = await trio.lowlevel.open_process(
+            # Forked from this (the host's main) thread, not a worker thread as trio's
+            # open_process does: the child's parent-death signal fires when the thread that
+            # forked it ends, and it must fire only when the host does.
+            popen = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=output_w,
                 stderr=output_w,
-                pass_fds=(child_sock.fileno(),),
+                pass_fds=(child_sock.fileno(), rom_fd),
                 start_new_session=True,
                 preexec_fn=preexec,
-                env=_child_env(),
+                env=_child_env(tmp),
+                cwd=tmp,
             )
+            process = trio.Process._create(popen, None, None, None)
         except BaseException:
             parent_sock.close()
             os.close(output_r)
@@ -323,6 +420,7 @@ class Executor:
         finally:
             child_sock.close()
             os.close(output_w)
+            os.close(rom_fd)
         output = trio.lowlevel.FdStream(output_r)
 
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started_at))
@@ -335,6 +433,7 @@ class Executor:
             started_at=started_at,
             _process=process,
             _escalate=self._start_escalation,
+            _tmp=tmp,
         )
         log_file: CappedLog | None = None
         try:
@@ -393,6 +492,8 @@ class Executor:
                 drain(output, log_file)
                 await output.aclose()
             log_file.close()
+            if handle._tmp is not None:
+                shutil.rmtree(handle._tmp, ignore_errors=True)
             handle._done.set()
             self._prune_logs()
             log.debug("pid %d (%s) exited with %s", handle.pid, handle.name, handle.exit_code)
@@ -423,6 +524,18 @@ class Executor:
             if handle.exit_code is None:
                 handle._signal(signal.SIGKILL)
                 await self._reap(handle, process)
+
+    async def _wall_clock(self, handle: ProcessHandle, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await handle._exited.wait()
+            return
+        log.info(
+            "pid %d (%s) ran for its %gs of wall time; stopping it",
+            handle.pid,
+            handle.name,
+            seconds,
+        )
+        handle.kill()
 
     def _start_escalation(self, handle: ProcessHandle) -> None:
         if self._nursery is not None:
@@ -466,30 +579,20 @@ class Executor:
         return running | set(self._starting) | set(self._pinned())
 
 
-def _child_setup(memory_limit: int | None, cpu_seconds: float | None) -> Callable[[], None]:
-    """A preexec_fn setting the child's resource limits (checked here, in the parent)."""
-    if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit <= 0):
-        raise ValueError(f"memory_limit must be a positive number of bytes, not {memory_limit!r}")
-    if cpu_seconds is not None and (
-        not isinstance(cpu_seconds, int | float) or not cpu_seconds > 0
-    ):
-        raise ValueError(f"cpu_seconds must be a positive number, not {cpu_seconds!r}")
-    cpu = math.ceil(cpu_seconds) if cpu_seconds is not None else None
-
-    def apply() -> None:  # runs in the child between fork and exec
-        # A crashing ROM must not drop core files into the host's working directory.
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if memory_limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-        if cpu is not None:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-
-    return apply
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"  # output reaches the log even if the child is killed
+def _child_pythonpath() -> list[str]:
+    """What the child's PYTHONPATH holds: ww's own root, then the host's PYTHONPATH."""
     root = str(Path(ww.__file__).resolve().parent.parent)  # so `-m ww.rom.guest` works anywhere
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return [root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+
+
+_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+
+
+def _child_env(tmp: Path) -> dict[str, str]:
+    """A small environment: the host's may hold secrets a ROM has no business reading."""
+    env = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
+    env["PYTHONUNBUFFERED"] = "1"  # output reaches the log even if the child is killed
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the Python installation is read-only to ROMs
+    env["PYTHONPATH"] = os.pathsep.join(_child_pythonpath())
+    env["HOME"] = env["TMPDIR"] = str(tmp)
     return env

@@ -1,10 +1,11 @@
 """The guest side: run a ROM's `async def main(host, args)`.
 
 A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR]
-[--home PATH] ROM_FILE [-- ARGS...]`. The guest validates the ROM, checks its `requires`,
-makes its modules importable from the validated archive (in memory, nothing is extracted),
-opens a capability connection over the inherited socket FD and calls `main` with the host's
-bootstrap capability (a `Ref`).
+[--home PATH] [--pidns] (--rom-fd FD | ROM_FILE) [-- ARGS...]`; with `--pidns` (the host made
+a PID namespace for it) the guest first forks the namespace's init. The guest validates the
+ROM, checks its `requires`, makes its modules importable from the validated archive (in
+memory, nothing is extracted), opens a capability connection over the inherited socket FD and
+calls `main` with the host's bootstrap capability (a `Ref`).
 
 Exit codes: 0 when main returns None, the value when it returns an int, the code of
 `sys.exit(n)`, 1 (traceback on stderr) when it raises or when the host hangs up before main
@@ -19,12 +20,17 @@ not given: `--volume DIR`, `--home PATH`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
 import logging
+import os
+import select
+import signal
 import socket
 import sys
 import traceback
@@ -35,8 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import trio
 
 from ww.rom.archive import Rom, RomError
 
@@ -198,54 +202,102 @@ async def run_local(rom: Rom, args: Sequence[str], host: Any) -> int:
 class _Invocation:
     fd: int
     cid: str | None
-    path: Path
+    path: Path | None  # the ROM file, or None when it comes as an open file (rom_fd)
     args: list[str]
     volume: Path | None = None
     home: str | None = None
+    rom_fd: int | None = None
+    pidns: bool = False
+
+
+_USAGE = (
+    "usage: python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR] [--home PATH] [--pidns]"
+    " (--rom-fd FD | ROM_FILE) [-- ARGS...]"
+)
 
 
 def _parse(argv: Sequence[str]) -> _Invocation:
-    usage = (
-        "usage: python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR] [--home PATH]"
-        " ROM_FILE [-- ARGS...]"
-    )
     fd: int | None = None
+    rom_fd: int | None = None
     cid: str | None = None
     volume: Path | None = None
     home: str | None = None
+    pidns = False
     rest = list(argv)
-    while rest and rest[0] in ("--fd", "--cid", "--volume", "--home"):
+    while rest and rest[0] in ("--fd", "--rom-fd", "--cid", "--volume", "--home", "--pidns"):
+        if rest[0] == "--pidns":
+            pidns, rest = True, rest[1:]
+            continue
         if len(rest) < 2:
-            raise RomError(usage)
+            raise RomError(_USAGE)
         flag, value, rest = rest[0], rest[1], rest[2:]
-        if flag == "--fd":
+        if flag in ("--fd", "--rom-fd"):
             if not value.isdigit():
-                raise RomError(f"--fd wants a file descriptor number, not {value!r}")
-            fd = int(value)
+                raise RomError(f"{flag} wants a file descriptor number, not {value!r}")
+            if flag == "--fd":
+                fd = int(value)
+            else:
+                rom_fd = int(value)
         elif flag == "--cid":
             cid = value
         elif flag == "--volume":
             volume = Path(value)
         else:
             home = value
-    if fd is None or not rest:
-        raise RomError(usage)
-    path, rest = Path(rest[0]), rest[1:]
+    path: Path | None = None
+    if rom_fd is None and rest and rest[0] != "--":
+        path, rest = Path(rest[0]), rest[1:]
+    if fd is None or (path is None and rom_fd is None):
+        raise RomError(_USAGE)
     if rest and rest[0] == "--":
         rest = rest[1:]
-    return _Invocation(fd, cid, path, rest, volume, home)
+    return _Invocation(fd, cid, path, rest, volume, home, rom_fd, pidns)
 
 
 def _load(invocation: _Invocation) -> Rom:
+    where = f"--rom-fd {invocation.rom_fd}" if invocation.path is None else invocation.path
     try:
-        data = invocation.path.read_bytes()
+        if invocation.path is not None:
+            data = invocation.path.read_bytes()
+        else:
+            assert invocation.rom_fd is not None
+            with open(invocation.rom_fd, "rb") as f:
+                data = f.read()
     except OSError as exc:
-        raise RomError(f"cannot read ROM {invocation.path}: {exc.strerror or exc}") from None
+        raise RomError(f"cannot read ROM {where}: {exc.strerror or exc}") from None
     rom = Rom.load(data)
     if invocation.cid is not None and rom.cid != invocation.cid:
-        raise RomError(f"ROM {invocation.path} is not {invocation.cid} (the cache is corrupt)")
+        raise RomError(f"ROM {where} is not {invocation.cid} (the cache is corrupt)")
     rom.check_requires()
     return rom
+
+
+def _start_pid_namespace_init() -> None:
+    """Fork the init of the PID namespace the host made for this process (`--pidns`).
+
+    Every process the ROM starts is in that namespace. The init does nothing but reap
+    orphans; it dies when this process does (its parent-death signal), and the kernel then
+    kills everything left in the namespace, so nothing the ROM started outlives it."""
+    parent = os.pidfd_open(os.getpid())
+    if os.fork():
+        os.close(parent)
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if select.select([parent], [], [], 0)[0]:  # the parent ended before that was set
+            os._exit(0)
+        os.close(parent)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        while True:
+            signal.sigwait({signal.SIGCHLD})
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+    finally:
+        os._exit(0)
 
 
 def _host_socket(fd: int) -> socket.socket:
@@ -260,6 +312,8 @@ def _host_socket(fd: int) -> socket.socket:
 
 
 async def _serve(rom: Rom, args: list[str], sock: socket.socket) -> int:
+    import trio
+
     from ww.rpc import Connection
 
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
@@ -290,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m ww.rom.guest`; returns the exit code."""
     try:
         invocation = _parse(sys.argv[1:] if argv is None else argv)
+        if invocation.pidns:
+            _start_pid_namespace_init()
         rom = _load(invocation)
         sock = _host_socket(invocation.fd)
     except RomError as exc:
@@ -301,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    import trio  # not before the PID namespace's init is forked: importing trio forks
+
     try:
         return trio.run(_serve, rom, invocation.args, sock)
     finally:

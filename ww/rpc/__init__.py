@@ -11,7 +11,7 @@ from ww.rpc.errors import CapabilityError, ConnectionLost, ProtocolError, Remote
 from ww.rpc.flow import RefSink, RefStream
 from ww.rpc.limits import DEFAULT_SINK_WINDOW, DEFAULT_WINDOW
 from ww.rpc.ref import Ref
-from ww.rpc.wire import MAX_FRAME
+from ww.rpc.wire import MAX_FRAME, ReceiveBudget
 
 __all__ = [
     "DEFAULT_SINK_WINDOW",
@@ -22,6 +22,7 @@ __all__ = [
     "Connection",
     "ConnectionLost",
     "ProtocolError",
+    "ReceiveBudget",
     "Ref",
     "RefSink",
     "RefStream",

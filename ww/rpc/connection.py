@@ -67,6 +67,7 @@ from ww.rpc.wire import (
     Items,
     Message,
     Push,
+    ReceiveBudget,
     Release,
     Return,
     SinkStart,
@@ -114,8 +115,12 @@ class Connection:
         max_frame: int = MAX_FRAME,
         max_answers: int = MAX_ANSWERS,
         name: str | None = None,
+        budget: ReceiveBudget | None = None,
     ) -> None:
         self.stream = stream
+        self.budget = budget
+        self.frames_received = 0
+        self.last_frame = trio.current_time()  # when the last complete frame arrived
         self.max_frame = max_frame
         # A batch's own header takes at most 16 bytes: 32 leaves room.
         self._batch_bytes = min(BATCH_BYTES, max_frame - 32)
@@ -184,13 +189,22 @@ class Connection:
         max_frame: int = MAX_FRAME,
         max_answers: int = MAX_ANSWERS,
         name: str | None = None,
+        budget: ReceiveBudget | None = None,
     ) -> AsyncIterator[Connection]:
         """Run a connection over `stream` for the duration of the block.
 
         `bootstrap` is the capability the peer gets from its ``conn.bootstrap()``. Leaving the
-        block closes the connection and releases everything exported on it.
+        block closes the connection and releases everything exported on it. `budget`, shared
+        by many connections, bounds the bytes of frames they hold partly received.
         """
-        conn = cls(stream, bootstrap, max_frame=max_frame, max_answers=max_answers, name=name)
+        conn = cls(
+            stream,
+            bootstrap,
+            max_frame=max_frame,
+            max_answers=max_answers,
+            name=name,
+            budget=budget,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 conn._nursery = nursery
@@ -218,6 +232,11 @@ class Connection:
     def import_count(self) -> int:
         """Live capabilities of the peer held through this connection (not its bootstrap)."""
         return len(self._imports)
+
+    def holds_nothing(self) -> bool:
+        """Whether the peer holds nothing here: no capability lent to it but the bootstrap,
+        no call, stream or sink of its running, none of ours waiting on it."""
+        return not (self._exports or self._answers or self._questions or self._inbound)
 
     async def aclose(self) -> None:
         """Close the connection now (the `open` block also does this when it ends)."""
@@ -936,6 +955,7 @@ class Connection:
         frames = self._frames
         handlers = self._handlers
         decoded = self._decoded_refs
+        budget = self.budget
         try:
             while True:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -945,13 +965,26 @@ class Connection:
                         reason += f" in the middle of a frame ({frames.buffered} bytes)"
                         level = logging.WARNING
                     break
-                for body in frames.feed(data):
+                held = frames.buffered
+                bodies = frames.feed(data)
+                if budget is not None:
+                    budget.used += frames.buffered - held
+                    if frames.buffered and budget.used > budget.limit:
+                        raise ProtocolError(
+                            f"frames being received on all connections are over the budget "
+                            f"of {budget.limit} bytes"
+                        )
+                if bodies:
+                    self.frames_received += len(bodies)
+                    self.last_frame = trio.current_time()
+                for body in bodies:
                     if self._closing:
                         return
                     msg = decode_message(body, self._decode_special)
                     handlers[type(msg)](msg)
                     decoded.clear()
                     del msg
+                del bodies
                 if self._collected:
                     self._flush_collected()
         except ProtocolError as exc:
@@ -963,6 +996,9 @@ class Connection:
             reason, level = f"reader failed: {exc!r}", logging.ERROR
         finally:
             decoded.clear()
+            if budget is not None:
+                budget.used -= frames.buffered
+            frames.clear()
         await self._shutdown(reason, level)
 
     async def _shutdown(self, reason: str, level: int) -> None:
@@ -1020,12 +1056,18 @@ async def serve_connection(
     max_frame: int = MAX_FRAME,
     max_answers: int = MAX_ANSWERS,
     name: str | None = None,
+    budget: ReceiveBudget | None = None,
 ) -> None:
     """Serve `bootstrap` to the peer on `stream` until either side closes; never raises
     (except trio.Cancelled). A bad peer is logged and disconnected."""
     try:
         async with Connection.open(
-            stream, bootstrap, max_frame=max_frame, max_answers=max_answers, name=name
+            stream,
+            bootstrap,
+            max_frame=max_frame,
+            max_answers=max_answers,
+            name=name,
+            budget=budget,
         ) as conn:
             await conn.closed.wait()
     except Exception:

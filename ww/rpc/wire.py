@@ -71,10 +71,27 @@ class FrameDecoder:
             buf += data[pos:]
         return frames
 
+    def clear(self) -> None:
+        """Drop a partly received frame (the connection is closing)."""
+        self._buf = bytearray()
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete frame."""
         return len(self._buf)
+
+
+class ReceiveBudget:
+    """Bytes of frames received in part that the connections sharing it may hold in all.
+
+    A connection whose partly received frame would take the total past `limit` is closed,
+    so a host's memory for frames in flight stays bounded however many peers send slowly."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 def pack_cap_id(cap_id: int) -> bytes:
