@@ -169,7 +169,7 @@ async def cmd_start(args: argparse.Namespace) -> int:
 
     with ExitStack() as cleanup:
         if args.data_dir:
-            data_dir = Path(args.data_dir)
+            data_dir = Path(args.data_dir).absolute()
         elif args.listen[1] == 0:  # a throwaway host: a fresh identity, removed at exit
             data_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ww-host-")))
         else:

@@ -159,7 +159,9 @@ async def test_a_rom_reaches_no_file_socket_or_process_it_was_not_given(
     assert found["connect"] == "EACCES"  # no net.connect
     assert found["bind"] == "EACCES"
     assert found["udp"] == "EACCES" and found["unix"] == "EACCES"
-    assert found["signal host"] == "EPERM" and found["ptrace host"] == "EPERM"
+    # A root host runs each ROM in a PID namespace of its own, where the host has no pid.
+    assert found["signal host"] == ("ESRCH" if os.geteuid() == 0 else "EPERM")
+    assert found["ptrace host"] == "EPERM"
     assert h.alive
 
 
@@ -203,6 +205,32 @@ async def test_a_rom_of_a_root_host_runs_as_a_uid_of_its_own_that_owns_its_volum
     volume = h.data_dir / "volumes" / "v"
     assert volume.stat().st_uid == UID_BASE + pid
     assert (volume / "f").stat().st_uid == UID_BASE + pid
+
+
+async def test_a_sandboxed_rom_starts_threads_and_reads_its_own_proc_entry(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    # trio runs name resolution and to_thread in threads; a process that unshared its PID
+    # namespace could not start any, so the ROM must run below it.
+    h = await host_factory.start()
+    body = """
+    import os
+    import trio
+
+    async def main(host, args):
+        answer = await trio.to_thread.run_sync(lambda: 6 * 7)
+        status = open("/proc/self/status").read()
+        print("RESULT", answer, "Threads:" in status, os.getpid())
+    """
+    async with h.connect() as host:
+        process = await host.spawn(rom(tmp_path, body), [])
+        assert await process.wait() == 0
+        text = (await process.logs()).decode()
+    line = next(line for line in text.splitlines() if line.startswith("RESULT"))
+    answer, read_status, pid_inside = line.split()[1:]
+    assert (answer, read_status) == ("42", "True")
+    if os.geteuid() == 0:  # a root host's ROM runs below the init of its PID namespace
+        assert pid_inside == "2"
 
 
 async def test_a_permission_the_host_does_not_grant_is_refused_in_one_line(

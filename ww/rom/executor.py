@@ -327,9 +327,11 @@ class Executor:
             if self.sandbox.as_root:
                 options += ["--pidns"]
             writable = [tmp] if volume is None else [tmp, volume]
-            preexec = self.sandbox.child_setup(
-                limits, net=NET_CONNECT in rom.permissions, writable=writable, chown=writable
-            )
+            net = NET_CONNECT in rom.permissions
+            landlock = self.sandbox.landlock(net=net, writable=writable)
+            if landlock is not None:
+                options += ["--landlock", landlock]
+            preexec = self.sandbox.child_setup(limits, net=net, chown=writable)
             handle = await self._start(
                 nursery, rom, args, capability_factory, preexec, options, tmp
             )

@@ -2,10 +2,12 @@
 
 A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR]
 [--home PATH] [--pidns] (--rom-fd FD | ROM_FILE) [-- ARGS...]`; with `--pidns` (the host made
-a PID namespace for it) the guest first forks the namespace's init. The guest validates the
-ROM, checks its `requires`, makes its modules importable from the validated archive (in
-memory, nothing is extracted), opens a capability connection over the inherited socket FD and
-calls `main` with the host's bootstrap capability (a `Ref`).
+a PID namespace for its children) the ROM runs in that namespace, two forks down (see
+`_enter_pid_namespace`). With `--landlock` it confines that process by the host's Landlock
+rules before anything else. The guest validates the ROM, checks its `requires`, makes its
+modules importable from the validated archive (in memory, nothing is extracted), opens a
+capability connection over the inherited socket FD and calls `main` with the host's bootstrap
+capability (a `Ref`).
 
 Exit codes: 0 when main returns None, the value when it returns an int, the code of
 `sys.exit(n)`, 1 (traceback on stderr) when it raises or when the host hangs up before main
@@ -208,12 +210,14 @@ class _Invocation:
     home: str | None = None
     rom_fd: int | None = None
     pidns: bool = False
+    landlock: str | None = None
 
 
 _USAGE = (
     "usage: python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR] [--home PATH] [--pidns]"
-    " (--rom-fd FD | ROM_FILE) [-- ARGS...]"
+    " [--landlock RULES] (--rom-fd FD | ROM_FILE) [-- ARGS...]"
 )
+_OPTIONS = ("--fd", "--rom-fd", "--cid", "--volume", "--home", "--pidns", "--landlock")
 
 
 def _parse(argv: Sequence[str]) -> _Invocation:
@@ -222,9 +226,10 @@ def _parse(argv: Sequence[str]) -> _Invocation:
     cid: str | None = None
     volume: Path | None = None
     home: str | None = None
+    landlock: str | None = None
     pidns = False
     rest = list(argv)
-    while rest and rest[0] in ("--fd", "--rom-fd", "--cid", "--volume", "--home", "--pidns"):
+    while rest and rest[0] in _OPTIONS:
         if rest[0] == "--pidns":
             pidns, rest = True, rest[1:]
             continue
@@ -242,6 +247,8 @@ def _parse(argv: Sequence[str]) -> _Invocation:
             cid = value
         elif flag == "--volume":
             volume = Path(value)
+        elif flag == "--landlock":
+            landlock = value
         else:
             home = value
     path: Path | None = None
@@ -251,7 +258,7 @@ def _parse(argv: Sequence[str]) -> _Invocation:
         raise RomError(_USAGE)
     if rest and rest[0] == "--":
         rest = rest[1:]
-    return _Invocation(fd, cid, path, rest, volume, home, rom_fd, pidns)
+    return _Invocation(fd, cid, path, rest, volume, home, rom_fd, pidns, landlock)
 
 
 def _load(invocation: _Invocation) -> Rom:
@@ -272,32 +279,75 @@ def _load(invocation: _Invocation) -> Rom:
     return rom
 
 
-def _start_pid_namespace_init() -> None:
-    """Fork the init of the PID namespace the host made for this process (`--pidns`).
+def _enter_pid_namespace(host_fd: int) -> None:
+    """Run the ROM in the PID namespace the host made for this process's children (`--pidns`).
 
-    Every process the ROM starts is in that namespace. The init does nothing but reap
-    orphans; it dies when this process does (its parent-death signal), and the kernel then
-    kills everything left in the namespace, so nothing the ROM started outlives it."""
+    A process that unshared its PID namespace cannot start threads (clone answers EINVAL), and
+    trio needs them (name resolution, `to_thread`), so the ROM runs two forks down: this
+    process forks the namespace's init, which forks the ROM's process and reaps whatever is
+    orphaned in the namespace. When the ROM's process ends, the init hands its wait status up
+    through a pipe and exits, and the kernel kills everything left in the namespace, so nothing
+    the ROM started outlives it. This process then exits as the ROM did (killed by the same
+    signal, or with the same code). Both waiters ignore the signals the host stops a process
+    with: they reach the ROM through its process group, and a SIGKILL takes all three."""
     parent = os.pidfd_open(os.getpid())
+    status_r, status_w = os.pipe()
     if os.fork():
+        os.close(status_w)
         os.close(parent)
+        os.close(host_fd)
+        _ignore_stop_signals()
+        status = _read_all(status_r)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(-1, 0)
+        code = os.waitstatus_to_exitcode(int.from_bytes(status, "big")) if status else 1
+        if code < 0:
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        os._exit(code)
+    # The namespace's init: pid 1 there.
+    os.close(status_r)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if select.select([parent], [], [], 0)[0]:  # the waiter ended before that was set
+        os._exit(1)
+    os.close(parent)
+    rom = os.fork()
+    if rom == 0:
+        os.close(status_w)
         return
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if select.select([parent], [], [], 0)[0]:  # the parent ended before that was set
-            os._exit(0)
-        os.close(parent)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+        os.close(host_fd)
+        _ignore_stop_signals()
         while True:
-            signal.sigwait({signal.SIGCHLD})
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
+            pid, wait_status = os.waitpid(-1, 0)
+            if pid == rom:
+                os.write(status_w, wait_status.to_bytes(4, "big"))
+                break
     finally:
         os._exit(0)
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 64):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _confine(rules: str) -> None:
+    """Apply the host's Landlock rules to this process, the ROM's, before any of its code."""
+    from ww.rom.sandbox import SandboxError, apply_landlock
+
+    try:
+        apply_landlock(rules)
+    except SandboxError as exc:
+        raise RomError(str(exc)) from None
 
 
 def _host_socket(fd: int) -> socket.socket:
@@ -345,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         invocation = _parse(sys.argv[1:] if argv is None else argv)
         if invocation.pidns:
-            _start_pid_namespace_init()
+            _enter_pid_namespace(invocation.fd)
+        if invocation.landlock is not None:
+            _confine(invocation.landlock)
         rom = _load(invocation)
         sock = _host_socket(invocation.fd)
     except RomError as exc:
@@ -357,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import trio  # not before the PID namespace's init is forked: importing trio forks
+    import trio
 
     try:
         return trio.run(_serve, rom, invocation.args, sock)

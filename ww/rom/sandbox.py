@@ -1,11 +1,11 @@
-"""The kernel's side of a ROM's isolation, applied in the child between fork and exec.
+"""The kernel's side of a ROM's isolation.
 
-`Sandbox.prepare(...)` (in the host) works out what one child may reach; the function it
-returns runs in the forked child, before `exec` of the guest, and in this order:
+`Sandbox.child_setup(...)` (in the host) returns the function that runs in the forked child,
+before `exec` of the guest, and in this order:
 
-1. a PID namespace (when the host runs as root): the guest forks a sentinel that is the
-   namespace's init, so when the ROM's process ends, or is killed, or its host dies, the
-   kernel kills every process the ROM started, even one that called `setsid`;
+1. a PID namespace for the child's children (when the host runs as root): the guest runs the
+   ROM in it, under an init of its own, so when the ROM's process ends, or is killed, or its
+   host dies, the kernel kills every process the ROM started, even one that called `setsid`;
 2. resource limits (RLIMIT_AS, RLIMIT_CPU, RLIMIT_NPROC, RLIMIT_NOFILE, no core files) and a
    lower scheduling priority (nice 10), so the host keeps its share of the CPU;
 3. when the host runs as root, a uid of its own (`UID_BASE + pid`, so RLIMIT_NPROC counts
@@ -14,16 +14,19 @@ returns runs in the forked child, before `exec` of the guest, and in this order:
    the Python installation or the data directory is not searchable by other users,
    CAP_DAC_READ_SEARCH (ambient: Landlock, below, still decides what can be read);
 4. `no_new_privs` and a parent-death signal (SIGKILL);
-5. Landlock: files readable only under the Python installation, `sys.path`, `/usr/lib`,
-   `/lib`, `/usr/bin`, `/bin`, a few files of `/etc` (TLS roots, name resolution), `/dev/null`,
-   `/dev/urandom` and `/proc/self`; writable only in its volume (with the `volume`
-   permission) and its private temporary directory; no TCP bind; no TCP connect without the
-   `net.connect` permission; no signals to processes outside the sandbox and no abstract Unix
-   sockets outside it (Landlock ABI 6);
-6. a seccomp filter (x86-64): no socket of a family other than IPv4/IPv6 (no new Unix,
+5. a seccomp filter (x86-64): no socket of a family other than IPv4/IPv6 (no new Unix,
    netlink or packet sockets), no IPv4/IPv6 socket at all without `net.connect`, no `listen`,
    and no ptrace, process_vm_*, namespaces, bpf, perf events, userfaultfd, keyrings or
    io_uring.
+
+`Sandbox.landlock(...)` gives the Landlock rules, which the guest applies in the ROM's own
+process before it loads any of the ROM's code (`apply_landlock`; the guest is the host's
+code): files readable only under the Python installation, `sys.path`, `/usr/lib`, `/lib`,
+`/usr/bin`, `/bin`, a few files of `/etc` (TLS roots, name resolution), `/dev/null`,
+`/dev/urandom` and the process's own `/proc/self`; writable only in its volume (with the
+`volume` permission) and its private temporary directory; no TCP bind; no TCP connect without
+the `net.connect` permission; no signals to processes outside the sandbox and no abstract Unix
+sockets outside it (Landlock ABI 6).
 
 `landlock_abi()` says what the kernel offers (0: no Landlock).
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import platform
 import resource
@@ -44,7 +48,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["UID_BASE", "Sandbox", "SandboxError", "landlock_abi", "read_paths"]
+__all__ = [
+    "UID_BASE",
+    "Sandbox",
+    "SandboxError",
+    "apply_landlock",
+    "landlock_abi",
+    "read_paths",
+]
 
 UID_BASE = 1_600_000_000
 """A ROM run by a root host runs as uid UID_BASE + its pid (pids are below 2**22)."""
@@ -352,21 +363,14 @@ class Sandbox:
         limits: ChildLimits,
         *,
         net: bool,
-        writable: Iterable[Path],
         chown: Iterable[Path] = (),
     ) -> Callable[[], None]:
-        """The function to run in the child between fork and exec (see the module docstring).
+        """The function to run in the child between fork and exec (see the module docstring):
+        everything but Landlock, which the guest applies (`landlock`, `apply_landlock`).
 
-        `writable`: the directories it may write (its volume, its temporary directory);
-        `chown`: those to give to its uid first (with everything in them)."""
+        `net`: whether it may open IPv4/IPv6 sockets (seccomp); `chown`: the directories to
+        give to its uid first (with everything in them)."""
         parent = os.getpid()
-        rights = _fs_rights(self.abi)
-        net_rights = (_NET_BIND_TCP | (0 if net else _NET_CONNECT_TCP)) if self.abi >= 4 else 0
-        scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if self.abi >= 6 else 0
-        rules: list[tuple[str, int]] = [(str(p), READ) for p in self.read]
-        rules += [(p, DEVICE) for p in ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")]
-        rules += [("/proc/self", _FS_READ_FILE | _FS_READ_DIR)]
-        rules += [(str(p), rights) for p in writable]
         program = _seccomp_program(net) if self.enabled and self.seccomp else b""
         chowned = [str(p) for p in chown]
         bounding = _cap_last() if self.as_root else 0
@@ -385,12 +389,44 @@ class Sandbox:
             _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
             if os.getppid() != parent:  # the host died before the signal was set
                 os._exit(1)
-            if self.enabled:
-                _restrict(rights, net_rights, scoped, rules)
-                if program:
-                    _install_seccomp(program)
+            if program:
+                _install_seccomp(program)
 
         return apply
+
+    def landlock(self, *, net: bool, writable: Iterable[Path]) -> str | None:
+        """The Landlock rules of one child, as the guest's `--landlock` argument (None when
+        the sandbox is off). The guest applies them in the ROM's own process before it loads
+        the ROM (`apply_landlock`): only there does `/proc/self` name that process."""
+        if not self.enabled:
+            return None
+        rules: list[tuple[str, int]] = [(str(p), READ) for p in self.read]
+        rules += [(p, DEVICE) for p in ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")]
+        rules += [(str(p), _fs_rights(self.abi)) for p in writable]
+        spec = {
+            "fs": _fs_rights(self.abi),
+            "net": (_NET_BIND_TCP | (0 if net else _NET_CONNECT_TCP)) if self.abi >= 4 else 0,
+            "scoped": (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if self.abi >= 6 else 0,
+            "rules": rules,
+        }
+        return json.dumps(spec, separators=(",", ":"))
+
+
+def apply_landlock(spec: str) -> None:
+    """Confine this process (and all it starts) by the rules of `Sandbox.landlock`, plus read
+    access to its own `/proc/self`. Raises SandboxError (one line) when that fails."""
+    try:
+        fields = json.loads(spec)
+        rules = [(str(path), int(access)) for path, access in fields["rules"]]
+        fs, net, scoped = int(fields["fs"]), int(fields["net"]), int(fields["scoped"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SandboxError(f"bad --landlock rules ({exc})") from None
+    # Opened here, /proc/self is this process's directory (by its pid in the host's namespace).
+    rules.append(("/proc/self", _FS_READ_FILE | _FS_READ_DIR))
+    try:
+        _restrict(fs, net, scoped, rules)
+    except OSError as exc:
+        raise SandboxError(f"cannot confine the ROM with Landlock: {exc}") from None
 
 
 def _set_limits(limits: ChildLimits) -> None:
