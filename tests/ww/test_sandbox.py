@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,35 @@ async def test_a_sandboxed_rom_starts_threads_and_reads_its_own_proc_entry(
     assert (answer, read_status) == ("42", "True")
     if os.geteuid() == 0:  # a root host's ROM runs below the init of its PID namespace
         assert pid_inside == "2"
+
+
+async def test_a_host_with_its_data_dir_in_a_source_checkout_spawns_confined_roms(
+    host_factory: HostFactory,
+) -> None:
+    # `ww-crawl` run in a checkout puts its hosts' data under it, beside the ww package: ROMs
+    # must still start (they import ww from there) and read nothing else of the checkout.
+    import ww
+
+    checkout = Path(ww.__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix=".sandbox-test-", dir=checkout) as data:
+        h = await host_factory.start(data_dir=Path(data) / "h0")
+        body = f"""
+        def main_sync():
+            try:
+                open({str(checkout / "pyproject.toml")!r}).read()
+                return "read"
+            except PermissionError:
+                return "EACCES"
+
+        async def main(host, args):
+            print("RESULT", main_sync())
+        """
+        async with h.connect() as host:
+            process = await host.spawn(rom(Path(data), body), [])
+            assert await process.wait() == 0
+            assert "RESULT EACCES" in (await process.logs()).decode()
+        h.terminate()
+        await h.process.wait()
 
 
 async def test_a_permission_the_host_does_not_grant_is_refused_in_one_line(

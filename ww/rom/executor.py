@@ -213,11 +213,12 @@ class Executor:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)  # left by a host that was killed
         self.tmp_dir.mkdir(mode=0o711)
         self.rom_cache = RomCache(self.roms_dir, rom_cache_limit, self._roms_in_use)
+        self.pythonpath = _child_pythonpath(self.data_dir / "python")
         self.sandbox: Sandbox | None = None
         self.sandbox_error: str | None = None
         try:
             self.sandbox = Sandbox.for_host(
-                sandbox, self.python, _child_pythonpath(), self.data_dir
+                sandbox, self.python, [*self.pythonpath, str(_WW_PACKAGE)], self.data_dir
             )
         except SandboxError as e:
             self.sandbox_error = str(e)
@@ -411,7 +412,7 @@ class Executor:
                 pass_fds=(child_sock.fileno(), rom_fd),
                 start_new_session=True,
                 preexec_fn=preexec,
-                env=_child_env(tmp),
+                env=_child_env(tmp, self.pythonpath),
                 cwd=tmp,
             )
             process = trio.Process._create(popen, None, None, None)
@@ -581,20 +582,32 @@ class Executor:
         return running | set(self._starting) | set(self._pinned())
 
 
-def _child_pythonpath() -> list[str]:
-    """What the child's PYTHONPATH holds: ww's own root, then the host's PYTHONPATH."""
-    root = str(Path(ww.__file__).resolve().parent.parent)  # so `-m ww.rom.guest` works anywhere
-    return [root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+_WW_PACKAGE = Path(ww.__file__).resolve().parent
+
+
+def _child_pythonpath(shim: Path) -> list[str]:
+    """What the child's PYTHONPATH holds: `shim`, a directory with nothing in it but a link to
+    the ww package (so `-m ww.rom.guest` works anywhere, while ROMs may read the package and
+    not what lies beside it, such as a data dir in a source checkout), then the host's
+    PYTHONPATH."""
+    shim.mkdir(mode=0o755, exist_ok=True)
+    link = shim / "ww"
+    if not (link.is_symlink() and link.resolve() == _WW_PACKAGE):
+        fresh = shim / f".ww.{os.getpid()}"
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to(_WW_PACKAGE, target_is_directory=True)
+        fresh.replace(link)
+    return [str(shim), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
 
 
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 
-def _child_env(tmp: Path) -> dict[str, str]:
+def _child_env(tmp: Path, pythonpath: list[str]) -> dict[str, str]:
     """A small environment: the host's may hold secrets a ROM has no business reading."""
     env = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
     env["PYTHONUNBUFFERED"] = "1"  # output reaches the log even if the child is killed
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # the Python installation is read-only to ROMs
-    env["PYTHONPATH"] = os.pathsep.join(_child_pythonpath())
+    env["PYTHONPATH"] = os.pathsep.join(pythonpath)
     env["HOME"] = env["TMPDIR"] = str(tmp)
     return env
