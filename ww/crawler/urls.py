@@ -1,0 +1,97 @@
+"""Canonical URLs, the queue's partition key, and trap guards.
+
+The canonical form is the crawl's identity for a page: two URLs that canonicalize alike are
+fetched once. It is w3lib's canonical form (fragment dropped, query arguments sorted,
+percent-escaping normalised, IDNA host, lower-case scheme and host, dot segments resolved)
+with the scheme's default port dropped as well.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from w3lib.url import canonicalize_url
+
+__all__ = ["TrapLimits", "canonicalize", "host_key", "is_trap"]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+
+
+def canonicalize(url: str) -> str:
+    """The canonical form of an http(s) URL; ValueError for anything else or a malformed URL."""
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError on a port that is not a number or out of range
+    except ValueError as exc:
+        raise ValueError(f"malformed URL {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"URL has no host: {url!r}")
+    try:
+        canon = urlsplit(canonicalize_url(url, keep_fragments=False))
+    except ValueError as exc:
+        raise ValueError(f"malformed URL {url!r}: {exc}") from None
+    host = (canon.hostname or "").rstrip(".")
+    if not host:
+        raise ValueError(f"URL has no host: {url!r}")
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"malformed URL {url!r}: bad host name")
+    netloc = host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc = f"{host}:{port}"
+    if canon.username is not None:
+        userinfo = canon.username + (f":{canon.password}" if canon.password is not None else "")
+        netloc = f"{userinfo}@{netloc}"
+    return urlunsplit((scheme, netloc, canon.path or "/", canon.query, ""))
+
+
+def host_key(url: str) -> str:
+    """host[:port] of a URL (the port only when it is not the scheme's default): the key the
+    queue partitions work by, so politeness holds per host."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return host
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrapLimits:
+    """Guards against URL spaces without end (calendars, session ids, relative-link loops)."""
+
+    max_url_length: int = 2048
+    max_repeated_segments: int = 3  # how often one path segment may occur in a path
+    max_query_params: int = 20
+
+
+def is_trap(url: str, limits: TrapLimits = TrapLimits()) -> str | None:
+    """Why `url` looks like a crawler trap, or None when it does not."""
+    if len(url) > limits.max_url_length:
+        return f"URL longer than {limits.max_url_length} characters"
+    parts = urlsplit(url)
+    counts: dict[str, int] = {}
+    for segment in parts.path.split("/"):
+        if segment:
+            counts[segment] = counts.get(segment, 0) + 1
+    for segment, n in counts.items():
+        if n > limits.max_repeated_segments:
+            return (
+                f"path segment {segment!r} repeated {n} times "
+                f"(more than {limits.max_repeated_segments})"
+            )
+    if parts.query:
+        n_params = len([p for p in parts.query.split("&") if p])
+        if n_params > limits.max_query_params:
+            return f"{n_params} query parameters (more than {limits.max_query_params})"
+    return None
