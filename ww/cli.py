@@ -272,12 +272,25 @@ async def cmd_run(args: argparse.Namespace) -> int:
 async def cmd_ps(args: argparse.Namespace) -> int:
     async with dial(args) as host:
         rows = await host.ps()
-    columns = ("pid", "name", "state", "exit_code")
+    print_table(("pid", "name", "state", "exit_code", "restart", "restarts"), rows)
+    return 0
+
+
+def print_table(columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
     table = [[c.upper() for c in columns]]
     table += [["-" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+async def cmd_volumes(args: argparse.Namespace) -> int:
+    async with dial(args) as host:
+        if args.action == "rm":
+            await host.remove_volume(args.anchor)
+            return 0
+        rows = await host.volumes()
+    print_table(("anchor", "size", "pid", "path"), rows)
     return 0
 
 
@@ -312,6 +325,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def client_options(defaults: bool = True) -> Parser:
+    """--dial, --key, --timeout; without `defaults`, an option not given leaves the value the
+    enclosing command's parser set (for `ww volumes rm`, which takes them on either side)."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    client = Parser(add_help=False)
+    client.add_argument(
+        "--dial",
+        type=parse_address,
+        default=default(DEFAULT_ADDRESS),
+        metavar="HOST:PORT",
+        help="the host to talk to (default: 127.0.0.1:2020)",
+    )
+    client.add_argument(
+        "--key",
+        default=default(None),
+        metavar="FILE",
+        help="cluster key file, when the host was started with --key",
+    )
+    client.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=default(5.0),
+        metavar="SECONDS",
+        help="give up connecting after this long (default: 5.0)",
+    )
+    return client
+
+
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument(
@@ -321,25 +365,7 @@ def build_parser() -> Parser:
         default=argparse.SUPPRESS,
         help="log more (debug); errors then include their traceback",
     )
-    client = Parser(add_help=False)
-    client.add_argument(
-        "--dial",
-        type=parse_address,
-        default=DEFAULT_ADDRESS,
-        metavar="HOST:PORT",
-        help="the host to talk to (default: 127.0.0.1:2020)",
-    )
-    client.add_argument(
-        "--key", metavar="FILE", help="cluster key file, when the host was started with --key"
-    )
-    client.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=5.0,
-        metavar="SECONDS",
-        help="give up connecting after this long (default: %(default)s)",
-    )
-
+    client = client_options()
     parser = Parser(
         prog="ww",
         description=(
@@ -503,9 +529,17 @@ def build_parser() -> Parser:
     )
     rom_args.required = False  # may be empty; argparse would name it in "required" errors
 
-    command("ps", cmd_ps, "List the processes on the host.", client)
+    command(
+        "ps",
+        cmd_ps,
+        "List the processes on the host, one row each; a restarted process shows the pid of "
+        "its current run, its restart policy and how often it was restarted.",
+        client,
+    )
 
-    p = command("kill", cmd_kill, "Stop a process on the host.", client)
+    p = command(
+        "kill", cmd_kill, "Stop a process on the host; it is not restarted, ever again.", client
+    )
     p.add_argument("pid", type=int, metavar="PID", help="process id, as `ww ps` lists it")
 
     p = command(
@@ -522,6 +556,23 @@ def build_parser() -> Parser:
         action="store_true",
         help="then keep printing its output as it is written, until the process exits",
     )
+
+    p = command(
+        "volumes",
+        cmd_volumes,
+        "List the volumes on the host (anchor, size in bytes, the pid using it, directory); "
+        "`ww volumes rm ANCHOR_PATH` deletes one that no process uses.",
+        client,
+        example="ww volumes rm --dial 127.0.0.1:2021 /<peer id>/raft/v1",
+    )
+    p.set_defaults(action="ls")
+    actions = p.add_subparsers(dest="action", metavar="rm", required=False)
+    rm = actions.add_parser(
+        "rm",
+        help="delete the volume of ANCHOR_PATH (refused while a process uses it)",
+        parents=[common, client_options(defaults=False)],
+    )
+    rm.add_argument("anchor", metavar="ANCHOR_PATH", help="e.g. /<peer id>/raft/v1")
     return parser
 
 

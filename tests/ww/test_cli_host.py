@@ -106,7 +106,7 @@ async def test_ps_logs_and_kill_a_process(host_factory: HostFactory, tmp_path: P
         pid = (await process.info())["pid"]
 
         ps = (await ww("ps", "--dial", a.address)).stdout.decode()
-        assert re.search(rf"^{pid}\s+ready\s+running\s+-$", ps, re.M), ps
+        assert re.search(rf"^{pid}\s+ready\s+running\s+-\s+no\s+0$", ps, re.M), ps
         logs = await ww("logs", "--dial", a.address, str(pid))
         assert logs.stdout.decode() == f"working on {a.peer}\n"
 

@@ -20,7 +20,8 @@ from ww.rpc import Capability, CapabilityError, Ref, sink
 from ww.rpc.capability import NOT_NOW
 
 if TYPE_CHECKING:
-    from ww.host.node import Host, ProcessRecord
+    from ww.host.node import Host
+    from ww.host.supervisor import Process
 
 log = logging.getLogger("ww.host")
 
@@ -65,18 +66,40 @@ class HostCapability(Capability):
             raise CapabilityError(str(e)) from None
 
     async def spawn(
-        self, rom: bytes | str, args: list[str] | None = None, limits: dict[str, Any] | None = None
+        self,
+        rom: bytes | str,
+        args: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
+        volume: bool = False,
+        restart: str = "no",
     ) -> ProcessCapability:
         """Run a ROM (its bytes, or the content id of one this host has cached) in a child
-        process. `limits`: {"memory": bytes, "cpu_seconds": seconds}, both optional."""
-        record = await self._host.spawn(rom, _check_args(args), _check_limits(limits))
-        return ProcessCapability(record)
+        process. `limits`: {"memory": bytes, "cpu_seconds": seconds}, both optional;
+        `restart`: "no", "on-failure" or "always". A volume needs an anchor (Anchor.spawn)."""
+        process = await self._host.spawn(
+            rom,
+            _check_args(args),
+            _check_limits(limits),
+            volume=_check_flag(volume),
+            restart=restart,
+        )
+        return ProcessCapability(process)
 
     async def ps(self) -> list[dict[str, Any]]:
-        return [record.info() for record in self._host.processes()]
+        """One row per process (a restarted one under the pid of its current run)."""
+        return [process.info() for process in self._host.processes()]
 
     async def kill(self, pid: int) -> None:
+        """Stop the process whose current run is `pid`: it is not restarted."""
         self._host.process(pid).kill()
+
+    async def volumes(self) -> list[dict[str, Any]]:
+        """This host's volumes: {"anchor", "path", "size", "pid"} (pid None when unused)."""
+        return self._host.list_volumes()
+
+    async def remove_volume(self, anchor: str) -> None:
+        """Delete the volume of `anchor` (`/<peer id>/...`); refused while a process holds it."""
+        self._host.remove_volume(anchor)
 
     async def logs(self, pid: int) -> bytes:
         return self._host.process(pid).logs()
@@ -192,15 +215,26 @@ class AnchorCapability(Capability):
         return self._host.tree.load(self._local)
 
     async def spawn(
-        self, rom: bytes | str, args: list[str] | None = None, limits: dict[str, Any] | None = None
+        self,
+        rom: bytes | str,
+        args: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
+        volume: bool = False,
+        restart: str = "no",
     ) -> ProcessCapability:
-        """Spawn a ROM on this host and hang its Process here for as long as it runs."""
+        """Spawn a ROM on this host and hang its Process here for as long as it runs (each
+        run hangs it again). `volume`: give it this anchor's durable directory; `restart`:
+        "no", "on-failure" or "always"."""
         self._check_writable()
-        record = await self._host.spawn(rom, _check_args(args), _check_limits(limits))
-        cap = ProcessCapability(record)
-        if not record.lease.ended:  # a process that is already gone leaves nothing behind
-            _store(self._host.tree, self._local, cap, record.lease)
-        return cap
+        process = await self._host.spawn(
+            rom,
+            _check_args(args),
+            _check_limits(limits),
+            at=self._parts,
+            volume=_check_flag(volume),
+            restart=restart,
+        )
+        return ProcessCapability(process)
 
     def _check_writable(self) -> None:
         if not self._parts:
@@ -263,13 +297,15 @@ class ChannelCapability(Capability):
 class ProcessCapability(Capability):
     """A spawned ROM process."""
 
-    def __init__(self, record: ProcessRecord) -> None:
-        self._record = record
+    def __init__(self, process: Process) -> None:
+        self._record = process
 
     async def wait(self) -> int:
+        """The exit code of its last run, once it is not restarted again."""
         return await self._record.wait()
 
     async def kill(self) -> None:
+        """Stop it: kill the current run; it is not restarted."""
         self._record.kill()
 
     async def info(self) -> dict[str, Any]:
@@ -291,6 +327,12 @@ def _check_args(args: object) -> list[str]:
     if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
         raise CapabilityError("ROM arguments must be a list of strings")
     return list(args)
+
+
+def _check_flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise CapabilityError(f"volume must be true or false, not {value!r}")
+    return value
 
 
 def _check_limits(limits: object) -> dict[str, float]:

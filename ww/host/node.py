@@ -9,10 +9,12 @@ through a lease held there for the local lease, so they vanish with their holder
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -23,9 +25,12 @@ from ww.host.caps import HostCapability
 from ww.host.config import Address, HostConfig, format_address, parse_address
 from ww.host.lease import Lease
 from ww.host.links import Link, PeerLinkCapability
-from ww.host.paths import Parts, format_path
+from ww.host.paths import Parts, format_path, parse_path
 from ww.host.pubsub import Envelope, PubSubError, Router
+from ww.host.restarts import RestartError, RestartRecord, RestartStore, check_policy
+from ww.host.supervisor import Process, Run, supervise
 from ww.host.view import GossipError, HostRecord, Membership
+from ww.host.volumes import VolumeError, Volumes
 from ww.rom import Rom, RomError
 from ww.rpc import Capability, CapabilityError, Connection, Ref
 
@@ -46,29 +51,6 @@ MAX_BACKOFF = 5.0
 Dialer = Callable[[Address], Awaitable[trio.abc.Stream]]
 
 
-@dataclass(slots=True)
-class ProcessRecord:
-    """A spawned ROM and the lease its anchors hang on."""
-
-    handle: ProcessHandle
-    lease: Lease
-
-    async def wait(self) -> int:
-        return await self.handle.wait()
-
-    def kill(self) -> None:
-        self.handle.kill()
-
-    def info(self) -> dict[str, Any]:
-        return self.handle.info()
-
-    def logs(self) -> bytes:
-        return self.handle.read_logs()
-
-    def follow_logs(self) -> AsyncGenerator[bytes, None]:
-        return self.handle.follow_logs()
-
-
 class Host:
     """One host's state and behaviour; `run_host` (ww.host.server) gives it sockets."""
 
@@ -81,6 +63,7 @@ class Host:
         dialer: Dialer,
         executor: Executor | None = None,
         cluster_key: ClusterKey | None = None,
+        restarts: RestartStore | None = None,
     ) -> None:
         self.config = config
         self.cluster_key = cluster_key
@@ -99,7 +82,10 @@ class Host:
         self._link_changed = trio.Event()
         self._dialing: set[str] = set()
         self._next_dial: dict[str, tuple[float, float]] = {}  # peer -> (not before, backoff)
-        self._processes: dict[int, ProcessRecord] = {}
+        self._processes: dict[int, Process] = {}  # by the pid of the current run
+        self.restarts = restarts
+        self.volumes = Volumes(config.data_dir / "volumes", peer_id)
+        self._volume_holders: dict[Path, Process | None] = {}  # None: starting
 
     # --- capabilities for a connection ------------------------------------------------------
 
@@ -239,45 +225,207 @@ class Host:
     # --- processes ------------------------------------------------------------------------------
 
     async def spawn(
-        self, rom: bytes | str, args: list[str], limits: dict[str, float] | None = None
-    ) -> ProcessRecord:
+        self,
+        rom: bytes | str,
+        args: list[str],
+        limits: dict[str, float] | None = None,
+        *,
+        at: Parts | None = None,
+        volume: bool = False,
+        restart: str = "no",
+        record_id: str | None = None,
+    ) -> Process:
+        """Run a ROM. `at`: the anchor (parts from the peer id on, on this host) where its
+        Process hangs while it runs; `volume`: give it the anchor's volume (one holder at a
+        time); `restart`: "no", "on-failure" or "always" (then recorded in the data dir,
+        under `record_id` when restarting a recorded one)."""
         if self.executor is None:
             raise CapabilityError("this host does not run ROMs")
+        try:
+            restart = check_policy(restart)
+        except RestartError as e:
+            raise CapabilityError(str(e)) from None
+        if volume and not at:
+            raise CapabilityError("a volume belongs to an anchor; spawn at one: anchor.spawn(...)")
         loaded = self._load_rom(rom)
+        limits = dict(limits or {})
+        directory: Path | None = None
+        if volume:
+            assert at is not None
+            directory = self._take_volume(at[1:])
+        home = None if at is None else format_path(at)
+        try:
+            start = functools.partial(self._start_run, loaded, args, limits, at, directory, home)
+            run = await start()
+        except BaseException:
+            if directory is not None:
+                self._volume_holders.pop(directory, None)
+            raise
+        process = Process(run, restart, home, directory)
+        if directory is not None:
+            self._volume_holders[directory] = process
+        if restart != "no" and self.restarts is not None:
+            process.record_id = record_id or RestartStore.new_id()
+            record = RestartRecord(
+                process.record_id,
+                loaded.cid,
+                tuple(args),
+                restart,
+                home,
+                volume,
+                tuple(limits.items()),
+            )
+            self.restarts.save(record)
+            process.on_kill = functools.partial(self.restarts.remove, process.record_id)
+        self._processes[run.handle.pid] = process
+        self._hang(process, run)
+        self.nursery.start_soon(
+            supervise, process, start, self._run_ended, self._new_run, self._process_ended
+        )
+        log.info("spawned %s %s as pid %d", run.handle.name, args, run.handle.pid)
+        return process
+
+    async def _start_run(
+        self,
+        rom: Rom,
+        args: list[str],
+        limits: dict[str, float],
+        at: Parts | None,
+        volume: Path | None,
+        home: str | None,
+    ) -> Run:
+        assert self.executor is not None
         lease = Lease("process")
 
         def capability(handle: ProcessHandle) -> Capability:
             lease.name = f"process {handle.pid} ({handle.name})"
             return HostCapability(self, lease)
 
+        if volume is not None:
+            volume.mkdir(parents=True, exist_ok=True)
+        memory = limits.get("memory")
         try:
-            limits = limits or {}
-            memory = limits.get("memory")
             handle = await self.executor.spawn(
-                loaded,
+                rom,
                 args,
                 capability,
                 memory_limit=None if memory is None else int(memory),
                 cpu_seconds=limits.get("cpu_seconds"),
+                volume=volume,
+                home=home,
             )
         except RomError as e:
             lease.end()
             raise CapabilityError(str(e)) from None
-        record = ProcessRecord(handle, lease)
-        self._processes[handle.pid] = record
-        self.nursery.start_soon(self._reap, record)
-        log.info("spawned %s %s as pid %d", handle.name, args, handle.pid)
-        return record
+        return Run(handle, lease)
 
-    async def _reap(self, record: ProcessRecord) -> None:
-        code = await record.handle.wait()
-        record.lease.end()
-        log.info("pid %d (%s) exited with %d", record.handle.pid, record.handle.name, code)
-        exited = [r for r in self.processes() if r.handle.exit_code is not None]
+    def _take_volume(self, local: Parts) -> Path:
+        try:
+            directory = self.volumes.get(local).path
+        except VolumeError as e:
+            raise CapabilityError(str(e)) from None
+        if directory in self._volume_holders:
+            holder = self._volume_holders[directory]
+            who = "a process that is starting" if holder is None else f"pid {holder.pid}"
+            hint = "" if holder is None else f"; `ww kill {holder.pid}` first"
+            raise CapabilityError(
+                f"the volume of {self.volumes.anchor_of(local)} is held by {who}{hint}"
+            )
+        self._volume_holders[directory] = None  # taken while the process starts
+        return directory
+
+    def _hang(self, process: Process, run: Run) -> None:
+        """Hang the run's Process capability at the process's anchor, owned by its lease."""
+        if process.anchor is None or run.lease.ended:
+            return
+        from ww.host.caps import ProcessCapability
+
+        parts = parse_path(process.anchor)[1:]
+        with contextlib.suppress(ValueError):
+            self.tree.store(parts, ProcessCapability(process), run.lease)
+
+    def _run_ended(self, process: Process, code: int) -> None:
+        process.run.lease.end()
+        handle = process.run.handle
+        log.info("pid %d (%s) exited with %d", handle.pid, handle.name, code)
+
+    def _new_run(self, process: Process, run: Run) -> None:
+        old = process.run.handle
+        self._processes.pop(old.pid, None)
+        if self.executor is not None:
+            self.executor.forget(old.pid)
+        process.run = run
+        self._processes[run.handle.pid] = process
+        self._hang(process, run)
+        log.info(
+            "restarted %s as pid %d (restart %d)", run.handle.name, run.handle.pid, process.restarts
+        )
+
+    def _process_ended(self, process: Process) -> None:
+        if process.volume is not None and self._volume_holders.get(process.volume) is process:
+            del self._volume_holders[process.volume]
+        if process.record_id is not None and self.restarts is not None:
+            self.restarts.remove(process.record_id)
+        exited = [p for p in self.processes() if p.ended]
         for old in exited[: max(0, len(exited) - KEEP_EXITED)]:
-            del self._processes[old.handle.pid]
+            del self._processes[old.pid]
             if self.executor is not None:
-                self.executor.forget(old.handle.pid)
+                self.executor.forget(old.pid)
+
+    def list_volumes(self) -> list[dict[str, Any]]:
+        rows = []
+        for volume, size in self.volumes.list():
+            holder = self._volume_holders.get(volume.path)
+            rows.append(
+                {
+                    "anchor": self.volumes.anchor_of(volume.local),
+                    "path": str(volume.path),
+                    "size": size,
+                    "pid": None if holder is None else holder.pid,
+                    "in_use": volume.path in self._volume_holders,
+                }
+            )
+        return rows
+
+    def remove_volume(self, anchor: object) -> None:
+        try:
+            local = self.volumes.parse(anchor)
+            directory = self.volumes.get(local).path
+            if directory in self._volume_holders:
+                holder = self._volume_holders[directory]
+                who = "a starting process" if holder is None else f"pid {holder.pid}"
+                raise CapabilityError(f"the volume of {anchor} is in use by {who}; stop it first")
+            self.volumes.remove(local)
+        except ValueError as e:
+            raise CapabilityError(str(e)) from None
+        except OSError as e:
+            raise CapabilityError(f"cannot remove the volume of {anchor}: {e.strerror}") from None
+        log.info("removed the volume of %s", anchor)
+
+    async def start_recorded(self, records: list[RestartRecord]) -> None:
+        """Start the processes that restart records name (at host start)."""
+        for record in records:
+            try:
+                await self._start_record(record)
+            except Exception as e:
+                log.warning("cannot start recorded process %s: %s", record.id, one_line(e))
+
+    async def _start_record(self, record: RestartRecord) -> None:
+        at = None
+        if record.anchor is not None:
+            at = parse_path(record.anchor)
+            if not at or at[0] != self.peer_id:
+                raise CapabilityError(f"its anchor {record.anchor} is not on this host")
+        await self.spawn(
+            record.cid,
+            list(record.args),
+            dict(record.limits),
+            at=at,
+            volume=record.volume,
+            restart=record.restart,
+            record_id=record.id,
+        )
+        log.info("started recorded process %s at %s", record.id, record.anchor or "no anchor")
 
     def _load_rom(self, rom: object) -> Rom:
         assert self.executor is not None
@@ -295,10 +443,10 @@ class Host:
             raise CapabilityError(str(e)) from None
         raise CapabilityError(f"spawn takes ROM bytes or a content id, not {type(rom).__name__}")
 
-    def processes(self) -> list[ProcessRecord]:
-        return sorted(self._processes.values(), key=lambda r: r.handle.started_at)
+    def processes(self) -> list[Process]:
+        return sorted(self._processes.values(), key=lambda p: p.handle.started_at)
 
-    def process(self, pid: object) -> ProcessRecord:
+    def process(self, pid: object) -> Process:
         record = self._processes.get(pid) if isinstance(pid, int) else None
         if record is None:
             raise CapabilityError(f"no process {pid} on this host; `ww ps` lists them")
@@ -461,7 +609,7 @@ class Host:
             "subscriptions": self.router.subscribers(),
             "links": len(self._live_links()),
             "hosts": len(self.view.live(self.now())),
-            "processes": sum(1 for r in self._processes.values() if r.handle.exit_code is None),
+            "processes": sum(1 for p in self._processes.values() if p.handle.exit_code is None),
             "remote_leases": sum(len(link.remote_leases) for link in self.links.values()),
         }
 

@@ -10,6 +10,7 @@ import trio
 from ww.auth import peer_id_of
 from ww.host.config import Address, HostConfig, HostError, HostInfo, format_address
 from ww.host.node import Host, one_line
+from ww.host.restarts import RestartStore
 from ww.rpc import Connection
 
 log = logging.getLogger("ww.host")
@@ -49,14 +50,17 @@ async def run_host(
     sockname = listeners[0].socket.getsockname()
     addr: Address = (sockname[0], sockname[1])
 
+    restarts = RestartStore(config.data_dir / "restarts")
+    records = restarts.load()  # the ROMs records name are pinned in the cache before it is trimmed
     executor = Executor(
         config.data_dir,
         log_limit=config.log_limit,
         keep_logs=config.keep_logs,
         rom_cache_limit=config.rom_cache_limit,
+        pinned=restarts.cids,
     )
     async with executor, trio.open_nursery() as nursery:
-        host = Host(config, identity.peer_id, addr, nursery, dialer, executor, key)
+        host = Host(config, identity.peer_id, addr, nursery, dialer, executor, key, restarts)
 
         async def handle(tcp: trio.SocketStream) -> None:
             await _serve_client(host, tcp, wrap)
@@ -67,6 +71,7 @@ async def run_host(
             nursery.start_soon(host.keep_peer, peer)
         log.info("host %s listening on %s", host.peer_id, format_address(addr))
         task_status.started(HostInfo(host.peer_id, addr))
+        await host.start_recorded(records)
         try:
             await trio.sleep_forever()
         finally:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -154,7 +154,8 @@ class Executor:
 
     `log_limit`: bytes of output kept per process (the newest); `keep_logs`: how many exited
     processes' logs are kept (the newest; older ones, also from earlier runs, are deleted);
-    `rom_cache_limit`: bytes of cached ROMs (see `RomCache`).
+    `rom_cache_limit`: bytes of cached ROMs (see `RomCache`); `pinned()` names ROMs the cache
+    keeps whatever the limit (those that restart records name).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class Executor:
         log_limit: int = LOG_LIMIT,
         keep_logs: int = KEEP_LOGS,
         rom_cache_limit: int = ROM_CACHE_LIMIT,
+        pinned: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.roms_dir = self.data_dir / "roms"
@@ -178,6 +180,7 @@ class Executor:
         self._starting: Counter[str] = Counter()  # content ids of ROMs being spawned
         self._nursery: trio.Nursery | None = None
         self._cm: Any = None
+        self._pinned = pinned
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.rom_cache = RomCache(self.roms_dir, rom_cache_limit, self._roms_in_use)
         self._prune_logs()
@@ -239,8 +242,13 @@ class Executor:
         *,
         memory_limit: int | None = None,
         cpu_seconds: float | None = None,
+        volume: Path | None = None,
+        home: str | None = None,
     ) -> ProcessHandle:
         """Start `rom` in a child process serving it `capability_factory(handle)`.
+
+        `volume` (a directory) and `home` (the anchor path it runs at) are passed to the guest,
+        where `ww.rom.guest.volume()` and `home()` return them.
 
         Raises RomError when a package the ROM requires is missing here, ValueError for a bad
         limit; never for anything the child does later.
@@ -256,7 +264,12 @@ class Executor:
         # running meanwhile cannot evict the file before the child has read it.
         self._starting[rom.cid] += 1
         try:
-            return await self._start(nursery, rom, args, capability_factory, preexec)
+            options = []
+            if volume is not None:
+                options += ["--volume", str(volume)]
+            if home is not None:
+                options += ["--home", home]
+            return await self._start(nursery, rom, args, capability_factory, preexec, options)
         finally:
             self._starting[rom.cid] -= 1
             if not self._starting[rom.cid]:
@@ -269,6 +282,7 @@ class Executor:
         args: Sequence[str],
         capability_factory: Callable[[ProcessHandle], Any],
         preexec: Callable[[], None],
+        options: list[str],
     ) -> ProcessHandle:
         rom_path = self.rom_cache.put(rom)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -286,6 +300,7 @@ class Executor:
             str(child_sock.fileno()),
             "--cid",
             rom.cid,
+            *options,
             str(rom_path),
             "--",
             *args,
@@ -448,7 +463,7 @@ class Executor:
 
     def _roms_in_use(self) -> set[str]:
         running = {h.cid for h in self._table.values() if h.exit_code is None}
-        return running | set(self._starting)
+        return running | set(self._starting) | set(self._pinned())
 
 
 def _child_setup(memory_limit: int | None, cpu_seconds: float | None) -> Callable[[], None]:

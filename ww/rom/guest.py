@@ -1,9 +1,10 @@
 """The guest side: run a ROM's `async def main(host, args)`.
 
-A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]`. The
-guest validates the ROM, checks its `requires`, makes its modules importable from the validated
-archive (in memory, nothing is extracted), opens a capability connection over the inherited
-socket FD and calls `main` with the host's bootstrap capability (a `Ref`).
+A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR]
+[--home PATH] ROM_FILE [-- ARGS...]`. The guest validates the ROM, checks its `requires`,
+makes its modules importable from the validated archive (in memory, nothing is extracted),
+opens a capability connection over the inherited socket FD and calls `main` with the host's
+bootstrap capability (a `Ref`).
 
 Exit codes: 0 when main returns None, the value when it returns an int, the code of
 `sys.exit(n)`, 1 (traceback on stderr) when it raises or when the host hangs up before main
@@ -11,7 +12,9 @@ returns (main is cancelled), 2 (one line on stderr) when the ROM cannot be start
 (unreadable, invalid, a required package missing).
 
 `run_local(rom, args, host)` runs a ROM in the current process instead (`ww run`).
-Inside a running ROM, `rom_data(name)` returns data embedded in it, e.g. an inner ROM.
+Inside a running ROM, `rom_data(name)` returns data embedded in it, e.g. an inner ROM;
+`volume()` its durable directory and `home()` the anchor path it was spawned at (None when
+not given: `--volume DIR`, `--home PATH`).
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ import trio
 
 from ww.rom.archive import Rom, RomError
 
-__all__ = ["EXIT_CANNOT_START", "current_rom", "main", "rom_data", "run_local"]
+__all__ = ["EXIT_CANNOT_START", "current_rom", "home", "main", "rom_data", "run_local", "volume"]
 
 EXIT_CANNOT_START = 2
 
 _current: ContextVar[Rom | None] = ContextVar("ww_current_rom", default=None)
+_volume: Path | None = None
+_home: str | None = None
 
 
 def current_rom() -> Rom | None:
@@ -55,6 +60,20 @@ def rom_data(name: str) -> bytes:
     if rom is None:
         raise RomError("rom_data() works only inside a running ROM (ww run, or spawned on a host)")
     return rom.read(name)
+
+
+def volume() -> Path | None:
+    """The process's durable directory (spawned with volume=True), or None without one.
+
+    It belongs to the anchor path the process was spawned at, survives process and host
+    restarts, and is held by one live process at a time."""
+    return _volume
+
+
+def home() -> str | None:
+    """The anchor path this process was spawned at (`/<peer id>/raft/v1`), or None when it was
+    spawned with Host.spawn or runs under `ww run`."""
+    return _home
 
 
 # -------------------------------------------------------------------------------------------
@@ -181,14 +200,21 @@ class _Invocation:
     cid: str | None
     path: Path
     args: list[str]
+    volume: Path | None = None
+    home: str | None = None
 
 
 def _parse(argv: Sequence[str]) -> _Invocation:
-    usage = "usage: python -m ww.rom.guest --fd FD [--cid CID] ROM_FILE [-- ARGS...]"
+    usage = (
+        "usage: python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR] [--home PATH]"
+        " ROM_FILE [-- ARGS...]"
+    )
     fd: int | None = None
     cid: str | None = None
+    volume: Path | None = None
+    home: str | None = None
     rest = list(argv)
-    while rest and rest[0] in ("--fd", "--cid"):
+    while rest and rest[0] in ("--fd", "--cid", "--volume", "--home"):
         if len(rest) < 2:
             raise RomError(usage)
         flag, value, rest = rest[0], rest[1], rest[2:]
@@ -196,14 +222,18 @@ def _parse(argv: Sequence[str]) -> _Invocation:
             if not value.isdigit():
                 raise RomError(f"--fd wants a file descriptor number, not {value!r}")
             fd = int(value)
-        else:
+        elif flag == "--cid":
             cid = value
+        elif flag == "--volume":
+            volume = Path(value)
+        else:
+            home = value
     if fd is None or not rest:
         raise RomError(usage)
     path, rest = Path(rest[0]), rest[1:]
     if rest and rest[0] == "--":
         rest = rest[1:]
-    return _Invocation(fd, cid, path, rest)
+    return _Invocation(fd, cid, path, rest, volume, home)
 
 
 def _load(invocation: _Invocation) -> Rom:
@@ -265,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RomError as exc:
         print(f"ww.rom.guest: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
+    global _volume, _home
+    _volume, _home = invocation.volume, invocation.home
     sys.argv = [f"{rom.name}.rom", *invocation.args]
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
