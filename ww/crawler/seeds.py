@@ -25,7 +25,9 @@ def parse_seeds(text: str, source: str = "seeds") -> list[str]:
         try:
             url = canonicalize(line)
         except ValueError as exc:
-            raise SeedsError(f"{source}, line {number}: {exc}; write one http(s) URL a line") from None
+            raise SeedsError(
+                f"{source}, line {number}: {exc}; write one http(s) URL a line"
+            ) from None
         if url not in seen:
             seen.add(url)
             seeds.append(url)

@@ -50,6 +50,7 @@ class CrawlSettings:
     max_repeated_segments: int = 3
     max_query_params: int = 20
     handler: bool = False  # a handler ROM is given to the workers beside the settings
+    warc: bool = False  # results carry their raw responses for the WARC file
     batch: int = 16  # URLs claimed at once by a worker
     concurrency: int = 16  # fetches in flight per worker
     extra: dict[str, Any] = field(default_factory=dict)
