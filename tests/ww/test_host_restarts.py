@@ -67,7 +67,7 @@ async def test_volume_survives_a_restart_of_the_process_and_of_the_host(
     h = await host_factory.start(name="h")
     async with h.connect() as host:
         anchor = await anchor_at(host, h.peer, "raft/v1")
-        process = await anchor.spawn(rom_bytes(tmp_path), ["sleep"], None, True, "always")
+        process = await anchor.spawn(rom_bytes(tmp_path), ["sleep"], volume=True, restart="always")
         info = await process.info()
         assert info["anchor"] == f"/{h.peer}/raft/v1"
         assert info["volume"] == str(h.data_dir / "volumes" / "raft+v1")
@@ -98,7 +98,7 @@ async def test_on_failure_restarts_a_crashing_rom_with_backoff(
     h = await host_factory.start()
     async with h.connect() as host:
         anchor = await anchor_at(host, h.peer, "crash")
-        await anchor.spawn(rom_bytes(tmp_path), ["crash"], None, True, "on-failure")
+        await anchor.spawn(rom_bytes(tmp_path), ["crash"], volume=True, restart="on-failure")
         await wait_for(lambda: len(starts(h.data_dir, "crash")) >= 4, timeout=30)
         times = [float(line[1]) for line in starts(h.data_dir, "crash")[:4]]
         gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -119,7 +119,9 @@ async def test_exit_0_is_not_restarted_under_on_failure(
     h = await host_factory.start()
     async with h.connect() as host:
         anchor = await anchor_at(host, h.peer, "once")
-        process = await anchor.spawn(rom_bytes(tmp_path), ["done"], None, True, "on-failure")
+        process = await anchor.spawn(
+            rom_bytes(tmp_path), ["done"], volume=True, restart="on-failure"
+        )
         assert await process.wait() == 0
         (row,) = await host.ps()
         assert row["restarts"] == 0 and row["state"] == "exited"
@@ -133,7 +135,7 @@ async def test_a_killed_process_is_not_restarted_even_after_a_host_restart(
     h = await host_factory.start(name="h")
     async with h.connect() as host:
         anchor = await anchor_at(host, h.peer, "k")
-        process = await anchor.spawn(rom_bytes(tmp_path), ["sleep"], None, True, "always")
+        process = await anchor.spawn(rom_bytes(tmp_path), ["sleep"], volume=True, restart="always")
         await wait_for(lambda: len(starts(h.data_dir, "k")) == 1)
         pid = (await process.info())["pid"]
     out = await trio.to_thread.run_sync(ww, "kill", "--dial", h.address, str(pid))
@@ -166,16 +168,16 @@ async def test_a_second_holder_of_a_volume_is_refused(
     h = await host_factory.start()
     async with h.connect() as host:
         anchor = await anchor_at(host, h.peer, "db")
-        process = await anchor.spawn(rom_bytes(tmp_path), ["sleep"], None, True)
+        process = await anchor.spawn(rom_bytes(tmp_path), ["sleep"], volume=True)
         pid = (await process.info())["pid"]
         await wait_for(lambda: len(starts(h.data_dir, "db")) == 1)
         with pytest.raises(RemoteError, match=f"held by pid {pid}"):
-            await anchor.spawn(rom_bytes(tmp_path), ["sleep"], None, True)
+            await anchor.spawn(rom_bytes(tmp_path), ["sleep"], volume=True)
         with pytest.raises(RemoteError, match="a volume belongs to an anchor"):
-            await host.spawn(rom_bytes(tmp_path), ["sleep"], None, True)
+            await host.spawn(rom_bytes(tmp_path), ["sleep"], volume=True)
         await process.kill()
         assert await process.wait() == -15
-        again = await anchor.spawn(rom_bytes(tmp_path), ["done"], None, True)
+        again = await anchor.spawn(rom_bytes(tmp_path), ["done"], volume=True)
         assert await again.wait() == 0
         assert len(starts(h.data_dir, "db")) == 2
 
@@ -184,10 +186,10 @@ async def test_ww_volumes_lists_and_removes(host_factory: HostFactory, tmp_path:
     h = await host_factory.start()
     async with h.connect() as host:
         busy = await (await anchor_at(host, h.peer, "a/busy")).spawn(
-            rom_bytes(tmp_path), ["sleep"], None, True
+            rom_bytes(tmp_path), ["sleep"], volume=True
         )
         idle = await (await anchor_at(host, h.peer, "a/idle")).spawn(
-            rom_bytes(tmp_path), ["done"], None, True
+            rom_bytes(tmp_path), ["done"], volume=True
         )
         assert await idle.wait() == 0
         busy_pid = (await busy.info())["pid"]
@@ -224,7 +226,7 @@ async def test_a_damaged_restart_record_is_skipped_and_the_host_starts(
     h = await host_factory.start(name="h")
     async with h.connect() as host:
         anchor = await anchor_at(host, h.peer, "good")
-        await anchor.spawn(rom_bytes(tmp_path), ["sleep"], None, True, "always")
+        await anchor.spawn(rom_bytes(tmp_path), ["sleep"], volume=True, restart="always")
     h.kill()
     await h.process.wait()
     records = h.data_dir / "restarts"
@@ -238,3 +240,18 @@ async def test_a_damaged_restart_record_is_skipped_and_the_host_starts(
     skipped = [line for line in h2.lines if "skipping restart record" in line]
     assert len(skipped) == 2
     assert any("00000000000000aa.json: not JSON" in line for line in skipped)
+
+
+async def test_a_remote_anchor_spawns_with_a_volume_on_its_own_host(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    a, b = await host_factory.cluster(2)
+    async with a.connect() as host:
+        anchor = await anchor_at(host, b.peer, "raft/v1")
+        process = await anchor.spawn(rom_bytes(tmp_path), ["crash"], volume=True, restart="no")
+        assert await process.wait() == 1
+        info = await process.info()
+        assert info["anchor"] == f"/{b.peer}/raft/v1" and info["restart"] == "no"
+    (line,) = starts(b.data_dir, "raft+v1")
+    assert line[2] == f"/{b.peer}/raft/v1"
+    assert not (a.data_dir / "volumes" / "raft+v1").exists()

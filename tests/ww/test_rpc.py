@@ -171,6 +171,16 @@ async def test_call_returns_value_over_tcp() -> None:
             }
 
 
+async def test_keyword_arguments_reach_the_method() -> None:
+    async with memory_pair(Service()) as (_, client):
+        ref = client.bootstrap()
+        assert await ref.add(2, b=5) == 7
+        assert await ref.call("add", a=1, b=2) == 3
+        with pytest.raises(RemoteError, match=r"bad arguments.*'c'"):
+            await ref.add(1, c=2)
+        assert await ref.add(1, 2) == 3
+
+
 async def test_concurrent_calls_fast_returns_before_slow() -> None:
     service = Service()
     async with memory_pair(service) as (_, client):

@@ -49,6 +49,7 @@ def test_oversized_frame_is_refused_from_its_header() -> None:
     "msg",
     [
         Call(1, 0, "m", [1, "two", b"3", None, [4.5], {"k": True}]),
+        Call(1, 0, "m", [1], {"volume": True, "restart": "always"}),
         Return(2, {"x": [1, 2]}),
         Error(3, "ValueError", "bad"),
         Release(4, 2),
@@ -85,6 +86,10 @@ def test_capability_ids_travel_as_extension_types() -> None:
         (msgpack.packb([0, True, 0, "m", []]), "bad id"),
         (msgpack.packb([0, 1, 0, b"m", []]), "bad string"),
         (msgpack.packb([0, 1, 0, "m", {}]), "bad arguments"),
+        (msgpack.packb([0, 1, 0, "m", [], {}]), "bad keyword arguments"),
+        (msgpack.packb([0, 1, 0, "m", [], {1: 2}]), "bad keyword arguments"),
+        (msgpack.packb([0, 1, 0, "m", [], [1]]), "bad keyword arguments"),
+        (msgpack.packb([0, 1, 0, 5, [], {"k": 1}]), "bad string"),
         (msgpack.packb([3, 1, 0]), "bad count"),
         (msgpack.packb([1, 1, msgpack.ExtType(9, b"x")]), "unknown extension type 9"),
         (msgpack.packb([1, 1, msgpack.ExtType(1, b"")]), "capability id of 0 bytes"),

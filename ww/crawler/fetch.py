@@ -34,11 +34,12 @@ class FetchResult:
     `url` is what was asked for, `final_url` the last URL requested. `status` is the last
     response's status (None when none came). `redirects` lists every redirect response as
     {"url", "status"} in order. `error` is one line saying what went wrong, `error_kind` its
-    kind: "connect", "timeout", "network" (the connection broke), "too-many-redirects",
-    "redirect-loop", "redirect-blocked" (`check_hop` refused a hop), "bad-redirect" (a
-    Location that is not an http(s) URL), "bad-url" or "protocol". `size` and `sha256`
-    describe `body` (after content decoding, at most max_bytes of it; `truncated` when there
-    was more; no sha256 for a redirect that was not followed)."""
+    kind: "connect", "timeout", "network" (the connection broke or the server broke HTTP),
+    "too-many-redirects", "redirect-loop", "redirect-blocked" (`check_hop` refused a hop),
+    "bad-redirect" (a Location that is not an http(s) URL), "bad-url" or "protocol" (a body
+    that cannot be decoded). `size` and `sha256` describe `body` (after content decoding, at
+    most max_bytes of it; `truncated` when there was more; no sha256 for a redirect that was
+    not followed)."""
 
     url: str
     final_url: str
@@ -163,7 +164,7 @@ async def _run(
             return state.fail("timeout", f"timeout: {_describe(exc)}")
         except httpx2.ConnectError as exc:
             return state.fail("connect", f"connect error: {_describe(exc)}")
-        except (httpx2.RemoteProtocolError, httpx2.LocalProtocolError, httpx2.DecodingError) as exc:
+        except (httpx2.LocalProtocolError, httpx2.DecodingError) as exc:
             return state.fail("protocol", f"protocol error: {_describe(exc)}")
         except (httpx2.UnsupportedProtocol, httpx2.InvalidURL) as exc:
             return state.fail("bad-url", f"bad URL: {_describe(exc)}")

@@ -1,9 +1,10 @@
 """From HTML bytes to a `Page`: title, visible text, links to follow, robots directives.
 
 Decoding follows the order browsers and w3lib use: a byte-order mark, then the charset of the
-Content-Type header, then `<meta charset>` / `http-equiv`, then UTF-8. When the bytes are not
-valid in the declared encoding (a wrong charset) and are valid in another candidate (the meta
-charset, UTF-8, then Windows-1252), that candidate is used instead of decoding with
+Content-Type header, then `<meta charset>` / `http-equiv` (where UTF-16 or UTF-32 means UTF-8,
+as in browsers: a `<meta>` that could be read is not UTF-16), then UTF-8. When the bytes are
+not valid in the declared encoding (a wrong charset) and are valid in another candidate (the
+meta charset, UTF-8, then Windows-1252), that candidate is used instead of decoding with
 replacement characters.
 """
 
@@ -14,7 +15,12 @@ from dataclasses import dataclass
 from urllib.parse import urljoin
 
 from selectolax.lexbor import LexborHTMLParser
-from w3lib.encoding import html_body_declared_encoding, html_to_unicode, read_bom
+from w3lib.encoding import (
+    html_body_declared_encoding,
+    html_to_unicode,
+    http_content_type_encoding,
+    read_bom,
+)
 
 from .urls import canonicalize
 
@@ -76,6 +82,10 @@ def robots_directives(value: str | None, bot: str = _BOT_TOKEN) -> set[str]:
 
 def decode_html(body: bytes, content_type: str | None) -> tuple[str, str]:
     """(encoding, text) of an HTML body, by the rules in this module's docstring."""
+    if read_bom(body)[0] is None and not http_content_type_encoding(content_type):
+        declared = html_body_declared_encoding(body)
+        if declared and codecs.lookup(declared).name.startswith(("utf-16", "utf-32")):
+            content_type = "text/html; charset=utf-8"  # a <meta> that can be read is ASCII
     encoding, text = html_to_unicode(content_type, body)
     if "\ufffd" in text and read_bom(body)[0] is None and not _decodes(body, encoding):
         for candidate in (html_body_declared_encoding(body), "utf-8", "cp1252"):

@@ -254,29 +254,33 @@ class Host:
             assert at is not None
             directory = self._take_volume(at[1:])
         home = None if at is None else format_path(at)
+        record = None
+        if restart != "no" and self.restarts is not None:
+            id = record_id or RestartStore.new_id()
+            record = RestartRecord(
+                id, loaded.cid, tuple(args), restart, home, volume, tuple(limits.items())
+            )
+        start = functools.partial(self._start_run, loaded, args, limits, at, directory, home)
         try:
-            start = functools.partial(self._start_run, loaded, args, limits, at, directory, home)
+            if record is not None:  # first, so that a run never goes without its record
+                assert self.restarts is not None
+                try:
+                    self.restarts.save(record)
+                except OSError as e:
+                    raise CapabilityError(f"cannot record the restart policy: {e}") from None
             run = await start()
         except BaseException:
             if directory is not None:
                 self._volume_holders.pop(directory, None)
+            if record is not None and record_id is None and self.restarts is not None:
+                self.restarts.remove(record.id)
             raise
         process = Process(run, restart, home, directory)
         if directory is not None:
             self._volume_holders[directory] = process
-        if restart != "no" and self.restarts is not None:
-            process.record_id = record_id or RestartStore.new_id()
-            record = RestartRecord(
-                process.record_id,
-                loaded.cid,
-                tuple(args),
-                restart,
-                home,
-                volume,
-                tuple(limits.items()),
-            )
-            self.restarts.save(record)
-            process.on_kill = functools.partial(self.restarts.remove, process.record_id)
+        if record is not None and self.restarts is not None:
+            process.record_id = record.id
+            process.on_kill = functools.partial(self.restarts.remove, record.id)
         self._processes[run.handle.pid] = process
         self._hang(process, run)
         self.nursery.start_soon(

@@ -236,7 +236,9 @@ class Connection:
         if ref._released:
             raise CapabilityError("this capability reference was released")
 
-    async def _call(self, ref: Ref, method: str, args: tuple[Any, ...]) -> Any:
+    async def _call(
+        self, ref: Ref, method: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> Any:
         if self._closing or ref._released or self._collected:
             self._check_usable(ref)
         if self._outbox_bytes > HIGH_WATER:
@@ -244,7 +246,10 @@ class Connection:
             self._check_usable(ref)
         qid = self._next_qid
         self._next_qid = qid + 1
-        self._send_nowait(self._encode_fields([CALL, qid, ref._id, method, args]))
+        fields = [CALL, qid, ref._id, method, args]
+        if kwargs:
+            fields.append(kwargs)
+        self._send_nowait(self._encode_fields(fields))
         task = trio.lowlevel.current_task()
         self._questions[qid] = task
 
@@ -339,9 +344,9 @@ class Connection:
         if obj is None:
             if self._relay_now(msg, fn.__self__):
                 return
-            coro = fn(msg.method, msg.args)
+            coro = fn(msg.method, msg.args, msg.kwargs)
         else:
-            if nowait is not None and self._outbox_bytes <= HIGH_WATER:
+            if nowait is not None and not msg.kwargs and self._outbox_bytes <= HIGH_WATER:
                 if qid in self._answers:
                     raise ProtocolError(f"question id {qid} reused")
                 try:
@@ -352,7 +357,7 @@ class Connection:
                     self._reply_nowait(qid, result)
                     return
             try:
-                coro = fn(obj, *msg.args)
+                coro = fn(obj, *msg.args, **(msg.kwargs or {}))
             except TypeError as exc:
                 self._reply_error(qid, "CapabilityError", f"bad arguments: {exc}")
                 return
@@ -377,7 +382,10 @@ class Connection:
         qid = msg.qid
         if qid in self._answers:
             raise ProtocolError(f"question id {qid} reused")
-        out_qid = self._ask_on(target, qid, [CALL, ref._id, msg.method, msg.args])
+        fields = [CALL, ref._id, msg.method, msg.args]
+        if msg.kwargs:
+            fields.append(msg.kwargs)
+        out_qid = self._ask_on(target, qid, fields)
         if out_qid is not None:
             relay = _Relay(self, qid, target, out_qid)
             target._questions[out_qid] = relay

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 class Ref:
     """A reference to a remote capability.
 
-    ``await ref.call("m", *args)`` calls it (``await ref.m(*args)`` is the same);
+    ``await ref.call("m", *args, **kwargs)`` calls it (``await ref.m(*args, **kwargs)`` is
+    the same);
     ``async with ref.stream("m", *args) as items`` iterates a remote generator with
     backpressure; ``async with ref.sink("m", *args) as tx`` pushes items into a remote sink
     method with ``await tx.send(item)``; ``await ref.release()`` (or leaving
@@ -47,9 +48,9 @@ class Ref:
     def released(self) -> bool:
         return self._released
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call `method` remotely; raises RemoteError when it raises, ConnectionLost."""
-        return await self._conn._call(self, method, args)
+        return await self._conn._call(self, method, args, kwargs)
 
     def stream(
         self, method: str, *args: Any, window: int = DEFAULT_WINDOW

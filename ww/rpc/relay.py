@@ -29,8 +29,10 @@ class _Forwarder(Capability):
         self.ref = ref
         self.key = key
 
-    async def _relay(self, method: str, args: list[Any]) -> Any:
-        return await self.ref.call(method, *args)
+    async def _relay(
+        self, method: str, args: list[Any], kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        return await self.ref.call(method, *args, **(kwargs or {}))
 
     async def _relay_stream(self, method: str, args: list[Any], window: int) -> AsyncIterator[Any]:
         async with self.ref.stream(method, *args, window=window) as items:

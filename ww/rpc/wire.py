@@ -92,12 +92,15 @@ def unpack_cap_id(data: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """Ask capability `cap` (the receiver's export id) to run `method(*args)`."""
+    """Ask capability `cap` (the receiver's export id) to run `method(*args, **kwargs)`.
+
+    On the wire `kwargs` is a sixth field, present only when there are keyword arguments."""
 
     qid: int
     cap: int
     method: str
     args: list[Any]
+    kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +248,7 @@ _SPECS: dict[int, tuple[Callable[..., Message], tuple[str, ...]]] = {
 
 
 _FIELDS: dict[type, Callable[[Any], list[Any]]] = {
-    Call: lambda m: [CALL, m.qid, m.cap, m.method, m.args],
+    Call: lambda m: [CALL, m.qid, m.cap, m.method, m.args, *([m.kwargs] if m.kwargs else [])],
     Return: lambda m: [RETURN, m.qid, m.value],
     Error: lambda m: [ERROR, m.qid, m.type, m.message],
     Release: lambda m: [RELEASE, m.cap, m.count],
@@ -307,6 +310,19 @@ def decode_message(body: bytes | bytearray, ext_hook: Callable[[int, bytes], Any
             and 0 <= cap <= _MAX_ID
         ):
             return Call(qid, cap, method, args)
+    elif tag == CALL and size == 6:
+        kwargs = raw[5]
+        if type(kwargs) is not dict or not kwargs or not all(type(k) is str for k in kwargs):
+            raise ProtocolError(f"bad keyword arguments {_short(kwargs)} in Call")
+        call = decode_message_fields([CALL, *raw[1:5]])
+        assert isinstance(call, Call)
+        return Call(call.qid, call.cap, call.method, call.args, kwargs)
+    return decode_message_fields(raw)
+
+
+def decode_message_fields(raw: list[Any]) -> Message:
+    """A message from its wire array, every field checked."""
+    tag = raw[0]
     spec = _SPECS.get(tag)
     if spec is None:
         raise ProtocolError(f"unknown message tag {_short(tag)}")
