@@ -679,19 +679,29 @@ async def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_demo(args: argparse.Namespace) -> int:
-    from .sites import demo_site
+DEMO_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
-    async with demo_site() as site:
-        seeds = list(site.seeds)
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from .sites import demo_site, serve_site
+
+    site = demo_site(hosts=DEMO_HOSTS)
+    async with trio.open_nursery() as nursery:
+        for host in DEMO_HOSTS:
+            await nursery.start(serve_site, site, host)
+        seeds = [site.url(DEMO_HOSTS[0], "/")]
         print(
-            f"ww-crawl demo: crawling {len(site.hosts) if hasattr(site, 'hosts') else 3} "
-            f"hosts from {', '.join(seeds)}",
+            f"ww-crawl demo: a site of {len(site.links)} pages on {len(DEMO_HOSTS)} hosts, "
+            f"from {seeds[0]}",
             file=sys.stderr,
         )
         if args.scope is None:
             args.scope = "any"
-        return await run_crawl(args, "(demo)", seeds)
+        if args.output is None:
+            args.output = "demo-results.jsonl"
+        code = await run_crawl(args, "(demo)", seeds)
+        nursery.cancel_scope.cancel()
+    return code
 
 
 async def cmd_crawl(args: argparse.Namespace) -> int:
