@@ -19,7 +19,7 @@ import trio
 from ww.crawler.handler import load_handler
 from ww.crawler.settings import CrawlSettings
 from ww.crawler.worker import CONTROL_TOPIC, STATS_TOPIC, Worker
-from ww.queue import QueueClient
+from ww.queue.client import QueueClient
 
 log = logging.getLogger("ww-crawl.worker")
 

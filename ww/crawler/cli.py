@@ -454,7 +454,7 @@ class Crawl:
         from .export import Exporter
         from .worker import CONTROL_TOPIC, RESULTS
 
-        self.client = await start_queue(self.cluster)
+        self.client = await start_queue(self.cluster, resume=resume)
         try:
             if resume:
                 await self._resume_settings()
@@ -815,7 +815,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("ww.crawler.cluster", ("ClusterError",)),
         ("ww.crawler.export", ("ExportError",)),
         ("ww.crawler.handler", ("HandlerError",)),
-        ("ww.queue", ("QueueError",)),
+        ("ww.queue.client", ("QueueError",)),
         ("ww.rom", ("RomError",)),
         ("ww.auth", ("AuthError",)),
         ("ww.rpc", ("RemoteError", "ConnectionLost", "CapabilityError")),

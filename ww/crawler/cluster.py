@@ -271,33 +271,48 @@ async def _running_at(host: Any, path: str) -> bool:
     return any(n.strip("/") == leaf for n in names)
 
 
-async def start_queue(cluster: Cluster, *, timeout: float = 60.0) -> Any:
-    """Make sure a Raft replica runs on every host of the cluster; return a connected
-    `ww.queue.QueueClient` once the group has a leader."""
-    from ww.queue import QueueClient
+async def start_queue(cluster: Cluster, *, resume: bool = False, timeout: float = 60.0) -> Any:
+    """Make sure the Raft group runs (one replica on each of the first three hosts, at
+    `/<peer>/raft/v1`); return a connected `ww.queue.QueueClient` once it has a leader.
 
-    rom: bytes | None = None
-    root = await cluster.host.root()
-    for peer in cluster.peers:
-        path = f"/{peer}/{GROUP}"
-        if await _running_at(cluster.host, path):
-            continue
-        rom = rom or build("raft")
-        anchor = await root.walk(path)
-        await anchor.spawn(rom, list(cluster.peers), None, True, "on-failure")
-        log.debug("started a replica at %s", path)
-    client = await QueueClient.connect(cluster.host, group=GROUP)
+    The replicas are spawned with a volume and restart="on-failure", so after a host restart
+    the host starts its replica again by itself: on `resume` they are given a few seconds to
+    come back before any missing one is spawned (on its old volume, so with its old state)."""
+    from ww.queue.client import QueueClient, QueueError
+
+    voters = cluster.peers[:HOSTS]
+    deadline = trio.current_time() + (10.0 if resume else 0.0)
+    while True:
+        missing = [p for p in voters if not await _running_at(cluster.host, f"/{p}/{GROUP}")]
+        if not missing or trio.current_time() >= deadline:
+            break
+        await trio.sleep(0.2)
+    if missing:
+        rom = build("raft/replica")
+        root = await cluster.host.root()
+        for peer in missing:
+            anchor = await root.walk(f"/{peer}/{GROUP}")
+            await anchor.spawn(
+                rom, ["--voters", ",".join(voters)], volume=True, restart="on-failure"
+            )
+            log.debug("started a replica at /%s/%s", peer, GROUP)
     with trio.move_on_after(timeout):
         while True:
             try:
+                client = await QueueClient.connect(cluster.host, GROUP, timeout=10)
+            except QueueError as exc:
+                log.debug("waiting for the Raft group: %s", exc)
+                await trio.sleep(0.2)
+                continue
+            try:
                 status = await client.status()
             except Exception as exc:
-                log.debug("waiting for the Raft group: %s", exc)
+                log.debug("waiting for a leader: %s", exc)
                 status = {}
             if status.get("leader"):
                 return client
+            await client.aclose()
             await trio.sleep(0.2)
-    await client.aclose()
     raise ClusterError(f"the Raft group elected no leader within {timeout:g} s")
 
 
@@ -315,5 +330,5 @@ async def spawn_workers(
             if handler_path is not None:
                 args += ["--handler", handler_path]
             anchor = await root.walk(f"/{peer}/{WORKERS}/w{n}")
-            processes.append(await anchor.spawn(rom, args, None, False, "no"))
+            processes.append(await anchor.spawn(rom, args))
     return processes

@@ -87,7 +87,7 @@ class QueueLike(Protocol):
 
 def frontier_item(url: str, depth: int, referrer: str | None) -> Any:
     """The frontier item of a canonical page URL: keyed by it, partitioned by its host."""
-    from ww.queue import Item
+    from ww.queue.commands import Item
 
     payload = msgpack.packb({"url": url, "depth": depth, "referrer": referrer, "kind": "page"})
     return Item(payload=payload, key=url, partition=host_key(url))
@@ -95,7 +95,7 @@ def frontier_item(url: str, depth: int, referrer: str | None) -> Any:
 
 def robots_item(url: str) -> Any:
     """The item that has robots.txt fetched for the host of `url` (once: its key is unique)."""
-    from ww.queue import Item
+    from ww.queue.commands import Item
 
     host = host_key(url)
     payload = msgpack.packb(
@@ -357,7 +357,7 @@ class Worker:
         return _Outcome(item.id, robots=msgpack.packb(record))
 
     async def _append_robots(self, host: str, policy: RobotsPolicy, *, final: bool) -> None:
-        from ww.queue import QueueError
+        from ww.queue.client import QueueError
 
         record = {
             "host": host,
