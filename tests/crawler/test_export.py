@@ -8,7 +8,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from ww.crawler.export import ExportError, Exporter
+from ww.crawler.export import Exporter, ExportError
 
 
 class Log:

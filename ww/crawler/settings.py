@@ -74,7 +74,7 @@ class CrawlSettings:
     @property
     def lease(self) -> float:
         """How long a claimed batch is ours: every fetch of it is bounded by the timeout."""
-        return self.timeout * 2 + 10.0
+        return self.timeout * 2 + 5.0
 
     @property
     def max_attempts(self) -> int:
