@@ -396,3 +396,31 @@ async def test_kill_9_of_everything_then_resume_exports_each_url_once(
     # No page that had a result before the crash was fetched again.
     for row in before:
         assert len(hits_of(site, row["url"])) == 1, row["url"]
+
+
+async def test_retry_failed_crawls_failures_again_and_keeps_each_url_once(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    site = Site()
+    site.page("/", host=A, links=["/ok", "/down"])
+    site.page("/ok", host=A)
+    site.flaky("/down", failures=1, status=503, host=A)
+    await serve(nursery, site, A)
+    first = await crawl(tmp_path, [site.url(A, "/")], "--retries", "0")
+    assert first.code == 0, first.stderr
+    down = canonicalize(site.url(A, "/down"))
+    assert first.by_url()[down]["status"] == 503
+    again = await crawl(tmp_path, [site.url(A, "/")], "--resume", "--retry-failed")
+    assert again.code == 0, again.stderr
+    assert sorted(again.urls) == sorted(first.urls)
+    assert again.by_url()[down]["status"] == 200
+    assert len(site.hits(A, "/ok")) == 1  # a page that succeeded is not fetched again
+    # `ww-crawl export` writes the same: each URL once, with its latest result.
+    argv = [sys.executable, "-m", "ww.crawler.cli", "export", str(tmp_path / "data")]
+    argv += ["-o", str(tmp_path / "all.jsonl")]
+    with trio.fail_after(CRAWL_TIMEOUT):
+        done = await trio.run_process(argv, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    exported = {r["url"]: r for r in read_rows(tmp_path / "all.jsonl")}
+    assert sorted(exported) == sorted(again.urls)
+    assert exported[down]["status"] == 200

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -290,6 +291,8 @@ class CrawlInfo:
     started: str
     hosts: list[str]
     handler: str | None = None
+    retry_generation: int = 0
+    pending_retry: list[str] | None = None  # URLs being put back by --retry-failed
 
     @classmethod
     def load(cls, path: Path) -> CrawlInfo:
@@ -446,8 +449,8 @@ class Crawl:
         self.client: Any = None
         self.workers: list[Any] = []
         self.stopping = trio.Event()
+        self.dashboard: Any = None
         self.started = time.monotonic()
-        self.last: dict[str, Any] = {}
 
     async def run(self, resume: bool) -> int:
         from .cluster import spawn_workers, start_queue
@@ -486,6 +489,7 @@ class Crawl:
                     nursery.start_soon(self._show)
                     await self._watch()
                     nursery.cancel_scope.cancel()
+                log.info("the crawl is done; stopping the workers")
                 # Stop the workers, then export everything they completed.
                 pubsub = await self.cluster.host.pubsub()
                 control = await pubsub.join(CONTROL_TOPIC)
@@ -497,7 +501,7 @@ class Crawl:
                 await exporter.catch_up(self.client, appended)
             finally:
                 exporter.close()
-            self._summary(exporter)
+            await self._summary(exporter)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 for process in self.workers:
@@ -555,7 +559,33 @@ class Crawl:
             await self._retry_failed()
 
     async def _retry_failed(self) -> None:
-        raise CrawlError("--retry-failed is not supported yet")
+        """Put the URLs whose latest result is a failure back into the frontier, under a new
+        key (the seen-set remembers the old one), and take their old lines out of the JSON
+        Lines file, so that each URL is there once, with its latest result. The plan is saved
+        in crawl.json first, so a crash half way is finished by the next --resume."""
+        from .export import decode_result, drop_urls
+        from .worker import FRONTIER, retry_item
+
+        if self.info.pending_retry is None:
+            latest = await latest_results(self.client)
+            failed = sorted(u for u, (_, d) in latest.items() if is_failure(decode_result(d)))
+            self.info.retry_generation += 1
+            self.info.pending_retry = failed
+            self.info.save(self.data_dir / CRAWL_JSON)
+        urls = self.info.pending_retry
+        drop_urls(Path(self.info.output), self.data_dir / EXPORT_STATE, set(urls))
+        latest = await latest_results(self.client)
+        items = []
+        for url in urls:
+            record = decode_result(latest[url][1]) if url in latest else None
+            depth = int(record.get("depth") or 0) if record else 0
+            referrer = record.get("referrer") if record else None
+            items.append(retry_item(url, depth, referrer, self.info.retry_generation))
+        if items:
+            await self.client.put(FRONTIER, items)
+        self.info.pending_retry = None
+        self.info.save(self.data_dir / CRAWL_JSON)
+        log.info("put %d failed URLs back into the queue", len(items))
 
     async def _share_handler(self) -> str | None:
         if self.handler_rom is None:
@@ -574,7 +604,6 @@ class Crawl:
         while not self.stopping.is_set():
             frontier = await self.client.stats(FRONTIER)
             results = await self.client.stats(RESULTS)
-            self.last = {"frontier": frontier, "results": results}
             pending = sum(int(frontier.get(k, 0)) for k in ("ready", "leased", "delayed"))
             done = int(results.get("appended", 0))
             if pending == 0 or (s.max_pages is not None and done >= s.max_pages):
@@ -583,28 +612,76 @@ class Crawl:
                 await self.stopping.wait()
 
     async def _show(self) -> None:
-        while True:
-            await trio.sleep(PROGRESS_INTERVAL)
-            if self.last:
-                print(self._progress_line(), file=sys.stderr, flush=True)
+        """The live dashboard on a terminal (a progress line otherwise, or with
+        --no-dashboard), fed by the queue's stats and the workers' stats messages."""
+        from rich.console import Console
 
-    def _progress_line(self) -> str:
-        f, r = self.last.get("frontier", {}), self.last.get("results", {})
-        done = int(r.get("appended", 0))
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        return (
-            f"{done} pages, {f.get('ready', 0)} queued, {f.get('leased', 0)} in flight, "
-            f"{f.get('delayed', 0)} waiting, {f.get('dead', 0)} dead, "
-            f"{done / elapsed:.1f} pages/s"
+        from .dashboard import DashboardState, follow_stats, poll_queue, run_dashboard
+        from .worker import STATS_TOPIC
+
+        state = self.dashboard = DashboardState(
+            max_pages=self.settings.max_pages, started=time.time()
         )
+        topic = await (await self.cluster.host.pubsub()).join(STATS_TOPIC)
+        console = Console(stderr=True)
+        async with topic.stream("subscribe") as messages, trio.open_nursery() as nursery:
+            nursery.start_soon(poll_queue, self.client, state)
+            nursery.start_soon(follow_stats, messages, state.meter)
+            nursery.start_soon(
+                partial(
+                    run_dashboard,
+                    state.view,
+                    console=console,
+                    live=False if self.args.no_dashboard else None,
+                    line_interval=PROGRESS_INTERVAL,
+                    summary_on_exit=False,
+                )
+            )
 
-    def _summary(self, exporter: Any) -> None:
+    async def _summary(self, exporter: Any) -> None:
+        from .dashboard import summary
+        from .worker import FRONTIER, RESULTS
+
+        if self.dashboard is not None:
+            with contextlib.suppress(Exception):
+                self.dashboard.frontier = await self.client.stats(FRONTIER)
+                self.dashboard.results = await self.client.stats(RESULTS)
+            print(summary(self.dashboard.view()), file=sys.stderr)
         elapsed = time.monotonic() - self.started
         print(
             f"ww-crawl: {exporter.offset} results in {self.info.output} "
             f"({exporter.written} written by this run) in {elapsed:.1f} s",
             file=sys.stderr,
         )
+
+
+def is_failure(record: dict[str, Any] | None) -> bool:
+    """A result worth another try with --retry-failed: an error (no response, robots.txt
+    unavailable, ...), a 5xx or a 429."""
+    if record is None:
+        return False
+    status = record.get("status")
+    return record.get("error") is not None or status is None or status >= 500 or status == 429
+
+
+async def latest_results(client: Any) -> dict[str, tuple[int, bytes]]:
+    """url -> (offset, record bytes) of the latest result of each URL in crawl.results."""
+    from .export import decode_result
+    from .worker import RESULTS
+
+    end = int((await client.stats(RESULTS)).get("appended", 0))
+    latest: dict[str, tuple[int, bytes]] = {}
+    offset = 0
+    while offset < end:
+        records = await client.read(RESULTS, offset, 1000)
+        if not records:
+            break
+        for o, data in records:
+            record = decode_result(data)
+            if record is not None and isinstance(record.get("url"), str):
+                latest[record["url"]] = (o, data)
+            offset = o + 1
+    return latest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,20 +737,23 @@ async def cmd_export(args: argparse.Namespace) -> int:
     if not (data_dir / CRAWL_JSON).exists():
         raise CrawlError(f"{data_dir} holds no crawl; pass the --data-dir of one")
     out = Path(args.output)
-    partial = out.with_name(f".{out.name}.partial")
+    out_partial = out.with_name(f".{out.name}.partial")
     state = out.with_name(f".{out.name}.export-state")
     async with local_cluster(data_dir) as cluster:
         client = await start_queue(cluster)
         try:
-            exporter = Exporter(partial, state, warc=Path(args.warc) if args.warc else None)
+            exporter = Exporter(out_partial, state, warc=Path(args.warc) if args.warc else None)
             try:
                 appended = int((await client.stats(RESULTS)).get("appended", 0))
+                # Each URL once, with its latest result (--retry-failed adds later ones).
+                latest = {o for o, _ in (await latest_results(client)).values()}
+                exporter.skip = set(range(appended)) - latest
                 await exporter.catch_up(client, appended)
             finally:
                 exporter.close()
         finally:
             await client.aclose()
-    partial.replace(out)
+    out_partial.replace(out)
     state.unlink(missing_ok=True)
     print(f"ww-crawl export: {exporter.written} results in {out}", file=sys.stderr)
     return 0

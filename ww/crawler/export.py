@@ -26,7 +26,14 @@ import trio
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportState", "Exporter", "decode_result", "result_line"]
+__all__ = [
+    "ExportError",
+    "ExportState",
+    "Exporter",
+    "decode_result",
+    "drop_urls",
+    "result_line",
+]
 
 RESULTS = "crawl.results"
 CHECKPOINT_INTERVAL = 0.5  # seconds between checkpoints while results stream in
@@ -133,6 +140,7 @@ class Exporter:
 
             self._warc_writer = WARCWriter(self._warc_out, gzip=True)
         self.offset = self.state.offset
+        self.skip: set[int] = set()  # offsets not to export (superseded by a later result)
         self.state.save(state_path)
 
     def _open(self, path: Path, length: int, what: str) -> io.BufferedRandom:
@@ -158,7 +166,7 @@ class Exporter:
         if offset < self.offset:
             return  # already exported
         self.offset = offset + 1
-        if self.limit is not None and offset >= self.limit:
+        if (self.limit is not None and offset >= self.limit) or offset in self.skip:
             return
         record = decode_result(data)
         if record is None:
@@ -214,6 +222,41 @@ class Exporter:
                 last = trio.current_time()
             if len(records) < READ_BATCH:
                 await trio.sleep(poll)
+
+
+def drop_urls(jsonl: Path, state_path: Path, urls: set[str]) -> int:
+    """Remove the exported lines of `urls` (to be crawled again) from `jsonl`, keeping the
+    export state true; returns how many lines went. Safe to repeat after a crash at any point:
+    a file shorter than its recorded length is the finished rewrite of an earlier try."""
+    state = ExportState.load(state_path)
+    if state is None or not jsonl.exists():
+        return 0
+    size = jsonl.stat().st_size
+    if size < state.length:  # rewritten, but the state was not saved yet
+        ExportState(state.offset, size, state.warc_length).save(state_path)
+        return 0
+    with open(jsonl, "rb") as f:
+        lines = f.read(state.length).splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            url = json.loads(line).get("url")
+        except ValueError:
+            url = None
+        if url not in urls:
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if not dropped:
+        return 0
+    fresh = jsonl.with_name(jsonl.name + ".new")
+    with open(fresh, "wb") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(fresh, jsonl)
+    _fsync_dir(jsonl.parent)
+    ExportState(state.offset, sum(len(x) for x in kept), state.warc_length).save(state_path)
+    return dropped
 
 
 def write_warc(writer: Any, record: Mapping[str, Any]) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "Worker",
     "WorkerStats",
     "frontier_item",
+    "retry_item",
     "robots_item",
 ]
 
@@ -91,6 +92,14 @@ def frontier_item(url: str, depth: int, referrer: str | None) -> Any:
 
     payload = msgpack.packb({"url": url, "depth": depth, "referrer": referrer, "kind": "page"})
     return Item(payload=payload, key=url, partition=host_key(url))
+
+
+def retry_item(url: str, depth: int, referrer: str | None, generation: int) -> Any:
+    """A failed page put back by --retry-failed: a new key, since the seen-set keeps the old."""
+    from ww.queue.commands import Item
+
+    payload = msgpack.packb({"url": url, "depth": depth, "referrer": referrer, "kind": "page"})
+    return Item(payload=payload, key=f"{url} retry {generation}", partition=host_key(url))
 
 
 def robots_item(url: str) -> Any:
