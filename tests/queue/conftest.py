@@ -1,3 +1,6 @@
+"""Fixtures of the queue tests: a state machine driver, real ww hosts (tests/ww/conftest.py)
+and replica groups."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,8 +9,11 @@ from typing import Any
 
 import pytest
 
+from tests.ww.conftest import HostFactory, HostProcess, host_factory, wait_for
 from ww.queue.commands import Command
 from ww.queue.state import QueueState
+
+__all__ = ["Driver", "HostFactory", "HostProcess", "host_factory", "q", "wait_for"]
 
 
 class Driver:

@@ -44,6 +44,7 @@ __all__ = [
     "Replica",
     "RequestDroppedError",
     "StateMachine",
+    "durable_applied_index",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,18 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's."""
         ...
+
+
+def durable_applied_index(state_machine: StateMachine) -> int:
+    """The index a state machine says it has durably applied, or 0.
+
+    A state machine that keeps its own state on disk (with the index of the last entry it
+    applied, written with each change) exposes it as an int attribute `applied_index`. A
+    replica restarting then neither restores it from the snapshot when it is already at or
+    past the snapshot, nor applies to it again the entries at or below that index.
+    """
+    index = getattr(state_machine, "applied_index", 0)
+    return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
 class NotLeaderError(ProposalDroppedError):
@@ -107,7 +120,11 @@ class Replica:
 
     On construction the state machine is restored from the storage's snapshot and the core
     resumes from there; the committed entries after the snapshot are applied again through
-    Readys. `snapshot_interval` applied entries trigger a snapshot; the log keeps
+    Readys. A state machine with a durable `applied_index` (see `durable_applied_index`) at or
+    past the snapshot is not restored, and is handed only the entries after its index (the
+    replica still applies the conf changes among the others to itself).
+
+    `snapshot_interval` applied entries trigger a snapshot; the log keeps
     `compaction_margin` entries behind it so a slightly lagging follower needs no snapshot.
     """
 
@@ -137,8 +154,10 @@ class Replica:
         snap = storage.snapshot()
         _, self.conf_state = storage.initial_state()
         self.applied = 0
+        self._durable = durable_applied_index(state_machine)
         if not snap.is_empty():
-            state_machine.restore(snap.data)
+            if self._durable < snap.metadata.index:
+                state_machine.restore(snap.data)
             self.applied = snap.metadata.index
             self.conf_state = snap.metadata.conf_state
         self._snapshot_index = self.applied
@@ -272,6 +291,7 @@ class Replica:
     def _install(self, data: bytes, index: int, conf_state: ConfState) -> None:
         logger.info("node %d: installing snapshot at index %d", self.id, index)
         self.state_machine.restore(data)
+        self._durable = 0  # the state machine is now exactly at the snapshot
         self.applied = index
         self._snapshot_index = index
         self.conf_state = conf_state
@@ -292,7 +312,7 @@ class Replica:
             result = self.conf_state
             if self._on_conf_change is not None:
                 self._on_conf_change(cc, self.conf_state)
-        elif entry.data:
+        elif entry.data and entry.index > self._durable:
             request_id = entry.data[:REQUEST_ID_SIZE]
             result = self.state_machine.apply(entry.index, entry.data[REQUEST_ID_SIZE:])
         self.applied = entry.index

@@ -1,0 +1,354 @@
+"""The queue's client: one library for the Raft ROM's commands, worker ROMs and the crawler.
+
+    client = await QueueClient.connect(host)            # host: any Host capability
+    await client.put("urls", [Item(b"https://example.org/", key="https://example.org/")])
+    for item in await client.claim("urls", "worker-1", max_items=10, lease=30):
+        ...
+    await client.complete("worker-1", [item.id], append={"pages": [b"..."]})
+    await client.aclose()
+
+It finds the replicas of the group by walking `/<peer>/<group>/request` for the hosts in the
+cluster view, sends each request to the leader (following "not leader" answers), and lets
+many requests be in flight at once: each call is independent. Every write carries this
+client's id and a sequence number; a request that got no answer (the leader changed, timed
+out, its host went away) is sent again with the same id and number, so the state machine
+applies it once and answers the retry with its first answer. `ack` tells the state machine
+which answers the client has, so it can forget them.
+
+An answer with "error" raises `QueueError` (one line); a request that no leader answered
+within `timeout` seconds raises it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ww.queue.commands import Claimed, Command, Item, Query, claimed_from_answer, encode
+from ww.queue.replica import GROUP
+from ww.rpc import CapabilityError, ConnectionLost, RemoteError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Claimed", "Item", "PutResult", "QueueClient", "QueueError"]
+
+DISCOVERY_TIMEOUT = 1.0
+"""How long to wait for one host's anchor when looking for the replicas."""
+
+_GONE = (RemoteError, ConnectionLost, CapabilityError, OSError)
+"""What a call on a replica raises when the replica, its host or the way there is gone."""
+
+
+class QueueError(Exception):
+    """A refused request, or one that no leader answered in time. `answer` is the replica's
+    answer when there was one (e.g. `{"error": ..., "lost": [ids]}` of a refused complete)."""
+
+    def __init__(self, message: str, answer: Mapping[str, Any] | None = None) -> None:
+        super().__init__(" ".join(message.split()))
+        self.answer = dict(answer) if answer is not None else {}
+
+
+@dataclass(slots=True, frozen=True)
+class PutResult:
+    added: int
+    duplicates: int
+
+
+class QueueClient:
+    """A client of one replica group. Make it with `await QueueClient.connect(host)`."""
+
+    def __init__(
+        self,
+        host: Any,
+        group: str = GROUP,
+        *,
+        client_id: str | None = None,
+        timeout: float = 30.0,
+        attempt_timeout: float = 10.0,
+    ) -> None:
+        self._host = host
+        self.group = group.strip("/")
+        self.client_id = client_id or uuid.uuid4().hex
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        self._replicas: dict[str, Any] = {}  # peer id -> `request` Ref
+        self._leader: str | None = None
+        self._seq = 0
+        self._outstanding: set[int] = set()
+
+    @classmethod
+    async def connect(
+        cls, host: Any, group: str = GROUP, *, client_id: str | None = None, timeout: float = 30.0
+    ) -> QueueClient:
+        """A client of the group `group` (a path below each host, e.g. "raft/v1") reached
+        through `host`. Raises QueueError when no replica of it is found."""
+        client = cls(host, group, client_id=client_id, timeout=timeout)
+        await client._discover()
+        if not client._replicas:
+            raise QueueError(
+                f"no replica of {client.group} found in the cluster; "
+                "start one with `ww run roms/raft start`"
+            )
+        return client
+
+    async def aclose(self) -> None:
+        replicas, self._replicas = self._replicas, {}
+        for ref in replicas.values():
+            with contextlib.suppress(*_GONE):
+                await ref.release()
+
+    async def __aenter__(self) -> QueueClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- the queue --------------------------------------------------------------------------
+
+    async def create(
+        self,
+        topic: str,
+        kind: str = "work",
+        max_attempts: int = 5,
+        dead_letter: str | None = None,
+    ) -> bool:
+        """Create a topic ("work" or "log"); False when it existed already."""
+        answer = await self._write(Command.create(topic, kind, max_attempts, dead_letter))
+        return bool(answer.get("created"))
+
+    async def put(self, topic: str, items: Sequence[Item]) -> PutResult:
+        answer = await self._write(Command.put(topic, items))
+        return PutResult(answer["added"], answer["duplicates"])
+
+    async def claim(
+        self, topic: str, consumer: str, max_items: int = 1, lease: float = 30.0
+    ) -> list[Claimed]:
+        answer = await self._write(Command.claim(topic, consumer, max_items, lease))
+        return claimed_from_answer(answer)
+
+    async def complete(
+        self,
+        consumer: str,
+        ids: Sequence[int],
+        append: Mapping[str, Sequence[bytes]] | None = None,
+        put: Mapping[str, Sequence[Item]] | None = None,
+    ) -> dict[str, Any]:
+        """Acknowledge leases, append results and put new items, all or nothing."""
+        return await self._write(Command.complete(consumer, ids, append, put))
+
+    async def release(self, consumer: str, ids: Sequence[int], delay: float = 0.0) -> int:
+        answer = await self._write(Command.release(consumer, ids, delay))
+        return int(answer.get("released", 0))
+
+    async def limit(
+        self,
+        topic: str,
+        partition: str | None,
+        max_leased: int | None,
+        min_interval: float = 0.0,
+    ) -> None:
+        await self._write(Command.limit(topic, partition, max_leased, min_interval))
+
+    async def append(self, topic: str, records: Sequence[bytes]) -> int:
+        """Append records to a log topic; returns the offset of the first."""
+        answer = await self._write(Command.append(topic, records))
+        return int(answer["first"])
+
+    async def trim(self, topic: str, offset: int) -> int:
+        answer = await self._write(Command.trim(topic, offset))
+        return int(answer.get("trimmed", 0))
+
+    async def set_cursor(self, topic: str, consumer: str, offset: int) -> None:
+        await self._write(Command.cursor(topic, consumer, offset))
+
+    async def cursor(self, topic: str, consumer: str) -> int:
+        answer = await self._query(Query.cursor_get(topic, consumer))
+        return int(answer["offset"])
+
+    async def read(self, topic: str, offset: int, n: int) -> list[tuple[int, bytes]]:
+        answer = await self._query(Query.read(topic, offset, n))
+        return [(int(o), bytes(r)) for o, r in answer["records"]]
+
+    async def stats(self, topic: str) -> dict[str, Any]:
+        return await self._query(Query.stats(topic))
+
+    async def topics(self) -> list[str]:
+        return list((await self._query(Query.topics()))["topics"])
+
+    async def follow(self, topic: str, offset: int = 0) -> AsyncIterator[tuple[int, bytes]]:
+        """Records of log topic `topic` from `offset` on, as they commit; goes on (from where
+        it was) on another replica when the one it reads from goes away."""
+        deadline = trio.current_time() + self.timeout
+        while True:
+            peer = self._leader or await self._any_peer(deadline)
+            try:
+                response = await self._anchor(peer, "response")
+                async with response.stream("follow", topic, offset, window=256) as records:
+                    async for off, record in records:
+                        offset = int(off) + 1
+                        deadline = trio.current_time() + self.timeout
+                        yield int(off), bytes(record)
+            except RemoteError as e:
+                if e.type in ("CapabilityError", "ValueError"):
+                    raise QueueError(e.message) from None
+                self._forget(peer)
+            except _GONE:
+                self._forget(peer)
+            await self._pause(deadline, "no replica to follow")
+
+    # -- the group --------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """The leader's status (members, leader, term, commit, applied), with "replicas": each
+        reachable replica's own status and its lag (the leader's commit minus its applied)."""
+        await self._discover()
+        replicas: dict[str, dict[str, Any]] = {}
+        for peer, ref in list(self._replicas.items()):
+            try:
+                with trio.fail_after(self.attempt_timeout):
+                    replicas[peer] = await ref.status()
+            except (*_GONE, trio.TooSlowError) as e:
+                replicas[peer] = {"error": str(e) or type(e).__name__}
+                self._forget(peer)
+        leaders = [s for s in replicas.values() if s.get("role") == "leader"]
+        leader = max(leaders, key=lambda s: s["term"]) if leaders else None
+        out: dict[str, Any] = dict(leader) if leader else {"leader": None}
+        for s in replicas.values():
+            if "applied" in s and leader is not None:
+                s["lag"] = max(0, leader["commit"] - s["applied"])
+        out["replicas"] = replicas
+        if leader is not None:
+            self._leader = leader["peer"]
+        return out
+
+    async def add(self, peer: str) -> dict[str, Any]:
+        """Make the replica started on `peer` (without voters) a voter of the group."""
+        return await self._admin("add", peer)
+
+    async def remove(self, peer: str) -> dict[str, Any]:
+        return await self._admin("remove", peer)
+
+    async def transfer(self, peer: str) -> dict[str, Any]:
+        return await self._admin("transfer", peer)
+
+    async def stop_replica(self, peer: str) -> None:
+        """Ask the replica on `peer` to exit (normally, so its host does not restart it)."""
+        ref = await self._anchor(peer, "request")
+        with contextlib.suppress(ConnectionLost):
+            await ref.stop()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def _write(self, command: Command) -> dict[str, Any]:
+        self._seq += 1
+        seq = self._seq
+        self._outstanding.add(seq)
+        ack = min(self._outstanding) - 1
+        try:
+            return await self._send(
+                "submit", command.encode(client=self.client_id, seq=seq, ack=ack)
+            )
+        finally:
+            self._outstanding.discard(seq)
+
+    async def _query(self, query: dict[str, Any]) -> dict[str, Any]:
+        return await self._send("query", encode(query))
+
+    async def _admin(self, method: str, peer: str) -> dict[str, Any]:
+        await self._discover()
+        return await self._send(method, peer)
+
+    async def _send(self, method: str, arg: Any) -> dict[str, Any]:
+        """Call `method(arg)` on the leader until it answers; retried requests are the same."""
+        deadline = trio.current_time() + self.timeout
+        last = "no replica answered"
+        while True:
+            peer = self._leader or await self._any_peer(deadline)
+            try:
+                ref = await self._anchor(peer, "request")
+                with trio.fail_after(
+                    min(self.attempt_timeout, max(deadline - trio.current_time(), 0.01))
+                ):
+                    answer = await ref.call(method, arg)
+            except (*_GONE, trio.TooSlowError) as e:
+                last = f"{peer}: {e or type(e).__name__}"
+                self._forget(peer)
+            else:
+                if not isinstance(answer, dict):
+                    raise QueueError(f"{method}: unexpected answer {answer!r:.100}")
+                error = answer.get("error")
+                if error is None:
+                    self._leader = peer
+                    return answer
+                if error == "not leader":
+                    leader = answer.get("leader")
+                    self._leader = leader if isinstance(leader, str) and leader != peer else None
+                    last = f"{peer} is not the leader"
+                    if self._leader is not None and trio.current_time() < deadline:
+                        continue
+                elif answer.get("retry"):
+                    last = f"{peer}: {error}"
+                else:
+                    raise QueueError(str(error), answer)
+            await self._pause(deadline, last)
+
+    async def _pause(self, deadline: float, last: str) -> None:
+        if trio.current_time() >= deadline:
+            raise QueueError(
+                f"no leader of {self.group} answered within {self.timeout:g} s ({last}); "
+                "see `ww run roms/raft status`"
+            )
+        await trio.sleep(min(0.05, max(deadline - trio.current_time(), 0)))
+
+    async def _any_peer(self, deadline: float) -> str:
+        while True:
+            if not self._replicas:
+                try:
+                    await self._discover()
+                except _GONE as e:
+                    logger.debug("discovery failed: %s", e)
+            if self._replicas:
+                # Rotate, so a retry after a failure tries another replica.
+                peer = next(iter(self._replicas))
+                self._replicas[peer] = self._replicas.pop(peer)
+                return peer
+            await self._pause(deadline, "no replica found")
+
+    async def _discover(self) -> None:
+        """Find the replicas: `/<peer>/<group>/request` for the hosts in the view."""
+        root = await self._host.root()
+        peers = await root.ls()
+
+        async def look(peer: str) -> None:
+            # A host killed a moment ago is still in the view; do not wait long for it.
+            with contextlib.suppress(*_GONE), trio.move_on_after(DISCOVERY_TIMEOUT):
+                await self._anchor(peer, "request")
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                if peer not in self._replicas:
+                    nursery.start_soon(look, peer)
+
+    async def _anchor(self, peer: str, name: str) -> Any:
+        """The capability at `/<peer>/<group>/<name>` (cached for "request")."""
+        if name == "request" and peer in self._replicas:
+            return self._replicas[peer]
+        root = await self._host.root()
+        anchor = await root.walk(f"/{peer}/{self.group}/{name}")
+        ref = await anchor.load()
+        if ref is None or isinstance(ref, bytes):
+            raise CapabilityError(f"no replica of {self.group} on {peer}")
+        if name == "request":
+            self._replicas[peer] = ref
+        return ref
+
+    def _forget(self, peer: str) -> None:
+        self._replicas.pop(peer, None)
+        if self._leader == peer:
+            self._leader = None
