@@ -11,9 +11,10 @@ import pytest
 import trio
 from tenacity import wait_fixed
 
-from ww.crawler.fetch import FetchResult, fetch
+from ww.crawler.fetch import FetchResult, fetch, fetch_robots, new_client
 from ww.crawler.parse import is_html, parse_html
 from ww.crawler.retry import Retry, decide
+from ww.crawler.robots import Wait
 from ww.crawler.sites import Site, serve_site
 
 A, B = "127.0.0.1", "127.0.0.2"
@@ -224,3 +225,37 @@ async def test_a_wrongly_declared_charset_is_read_right(
     assert parse_html(result.body, result.final_url, content_type=result.content_type).title == (
         "Déjà vu"
     )
+
+
+async def test_fetch_robots_reads_rules_follows_redirects_and_waits_on_failure(
+    site: Site,
+) -> None:
+    site.robots("User-agent: *\nDisallow: /private/\nCrawl-delay: 1.5\n", host=A)
+    async with new_client() as c:
+        rules = await fetch_robots(c, site.url(A, "/any/page"), user_agent=UA)
+        assert rules.kind == "rules" and rules.crawl_delay(UA) == 1.5
+        assert not rules.allowed(site.url(A, "/private/x"), UA)
+        assert site.hits(A, "/robots.txt")[0].user_agent == UA
+
+        none = await fetch_robots(c, site.url(B, "/"), user_agent=UA)  # 404 on B
+        assert none.kind == "allow-all"
+
+        site.redirect("/robots.txt", (A, "/robots.txt"), host=B)  # to the other host's file
+        moved = await fetch_robots(c, site.url(B, "/"), user_agent=UA)
+        assert moved.kind == "rules" and moved.crawl_delay(UA) == 1.5
+
+        site.robots("", status=503, host=A)
+        down = await fetch_robots(c, site.url(A, "/"), user_agent=UA, retry_delay=9.0)
+        assert down.check(site.url(A, "/")) == Wait(9.0)
+
+
+async def test_fetch_robots_waits_when_the_host_is_unreachable_or_too_slow(site: Site) -> None:
+    site.trickle("/robots.txt", host=A)
+    async with new_client() as c:
+        slow = await fetch_robots(c, site.url(A, "/"), user_agent=UA, timeout=0.3)
+        assert slow.kind == "unavailable"
+        with trio.socket.socket() as sock:
+            await sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            gone = await fetch_robots(c, f"http://127.0.0.1:{port}/", user_agent=UA)
+        assert gone.kind == "unavailable" and gone.status is None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ww.crawler.parse import decode_html, is_html, parse_html, robots_directives
+from ww.crawler.fetch import FetchResult
+from ww.crawler.parse import decode_html, is_html, parse_fetched, parse_html, robots_directives
 
 URL = "http://e.com/dir/page.html"
 
@@ -189,3 +190,37 @@ def test_undecodable_bytes_become_replacement_characters_not_errors() -> None:
 )
 def test_is_html(content_type: str | None, body: bytes, expected: bool) -> None:
     assert is_html(content_type, body) is expected
+
+
+def _fetched(**kw: object) -> FetchResult:
+    fields: dict[str, object] = {
+        "url": URL,
+        "final_url": URL,
+        "status": 200,
+        "content_type": "text/html",
+        "body": b"<title>T</title><a href='/a'>a</a>",
+    }
+    fields.update(kw)
+    return FetchResult(**fields)  # type: ignore[arg-type]
+
+
+def test_parse_fetched_parses_2xx_html_at_its_final_url_with_its_headers() -> None:
+    page = parse_fetched(_fetched(final_url="http://e.com/moved/", x_robots_tag="nofollow"))
+    assert page is not None and page.title == "T" and page.url == "http://e.com/moved/"
+    assert page.nofollow and page.nofollow_links == ("http://e.com/a",)
+    assert parse_fetched(_fetched(truncated=True)) is not None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"status": 404},
+        {"status": 301},
+        {"status": None, "error": "connect error: refused", "error_kind": "connect"},
+        {"error": "timeout: ...", "error_kind": "timeout"},
+        {"content_type": "application/pdf"},
+        {"body": b""},
+    ],
+)
+def test_parse_fetched_leaves_other_fetches_unparsed(changes: dict[str, object]) -> None:
+    assert parse_fetched(_fetched(**changes)) is None

@@ -13,6 +13,7 @@ from ww.crawler.robots import (
     Disallow,
     RobotsPolicy,
     Wait,
+    host_delay,
     robots_url,
 )
 
@@ -99,3 +100,15 @@ def test_a_record_that_is_not_a_policy_is_a_clear_error() -> None:
 def test_robots_url_and_default_user_agent() -> None:
     assert robots_url("http://127.0.0.2:8080/a/b?c#d") == "http://127.0.0.2:8080/robots.txt"
     assert DEFAULT_USER_AGENT.startswith("ww-crawl/")
+
+
+def test_host_delay_is_the_minimum_raised_by_crawl_delay_up_to_a_cap() -> None:
+    slow = RobotsPolicy.from_response(200, b"User-agent: *\nCrawl-delay: 5\n")
+    glacial = RobotsPolicy.from_response(200, b"User-agent: *\nCrawl-delay: 86400\n")
+    assert host_delay(None, minimum=0.5) == 0.5
+    assert host_delay(RobotsPolicy.from_response(404), minimum=0.5) == 0.5
+    assert host_delay(slow, minimum=0.5) == 5.0
+    assert host_delay(slow, minimum=10.0) == 10.0
+    assert host_delay(glacial) == 60.0
+    assert host_delay(glacial, maximum=600.0) == 600.0
+    assert host_delay(glacial, minimum=120.0, maximum=60.0) == 120.0

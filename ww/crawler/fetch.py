@@ -18,13 +18,27 @@ from urllib.parse import urljoin
 import httpx2
 import trio
 
+from .robots import MAX_ROBOTS_BYTES, RobotsPolicy, robots_url
 from .urls import canonicalize
 
-__all__ = ["REDIRECT_STATUSES", "FetchResult", "fetch"]
+__all__ = ["REDIRECT_STATUSES", "FetchResult", "fetch", "fetch_robots", "new_client"]
 
 log = logging.getLogger(__name__)
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def new_client(*, max_connections: int = 100, trust_env: bool = True) -> httpx2.AsyncClient:
+    """A client for `fetch`: redirects left to `fetch`; keep-alive connections up to
+    `max_connections`. `trust_env` reads proxies and CA settings from the environment, as
+    httpx does."""
+    return httpx2.AsyncClient(
+        follow_redirects=False,
+        limits=httpx2.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        trust_env=trust_env,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +182,7 @@ async def _run(
             return state.fail("protocol", f"protocol error: {_describe(exc)}")
         except (httpx2.UnsupportedProtocol, httpx2.InvalidURL) as exc:
             return state.fail("bad-url", f"bad URL: {_describe(exc)}")
-        except httpx2.TransportError as exc:
+        except httpx2.HTTPError as exc:  # TransportError and any other the client raises
             return state.fail("network", f"network error: {_describe(exc)}")
         state.redirects.append({"url": state.current, "status": state.status})
         try:
@@ -189,3 +203,32 @@ async def _run(
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
+
+
+async def fetch_robots(
+    client: httpx2.AsyncClient,
+    url: str,
+    *,
+    user_agent: str,
+    timeout: float = 30.0,
+    retry_delay: float = 60.0,
+) -> RobotsPolicy:
+    """The robots.txt policy for the host of `url`: fetched once, following up to 5 redirects
+    anywhere (as RFC 9309 allows), read up to MAX_ROBOTS_BYTES. Failing to get a response makes
+    an "unavailable" policy (the host waits `retry_delay` seconds); so does a timeout."""
+    result = await fetch(
+        client,
+        robots_url(url),
+        user_agent=user_agent,
+        max_bytes=MAX_ROBOTS_BYTES,
+        timeout=timeout,
+        max_redirects=5,
+    )
+    status = result.status
+    if result.error_kind in ("connect", "timeout", "network", "protocol", "bad-url"):
+        status = None
+    if status is not None and result.truncated:
+        log.info(
+            "robots.txt at %s is larger than %d bytes; the rest is not read", url, MAX_ROBOTS_BYTES
+        )
+    return RobotsPolicy.from_response(status, result.body, retry_delay=retry_delay)

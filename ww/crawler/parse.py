@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 from selectolax.lexbor import LexborHTMLParser
@@ -24,7 +25,18 @@ from w3lib.encoding import (
 
 from .urls import canonicalize
 
-__all__ = ["DEFAULT_MAX_TEXT", "Page", "decode_html", "is_html", "parse_html", "robots_directives"]
+if TYPE_CHECKING:
+    from .fetch import FetchResult
+
+__all__ = [
+    "DEFAULT_MAX_TEXT",
+    "Page",
+    "decode_html",
+    "is_html",
+    "parse_fetched",
+    "parse_html",
+    "robots_directives",
+]
 
 DEFAULT_MAX_TEXT = 100_000
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -161,4 +173,25 @@ def parse_html(
         nofollow_links=tuple(held),
         noindex=noindex,
         nofollow=nofollow,
+    )
+
+
+def parse_fetched(result: FetchResult, *, max_text: int = DEFAULT_MAX_TEXT) -> Page | None:
+    """The page of a fetch that brought HTML with a 2xx status; None for anything else
+    (binary content, error pages, redirects not followed, fetches that failed part-way)."""
+    if (
+        result.error is not None
+        or result.status is None
+        or not 200 <= result.status < 300
+        or not result.body
+    ):
+        return None
+    if not is_html(result.content_type, result.body):
+        return None
+    return parse_html(
+        result.body,
+        result.final_url,
+        content_type=result.content_type,
+        x_robots_tag=result.x_robots_tag,
+        max_text=max_text,
     )

@@ -25,6 +25,7 @@ __all__ = [
     "RobotsDecision",
     "RobotsPolicy",
     "Wait",
+    "host_delay",
     "robots_url",
 ]
 
@@ -135,3 +136,19 @@ class RobotsPolicy:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (RobotsPolicy.from_dict, (self.to_dict(),))
+
+
+def host_delay(
+    policy: RobotsPolicy | None,
+    user_agent: str = DEFAULT_USER_AGENT,
+    *,
+    minimum: float = 0.0,
+    maximum: float = 60.0,
+) -> float:
+    """Seconds between two requests to a host: `minimum` (--delay), raised by the host's
+    Crawl-delay up to `maximum` (a Crawl-delay of hours would stall the host's pages for
+    good; `maximum` is never below `minimum`)."""
+    asked = policy.crawl_delay(user_agent) if policy is not None else None
+    if asked is None:
+        return minimum
+    return max(minimum, min(asked, max(maximum, minimum)))
