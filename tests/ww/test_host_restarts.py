@@ -255,3 +255,21 @@ async def test_a_remote_anchor_spawns_with_a_volume_on_its_own_host(
     (line,) = starts(b.data_dir, "raft+v1")
     assert line[2] == f"/{b.peer}/raft/v1"
     assert not (a.data_dir / "volumes" / "raft+v1").exists()
+
+
+async def test_the_rom_of_a_recorded_process_stays_cached_past_the_limit(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    no_cache = ["--rom-cache-limit", "0"]
+    h = await host_factory.start(name="h", args=no_cache)
+    async with h.connect() as host:
+        anchor = await anchor_at(host, h.peer, "pinned")
+        await anchor.spawn(rom_bytes(tmp_path), ["sleep"], volume=True, restart="always")
+        await wait_for(lambda: len(starts(h.data_dir, "pinned")) == 1)
+    h.kill()
+    await h.process.wait()
+    # A cache of 0 bytes keeps only ROMs in use; at start nothing runs yet, but the record's
+    # ROM is pinned, so the host can start the process again.
+    h2 = await host_factory.start(name="h2", data_dir=h.data_dir, args=no_cache)
+    await wait_for(lambda: len(starts(h.data_dir, "pinned")) == 2)
+    assert not any("cannot start recorded process" in line for line in h2.lines)

@@ -2,8 +2,10 @@
 
 Start one with `run_host(HostConfig(...))` (or `ww start`). The sans-I/O cores live in their
 own modules: `paths` and `anchors` (the tree), `view` (membership), `pubsub` (routing),
-`channel`; `caps` are the capabilities lent to clients and processes, `node` the host's state,
-`links` the host↔host connections and `server` the listening shell.
+`channel`, `restarts` (policies, backoff, the records in the data dir); `volumes` maps anchor
+paths to durable directories, `supervisor` runs a process across its restarts; `caps` are the
+capabilities lent to clients and processes, `node` the host's state, `links` the host↔host
+connections and `server` the listening shell.
 """
 
 from ww.host.config import HostConfig, HostError, HostInfo

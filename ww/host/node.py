@@ -306,7 +306,10 @@ class Host:
             return HostCapability(self, lease)
 
         if volume is not None:
-            volume.mkdir(parents=True, exist_ok=True)
+            try:
+                volume.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CapabilityError(f"cannot make volume {volume}: {e.strerror}") from None
         memory = limits.get("memory")
         try:
             handle = await self.executor.spawn(
