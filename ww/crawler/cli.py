@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -30,7 +31,13 @@ from typing import Any, NoReturn
 import msgpack
 import trio
 
-from .settings import DEFAULT_USER_AGENT, RESUMABLE, CrawlSettings, SettingsError
+from .settings import (
+    DEFAULT_USER_AGENT,
+    RESUMABLE,
+    CrawlSettings,
+    SettingsError,
+    claim_interval,
+)
 
 log = logging.getLogger("ww.crawler.cli")
 
@@ -304,12 +311,7 @@ class CrawlInfo:
 
     def save(self, path: Path) -> None:
         fresh = path.with_name(path.name + ".new")
-        fresh.write_text(
-            json.dumps(
-                {k: getattr(self, k) for k in self.__slots__},
-                indent=2,  # type: ignore[attr-defined]
-            )
-        )
+        fresh.write_text(json.dumps(dataclasses.asdict(self), indent=2))
         fresh.replace(path)
 
 
@@ -524,7 +526,7 @@ class Crawl:
         # Until its robots.txt is known a host gets one leased item at a time: its robots item,
         # put first, is claimed before its pages (see ww.crawler.worker).
         first_k = s.per_host_concurrency if s.ignore_robots else 1
-        await c.limit(FRONTIER, None, first_k, s.delay)
+        await c.limit(FRONTIER, None, first_k, claim_interval(s.delay))
         items: list[Any] = []
         if not s.ignore_robots:
             hosts: dict[str, str] = {}

@@ -15,7 +15,13 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["DEFAULT_USER_AGENT", "RESUMABLE", "CrawlSettings", "SettingsError"]
+__all__ = [
+    "DEFAULT_USER_AGENT",
+    "RESUMABLE",
+    "CrawlSettings",
+    "SettingsError",
+    "claim_interval",
+]
 
 DEFAULT_USER_AGENT = "ww-crawl/0.1 (+https://github.com/wetware/ww-crawl)"
 SCOPES = ("same-host", "same-domain", "any")
@@ -24,6 +30,15 @@ SCOPES = ("same-host", "same-domain", "any")
 RESUMABLE = frozenset(
     {"per_host_concurrency", "delay", "timeout", "retries", "user_agent", "max_pages", "handler"}
 )
+
+
+def claim_interval(delay: float) -> float:
+    """The queue's least time between two claims of one host for a delay between requests.
+
+    The queue spaces claims; a request starts a little after its claim (the claim's commit and
+    answer take milliseconds, more on a loaded machine), so a margin keeps the requests
+    themselves at least `delay` apart: a quarter of the delay, at most 0.1 s."""
+    return delay + min(0.1, delay / 4) if delay > 0 else 0.0
 
 
 class SettingsError(ValueError):

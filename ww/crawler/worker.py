@@ -187,7 +187,11 @@ class Worker:
         self.publish = publish
         self.stats = WorkerStats()
         self.scope = Scope(
-            settings.scope, settings.seeds, settings.allow, settings.deny, settings.max_depth
+            settings.scope,  # type: ignore[arg-type]  # checked by CrawlSettings
+            settings.seeds,
+            settings.allow,
+            settings.deny,
+            settings.max_depth,
         )
         self.traps = TrapLimits(
             settings.max_url_length, settings.max_repeated_segments, settings.max_query_params
