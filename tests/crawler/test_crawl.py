@@ -423,3 +423,51 @@ async def test_retry_failed_crawls_failures_again_and_keeps_each_url_once(
     exported = {r["url"]: r for r in read_rows(tmp_path / "all.jsonl")}
     assert sorted(exported) == sorted(again.urls)
     assert exported[down]["status"] == 200
+
+
+HANDLERS = Path(__file__).resolve().parents[2] / "examples" / "handlers"
+
+
+async def test_a_handler_adds_fields_and_chooses_the_links(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    site = Site()
+    site.page("/", host=A, text="alpha alpha beta", links=["/docs/a", "/other"])
+    site.page("/docs/a", host=A, links=["/docs/b", "/other2"])
+    site.page("/docs/b", host=A)
+    site.page("/other", host=A)
+    site.page("/other2", host=A)
+    await serve(nursery, site, A)
+    run = await crawl(tmp_path, [site.url(A, "/")], "--handler", str(HANDLERS / "word_count"))
+    assert run.code == 0, run.stderr
+    # word_count follows only links below the page's own directory: not /other2 from /docs/a.
+    expected = {canonicalize(site.url(A, p)) for p in ("/", "/docs/a", "/docs/b", "/other")}
+    assert set(run.urls) == expected and len(run.urls) == 4
+    home = run.by_url()[canonicalize(site.url(A, "/"))]
+    assert home["top_words"][0] == "alpha" and home["words"] >= 3
+
+
+async def test_warc_holds_a_request_and_a_response_per_fetched_page(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from warcio.archiveiterator import ArchiveIterator
+
+    site = Site()
+    site.page("/", host=A, links=["/data.bin"])
+    body = site.binary("/data.bin", 5000, host=A)
+    await serve(nursery, site, A)
+    warc = tmp_path / "out.warc.gz"
+    run = await crawl(tmp_path, [site.url(A, "/")], "--warc", str(warc))
+    assert run.code == 0, run.stderr
+    assert all(not k.startswith("_") for r in run.rows for k in r)
+    responses: dict[str, bytes] = {}
+    requests = 0
+    with open(warc, "rb") as f:
+        for record in ArchiveIterator(f):
+            uri = record.rec_headers.get_header("WARC-Target-URI")
+            if record.rec_type == "response":
+                responses[uri] = record.content_stream().read()
+            elif record.rec_type == "request":
+                requests += 1
+    assert set(responses) == set(run.urls) and requests == 2
+    assert responses[canonicalize(site.url(A, "/data.bin"))] == body
