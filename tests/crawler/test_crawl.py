@@ -471,3 +471,34 @@ async def test_warc_holds_a_request_and_a_response_per_fetched_page(
                 requests += 1
     assert set(responses) == set(run.urls) and requests == 2
     assert responses[canonicalize(site.url(A, "/data.bin"))] == body
+
+
+async def test_ctrl_c_stops_cleanly_and_resume_finishes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    site = slow_site(60)
+    await serve(nursery, site, A, B, C)
+    argv = crawl_argv(tmp_path, [site.url(A, "/")], "--scope", "any")
+    process = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        await wait_for_rows(tmp_path / "out.jsonl", 10, process)
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(CRAWL_TIMEOUT):
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 130
+    stopped = read_rows(tmp_path / "out.jsonl")
+    urls = [r["url"] for r in stopped]
+    assert len(urls) == len(set(urls)) and len(urls) < 61
+    state = json.loads((tmp_path / "data" / "export.json").read_text())
+    assert state["offset"] == len(stopped)  # flushed: everything committed is exported
+    assert state["length"] == (tmp_path / "out.jsonl").stat().st_size
+    assert not processes_under(tmp_path / "data")  # hosts and ROMs are gone
+    run = await crawl(tmp_path, [site.url(A, "/")], "--resume")
+    assert run.code == 0, run.stderr
+    assert sorted(run.urls) == sorted(reachable(site, (A, "/")))
+    assert len(run.urls) == len(set(run.urls))
