@@ -355,7 +355,7 @@ def check_data_dir(data_dir: Path, args: argparse.Namespace, what: str) -> Crawl
     if earlier and not args.fresh:
         raise CrawlError(
             f"{data_dir} holds an earlier crawl; pass --resume to continue it or --fresh to "
-            f"start over (or --data-dir another directory for {what})"
+            "start over"
         )
     if args.fresh and data_dir.exists():
         if info_path.exists():
@@ -767,6 +767,11 @@ DEMO_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 async def cmd_demo(args: argparse.Namespace) -> int:
     from .sites import demo_site, serve_site
 
+    if args.resume:
+        raise CrawlError(
+            "the demo cannot be resumed (its site gets new ports each time); "
+            "run `ww-crawl demo --fresh` to crawl it again"
+        )
     site = demo_site(hosts=DEMO_HOSTS)
     async with trio.open_nursery() as nursery:
         for host in DEMO_HOSTS:

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from .robots import DEFAULT_USER_AGENT
+
 __all__ = [
     "DEFAULT_USER_AGENT",
     "RESUMABLE",
@@ -23,7 +25,6 @@ __all__ = [
     "claim_interval",
 ]
 
-DEFAULT_USER_AGENT = "ww-crawl/0.1 (+https://github.com/wetware/ww-crawl)"
 SCOPES = ("same-host", "same-domain", "any")
 
 # What a resumed crawl may change; everything else (seeds, scope, limits) stays as stored.

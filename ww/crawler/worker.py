@@ -29,13 +29,13 @@ import httpx2
 import msgpack
 import trio
 
-from .fetch import FetchResult, fetch
+from .fetch import FetchResult, fetch, fetch_robots, new_client
 from .parse import is_html, parse_html
 from .record import make_record
-from .retry import Retry, decide
-from .robots import Allow, Disallow, RobotsPolicy, Wait, robots_url
+from .retry import Retry, backoff, decide
+from .robots import Allow, Disallow, RobotsPolicy, Wait, host_delay, robots_url
 from .scope import Scope
-from .settings import CrawlSettings
+from .settings import CrawlSettings, claim_interval
 from .urls import TrapLimits, host_key, is_trap
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class Worker:
 
     async def run(self) -> None:
         """Crawl until `stop()`; then finish the batches in flight and return."""
-        http = self._http or httpx2.AsyncClient(follow_redirects=False, verify=True)
+        http = self._http or new_client()
         self._http = http
         try:
             await self._catch_up_results_count()
@@ -347,26 +347,25 @@ class Worker:
         s = self.settings
         host = host_key(url)
         assert self._http is not None
-        result = await fetch(
-            self._http, url, user_agent=s.user_agent, max_bytes=s.max_bytes, timeout=s.timeout
+        delay = backoff(item.attempts)
+        policy = await fetch_robots(
+            self._http, url, user_agent=s.user_agent, timeout=s.timeout, retry_delay=delay
         )
-        now = time.time()
-        verdict = decide(result, item.attempts, s.retries, now)
-        retry_delay = verdict.delay if isinstance(verdict, Retry) else 60.0
-        body = result.body if result.error is None else b""
-        policy = RobotsPolicy.from_response(
-            None if result.error else result.status, body, retry_delay=retry_delay
-        )
-        final = policy.kind != "unavailable" or not isinstance(verdict, Retry)
-        if policy.kind == "unavailable" and isinstance(verdict, Retry):
+        if policy.kind == "unavailable" and item.attempts <= s.retries:
             # The host waits: tell everyone (its pages go back with the same delay), try again.
             self.stats.retries += 1
+            self.stats.last_error = f"{url}: robots.txt unavailable (status {policy.status})"
             await self._append_robots(host, policy, final=False)
-            return _Outcome(item.id, release_after=verdict.delay)
-        crawl_delay = policy.crawl_delay(s.user_agent) or 0.0
-        await self.client.limit(FRONTIER, host, s.per_host_concurrency, max(s.delay, crawl_delay))
-        record = {"host": host, "policy": policy.to_dict(), "fetched_at": now, "final": final}
-        self._learn(host, policy, final)
+            return _Outcome(item.id, release_after=delay)
+        interval = host_delay(policy, s.user_agent, minimum=s.delay)
+        await self.client.limit(FRONTIER, host, s.per_host_concurrency, claim_interval(interval))
+        record = {
+            "host": host,
+            "policy": policy.to_dict(),
+            "fetched_at": time.time(),
+            "final": True,
+        }
+        self._learn(host, policy, True)
         return _Outcome(item.id, robots=msgpack.packb(record))
 
     async def _append_robots(self, host: str, policy: RobotsPolicy, *, final: bool) -> None:
