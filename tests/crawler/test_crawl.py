@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 import trio
 
+from tests.ww.conftest import HostFactory, host_factory
 from ww.crawler.sites import Site, serve_site
 from ww.crawler.urls import canonicalize
+
+__all__ = ["host_factory"]  # a fixture
 
 A, B, C = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 CRAWL_TIMEOUT = 50.0
@@ -502,3 +505,26 @@ async def test_ctrl_c_stops_cleanly_and_resume_finishes(
     assert run.code == 0, run.stderr
     assert sorted(run.urls) == sorted(reachable(site, (A, "/")))
     assert len(run.urls) == len(set(run.urls))
+
+
+async def test_a_crawl_on_an_existing_cluster_leaves_it_running(
+    nursery: trio.Nursery, tmp_path: Path, host_factory: HostFactory
+) -> None:
+    hosts = await host_factory.cluster(3)
+    site = chain_site(10, [A])
+    site.page("/", host=A, links=[(A, "/0")])
+    await serve(nursery, site, A)
+    run = await crawl(tmp_path, [site.url(A, "/")], "--cluster", hosts[0].address)
+    assert run.code == 0, run.stderr
+    assert sorted(run.urls) == sorted(reachable(site, (A, "/")))
+    assert all(h.alive for h in hosts)
+    argv = [sys.executable, "-m", "ww.crawler.cli", "status", "--cluster", hosts[1].address]
+    status = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    assert status.returncode == 0, status.stderr
+    assert "results: 11" in status.stdout.decode()
+    # The group holds this crawl: a new one there is refused, in one line.
+    other = tmp_path / "other"
+    other.mkdir()
+    again = await crawl(other, [site.url(A, "/")], "--cluster", hosts[0].address)
+    assert again.code == 1 and "--resume" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr

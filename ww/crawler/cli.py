@@ -463,8 +463,7 @@ class Crawl:
         try:
             if resume:
                 await self._resume_settings()
-            else:
-                await self._set_up()
+            await self._set_up(new=not resume)
             exporter = Exporter(
                 Path(self.info.output),
                 self.data_dir / EXPORT_STATE,
@@ -512,11 +511,19 @@ class Crawl:
                 await self.client.aclose()
         return EXIT_INTERRUPTED if self.stopping.is_set() else 0
 
-    async def _set_up(self) -> None:
+    async def _set_up(self, *, new: bool) -> None:
+        """Create the topics, record the settings and put the seeds. Every step may be done
+        again (a resume does, in case the first run stopped half way through them)."""
         from .worker import CONFIG, FRONTIER, RESULTS, ROBOTS, frontier_item, robots_item
 
         s = self.settings
         c = self.client
+        if new and FRONTIER in await c.topics():
+            # Only on an existing cluster: an embedded one is new with its data dir.
+            raise CrawlError(
+                f"the Raft group at {self.args.cluster} already holds a crawl; continue it with "
+                "--resume (and the --data-dir it was started with)"
+            )
         await c.create(FRONTIER, kind="work", max_attempts=s.max_attempts)
         await c.create(RESULTS, kind="log")
         await c.create(ROBOTS, kind="log")
@@ -537,7 +544,10 @@ class Crawl:
             items += [robots_item(url) for url in hosts.values()]
         items += [frontier_item(url, 0, None) for url in s.seeds]
         result = await c.put(FRONTIER, items)
-        log.info("put %d seeds", getattr(result, "added", len(items)))
+        if new:
+            log.info("put %d seeds", len(s.seeds))
+        elif result.added:
+            log.info("put %d seeds again that were missing", result.added)
 
     async def _resume_settings(self) -> None:
         from .worker import CONFIG
@@ -691,7 +701,7 @@ async def latest_results(client: Any) -> dict[str, tuple[int, bytes]]:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    from .cluster import connect, start_queue
+    from .cluster import connect
     from .worker import FRONTIER, RESULTS
 
     data_dir = Path(args.data_dir)
@@ -704,12 +714,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
         if not info.hosts:
             raise CrawlError(f"the crawl in {data_dir} is not running")
         address = info.hosts[0]
-    from .cluster import Cluster
+    from ww.queue.client import QueueClient
 
     try:
         async with connect(address, Path(args.key) if args.key else None) as host:
-            peers = sorted(e["peer"] for e in await (await host.view()).hosts())
-            client = await start_queue(Cluster(host, peers), timeout=10)
+            client = await QueueClient.connect(host, timeout=10)
             try:
                 frontier = await client.stats(FRONTIER)
                 results = await client.stats(RESULTS)
@@ -718,7 +727,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 await client.aclose()
     except Exception as exc:
         raise CrawlError(
-            f"the crawl at {address} does not answer ({exc}); is it running?"
+            f"the crawl at {address} does not answer ({' '.join(str(exc).split())}); is it running?"
         ) from None
     print(f"results: {results.get('appended', 0)}")
     for k in ("ready", "leased", "delayed", "done", "dead", "seen"):
