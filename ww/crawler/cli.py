@@ -497,7 +497,10 @@ class Crawl:
                 await control.publish(b"stop")
                 with trio.move_on_after(WORKER_STOP_TIMEOUT):
                     for process in self.workers:
-                        await process.wait()
+                        try:
+                            await process.wait()
+                        except Exception as exc:  # its host is gone, and the worker with it
+                            log.debug("a worker could not be waited for: %s", exc)
                 appended = int((await self.client.stats(RESULTS)).get("appended", 0))
                 await exporter.catch_up(self.client, appended)
             finally:
