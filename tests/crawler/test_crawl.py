@@ -568,3 +568,31 @@ async def test_the_crawl_goes_on_when_the_raft_leaders_host_is_killed(
     urls = [r["url"] for r in read_rows(tmp_path / "out.jsonl")]
     assert sorted(urls) == sorted(reachable(site, (A, "/")))
     assert len(urls) == len(set(urls))
+
+
+async def test_hard_pages_are_recorded_and_a_trap_ends(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    import hashlib
+
+    site = Site()
+    site.page("/", host=A, links=["/big", "/slow", "/data.bin", "/trap/"])
+    site.large("/big", 50_000, host=A)
+    site.trickle("/slow", host=A)
+    body = site.binary("/data.bin", 3000, host=A)
+    site.trap("/trap/", host=A)
+    await serve(nursery, site, A)
+    run = await crawl(
+        tmp_path, [site.url(A, "/")], "--max-bytes", "10K", "--retries", "0", "--max-depth", "30"
+    )
+    assert run.code == 0, run.stderr
+    rows = run.by_url()
+    big = rows[canonicalize(site.url(A, "/big"))]
+    assert big["size"] == 10 * 1024 and big["status"] == 200
+    slow = rows[canonicalize(site.url(A, "/slow"))]
+    assert "timeout" in slow["error"] and slow["elapsed_ms"] >= 1900
+    binary = rows[canonicalize(site.url(A, "/data.bin"))]
+    assert binary["content_type"] == "application/octet-stream"
+    assert binary["sha256"] == hashlib.sha256(body).hexdigest() and binary["text"] is None
+    trap = [u for u in run.urls if "/trap/" in u]
+    assert 5 < len(trap) < 100  # the guards cut the endless space off
