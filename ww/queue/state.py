@@ -165,6 +165,7 @@ class QueueState:
         self._load_meta()
         self._topics: dict[str, _Topic] = {}  # rows touched by the entry being applied
         self._parts: dict[int, _Part] = {}
+        self._part_rows: dict[int, tuple[Any, ...]] = {}  # the rows as loaded
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -258,6 +259,7 @@ class QueueState:
             # Only a failing database gets here: forget everything not yet committed.
             self._topics.clear()
             self._parts.clear()
+            self._part_rows.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._load_meta()
@@ -291,6 +293,7 @@ class QueueState:
             self._conn.execute("ROLLBACK TO op")
             self._topics.clear()
             self._parts.clear()
+            self._part_rows.clear()
             self._next_item = saved_next
             if isinstance(exc, _Refused):
                 answer = exc.answer
@@ -459,31 +462,38 @@ class QueueState:
         if topic.kind != "work":
             raise _Refused(f"put: topic {topic.name!r} is a log topic; put needs a work topic")
         conn, now = self._conn, self._clock
-        seen_insert = conn.cursor()
-        rows: list[tuple[Any, ...]] = []
-        heads: dict[str | None, list[int]] = {}  # partition -> [ready count, min ready id]
-        parts: dict[str | None, _Part] = {}
-        dups = keyed = 0
-        next_id = self._next_item
+        seen: set[str] = set()
+        keys = list(dict.fromkeys(item.key for item in items if item.key is not None))
+        for chunk in _chunks(keys):
+            seen.update(
+                k
+                for (k,) in conn.execute(
+                    f"SELECT key FROM seen WHERE topic = ? AND key IN ({_marks(chunk)})",
+                    (topic.id, *chunk),
+                )
+            )
+        fresh: list[Item] = []
+        new_keys: list[str] = []
         for item in items:
             if item.key is not None:
-                seen_insert.execute(
-                    "INSERT OR IGNORE INTO seen VALUES (?, ?)", (topic.id, item.key)
-                )
-                if seen_insert.rowcount == 0:
-                    dups += 1
+                if item.key in seen:
                     continue
-                keyed += 1
-            part = parts.get(item.partition)
-            if part is None:
-                part = parts[item.partition] = self._part_for(topic, item.partition)
+                seen.add(item.key)
+                new_keys.append(item.key)
+            fresh.append(item)
+        dups = len(items) - len(fresh)
+        parts = self._parts_for(topic, [item.partition for item in fresh])
+        rows: list[tuple[Any, ...]] = []
+        heads: dict[str | None, list[int]] = {}  # partition -> [ready count, min ready id]
+        next_id = self._next_item
+        for item in fresh:
             nb = -math.inf if item.not_before is None else item.not_before
             delayed = nb > now
             rows.append(
                 (
                     next_id,
                     topic.id,
-                    part.id,
+                    parts[item.partition].id,
                     DELAYED if delayed else READY,
                     item.payload,
                     item.key,
@@ -500,10 +510,12 @@ class QueueState:
                 else:
                     head[0] += 1
             next_id += 1
+        new_keys.sort()  # neighbours in the index: fewer pages touched
+        conn.executemany("INSERT INTO seen VALUES (?, ?)", [(topic.id, k) for k in new_keys])
         conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)", rows)
         added = next_id - self._next_item
         self._next_item = next_id
-        topic.seen += keyed
+        topic.seen += len(new_keys)
         for pkey, (count, first) in heads.items():
             part = parts[pkey]
             part.ready += count
@@ -538,9 +550,9 @@ class QueueState:
         # Keys are claimed in rounds, one item per eligible key per round, oldest first; the
         # first round takes the max_items oldest, so only the keys it saw can appear later.
         keys = [
-            self._part(part_id)
-            for _, part_id in conn.execute(
-                "SELECT cand, id FROM parts WHERE topic = ? AND cand IS NOT NULL "
+            self._cached_part(row)
+            for row in conn.execute(
+                f"SELECT {PART_COLS} FROM parts WHERE topic = ? AND cand IS NOT NULL "
                 "ORDER BY cand LIMIT ?",
                 (topic.id, max_items),
             ).fetchall()
@@ -556,22 +568,29 @@ class QueueState:
                 )
             ]
         taken_loose = 0
+        stale: dict[int, _Part] = {}  # parts whose head was claimed
         out: list[dict[str, Any]] = []
         while len(out) < max_items:
             want = max_items - len(out)
-            turn: list[tuple[int, _Part | None]] = [(p.cand, p) for p in keys if p.cand is not None]
-            turn += [(i, None) for i in loose_ids[taken_loose : taken_loose + want]]
+            turn: list[tuple[int, _Part]] = [(p.cand, p) for p in keys if p.cand is not None]
+            if loose is not None:
+                turn += [(i, loose) for i in loose_ids[taken_loose : taken_loose + want]]
             turn.sort(key=_first)
+            del turn[want:]
             if not turn:
                 break
-            for item_id, key in turn[:want]:
-                part = loose if key is None else key
-                assert part is not None
-                payload, item_key, attempts = conn.execute(
+            ids = [item_id for item_id, _ in turn]
+            claimed = {
+                row[0]: row[1:]
+                for row in conn.execute(
                     "UPDATE items SET state = 1, attempts = attempts + 1, consumer = ?, "
-                    "deadline = ? WHERE id = ? RETURNING payload, key, attempts",
-                    (consumer, deadline, item_id),
-                ).fetchone()
+                    f"deadline = ? WHERE id IN ({_marks(ids)}) "
+                    "RETURNING id, payload, key, attempts",
+                    (consumer, deadline, *ids),
+                )
+            }
+            for item_id, part in turn:
+                payload, item_key, attempts = claimed[item_id]
                 out.append(
                     {
                         "id": item_id,
@@ -585,14 +604,44 @@ class QueueState:
                 topic.leased += 1
                 part.ready -= 1
                 part.leased += 1
-                if key is None:
+                if part is loose:
                     taken_loose += 1
                 else:
                     part.last_claim = now
-                    self._removed_ready(part, item_id)
-        if loose is not None and taken_loose:
-            self._removed_ready(loose, loose_ids[0], recompute=True)
+                stale[part.id] = part
+                part.head = part.cand = None
+            if len(out) < max_items:
+                again = [p for p in stale.values() if p is not loose and self._claimable(p)]
+                self._find_heads(again)
+                for p in again:
+                    del stale[p.id]
+        self._find_heads(list(stale.values()))
         return {"items": out}
+
+    def _claimable(self, part: _Part) -> bool:
+        """Whether `part` may be claimed again within the same claim (after its head went)."""
+        k, d = self._limits(part)
+        now = self._clock
+        return part.ready > 0 and now + d <= now and (k is None or part.leased < k)
+
+    def _find_heads(self, parts: list[_Part]) -> None:
+        """Look up the oldest ready item of each part (their heads are unknown)."""
+        busy = [p for p in parts if p.ready > 0]
+        for chunk in _chunks([p.id for p in busy]):
+            heads: dict[int, int] = dict(
+                self._conn.execute(
+                    "SELECT p.id, (SELECT i.id FROM items i WHERE i.part = p.id AND i.state = 0 "
+                    f"ORDER BY i.id LIMIT 1) FROM parts p WHERE p.id IN ({_marks(chunk)})",
+                    chunk,
+                ).fetchall()
+            )
+            for p in busy:
+                if p.id in heads:
+                    p.head = heads[p.id]
+        for p in parts:
+            if p.ready == 0:
+                p.head = None
+            self._refresh(p)
 
     def _owned(self, consumer: str, ids: list[int]) -> list[tuple[int, int, int, int]]:
         """(id, topic, part, state) of each item if all are held by `consumer`; else refused.
@@ -873,18 +922,37 @@ class QueueState:
                 f"SELECT {PART_COLS} FROM parts WHERE id = ?", (part_id,)
             ).fetchone()
             part = self._parts[part_id] = _Part(*row)
+            self._part_rows[part_id] = row
         return part
+
+    def _cached_part(self, row: tuple[Any, ...]) -> _Part:
+        part = self._parts.get(row[0])
+        if part is None:
+            part = self._parts[row[0]] = _Part(*row)
+            self._part_rows[row[0]] = row
+        return part
+
+    def _parts_for(self, topic: _Topic, pkeys: list[str | None]) -> dict[str | None, _Part]:
+        """The parts of these partition keys, created (in order of appearance) if new."""
+        wanted = list(dict.fromkeys(pkeys))
+        found: dict[str | None, _Part] = {}
+        named = [k for k in wanted if k is not None]
+        for chunk in _chunks(named):
+            for row in self._conn.execute(
+                f"SELECT {PART_COLS} FROM parts WHERE topic = ? AND pkey IN ({_marks(chunk)})",
+                (topic.id, *chunk),
+            ):
+                found[row[2]] = self._cached_part(row)
+        for pkey in wanted:
+            if pkey not in found:
+                found[pkey] = self._part_for(topic, pkey)
+        return found
 
     def _find_part(self, topic: _Topic, pkey: str | None) -> _Part | None:
         row = self._conn.execute(
             f"SELECT {PART_COLS} FROM parts WHERE topic = ? AND pkey IS ?", (topic.id, pkey)
         ).fetchone()
-        if row is None:
-            return None
-        part = self._parts.get(row[0])
-        if part is None:
-            part = self._parts[row[0]] = _Part(*row)
-        return part
+        return None if row is None else self._cached_part(row)
 
     def _part_for(self, topic: _Topic, pkey: str | None) -> _Part:
         part = self._find_part(topic, pkey)
@@ -898,17 +966,29 @@ class QueueState:
         return self._part(part_id)
 
     def _flush_parts(self) -> None:
-        if self._parts:
+        """Write the changed part rows; the indexed cand/wake only where they changed."""
+        counters, derived = [], []
+        for part_id, p in self._parts.items():
+            old = self._part_rows[part_id]
+            if (p.own, p.max_leased, p.min_interval, p.ready, p.leased, p.last_claim, p.head) != (
+                old[3:10]
+            ):
+                counters.append(
+                    (p.own, p.max_leased, p.min_interval, p.ready, p.leased, p.last_claim,
+                     p.head, p.id)
+                )  # fmt: skip
+            if (p.cand, p.wake) != old[10:12]:
+                derived.append((p.cand, p.wake, p.id))
+        if counters:
             self._conn.executemany(
                 "UPDATE parts SET own = ?, max_leased = ?, min_interval = ?, ready = ?, "
-                "leased = ?, last_claim = ?, head = ?, cand = ?, wake = ? WHERE id = ?",
-                [
-                    (p.own, p.max_leased, p.min_interval, p.ready, p.leased, p.last_claim,
-                     p.head, p.cand, p.wake, p.id)
-                    for p in self._parts.values()
-                ],
-            )  # fmt: skip
-            self._parts.clear()
+                "leased = ?, last_claim = ?, head = ? WHERE id = ?",
+                counters,
+            )
+        if derived:
+            self._conn.executemany("UPDATE parts SET cand = ?, wake = ? WHERE id = ?", derived)
+        self._parts.clear()
+        self._part_rows.clear()
 
     def _flush(self) -> None:
         """Write the rows cached while applying this entry."""
@@ -1048,6 +1128,15 @@ class QueueState:
             for row in self._conn.execute(f"SELECT * FROM {table} ORDER BY {order}"):
                 h.update(encode({"r": list(row)}))
         return h.digest()
+
+
+def _chunks(values: list[Any], size: int = 500) -> Iterable[list[Any]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def _marks(values: list[Any]) -> str:
+    return ",".join("?" * len(values))
 
 
 def _first(pair: tuple[int, Any]) -> int:
