@@ -1,5 +1,5 @@
-"""Fixtures of the queue tests: a state machine driver, real ww hosts (tests/ww/conftest.py)
-and replica groups."""
+"""Fixtures of the queue tests: a driver feeding commands to a QueueState (`q`), and real ww
+hosts (tests/ww/conftest.py) for the replica groups."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.ww.conftest import HostFactory, HostProcess, host_factory, wait_for
 from ww.queue.commands import Command
 from ww.queue.state import QueueState
 
-__all__ = ["Driver", "HostFactory", "HostProcess", "host_factory", "q", "wait_for"]
+__all__ = ["HostFactory", "HostProcess", "host_factory", "wait_for"]
 
 
 class Driver:

@@ -125,8 +125,8 @@ async def test_kill_the_leader_a_follower_then_all_three(host_factory: HostFacto
     async with client_host.connect() as ref:
         client = await QueueClient.connect(ref, timeout=30)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(load.run_for, client, 6.0)
-            await trio.sleep(1.5)
+            nursery.start_soon(load.run_for, client, 3.0)
+            await trio.sleep(1.0)
             by_peer[leader].kill()
             new_leader = await leader_of(client)
             assert new_leader != leader
@@ -137,8 +137,8 @@ async def test_kill_the_leader_a_follower_then_all_three(host_factory: HostFacto
         leader = await leader_of(client)
         follower = next(p for p in by_peer if p not in (leader, client_host.peer))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(load.run_for, client, 4.0)
-            await trio.sleep(1.0)
+            nursery.start_soon(load.run_for, client, 2.0)
+            await trio.sleep(0.7)
             by_peer[follower].kill()
         by_peer[follower] = await restart(host_factory, by_peer[follower], client_host)
         await wait_for(lambda: caught_up(client, set(by_peer)), timeout=30)

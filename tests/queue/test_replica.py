@@ -133,6 +133,17 @@ async def test_a_malformed_request_gets_one_line_and_the_replica_keeps_serving(
             assert "\n" not in answer["error"] and answer["error"]
         answer = await request.query(b"\x81\xa2op\xa5write")
         assert "unknown query" in answer["error"]
+        # Garbage pushed into the Raft endpoint is dropped and counted.
+        rpc = await (await (await host.root()).walk(f"/{leader}/raft/v1/rpc")).load()
+        async with rpc.sink("messages", 7) as tx:
+            for junk in ("junk", [b"\xc1", 5], {"a": 1}):
+                await tx.send(junk)
+        async with rpc.sink("snapshot", 7) as tx:
+            await tx.send(b"short")
+        assert tx.result is False
+        stats = group.replicas[leader].transport.stats  # type: ignore[union-attr]
+        assert stats.bad_input >= 4
+        assert group.replicas[leader].driver.dropped_messages >= 1  # type: ignore[union-attr]
         with pytest.raises(QueueError, match="topic"):
             await client.put("", [Item(b"x")])
     assert (await client.put("t", [Item(b"still")])).added == 1
@@ -229,3 +240,26 @@ async def test_add_by_snapshot_transfer_and_remove(
         # Removing the leader hands leadership on first, then removes it.
         status = await client.remove(newcomer)
         assert newcomer not in status["voters"] and status["leader"] != newcomer
+
+
+async def test_follow_yields_records_as_they_commit(client: QueueClient) -> None:
+    await client.create("log", kind="log")
+    await client.append("log", [b"r0", b"r1"])
+    got: list[tuple[int, bytes]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def follow() -> None:
+            async for offset, record in client.follow("log", 1):
+                got.append((offset, record))
+                if len(got) == 3:
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(follow)
+        await wait_for(lambda: len(got) == 1)
+        assert await client.append("log", [b"r2", b"r3"]) == 2
+    assert got == [(1, b"r1"), (2, b"r2"), (3, b"r3")]
+    await client.set_cursor("log", "reader", 3)
+    assert await client.cursor("log", "reader") == 3
+    with pytest.raises(QueueError):
+        async for _ in client.follow("no-such-log", 0):
+            pass

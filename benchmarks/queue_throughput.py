@@ -1,0 +1,335 @@
+"""Throughput of the replicated queue: the Raft ROM on three ww hosts, against the same replica
+over ww.raft with the plain TCP transport of benchmarks/.
+
+    python benchmarks/queue_throughput.py [--duration 10] [--repeat 1] [--workers 16]
+
+ww: three `ww start` hosts on loopback, `ww run roms/raft start` (fsync on). The client (this
+process) connects to the leader's host and calls the leader's `request` capability there
+(client -> host -> replica ROM). TCP: three `_queue_node.py` processes (the same DiskStorage,
+RaftDriver and QueueState) with the TCP transport and client protocol of `_tcp_transport.py`;
+the client talks to the leader's client port.
+
+Workloads, each with `--workers` concurrent clients, each client with its own session (client
+id, sequence, ack), for `--duration` seconds after a warm-up:
+
+  - put: batches of `--batch` items of 100 bytes with unique keys; items/s.
+  - cycle: claim 10 items, then complete each one with a 2 KB result appended to a log topic
+    and 10 new 100-byte items; completed items (cycles)/s.
+
+Printed: the rate, the CPU (user + system) of the replica processes per item or cycle (for ww
+the hosts and the replica ROMs), and the ratio ww / TCP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+from raft_throughput import (
+    NODE_SCRIPT_OVERRIDE,
+    ClientConnection,
+    cluster,
+    find_leader,
+    process_cpu,
+    run_bounded,
+)
+
+from ww.queue.commands import Command, Item
+
+HERE = Path(__file__).resolve().parent
+ROM = HERE.parent / "roms" / "raft"
+LISTENING = re.compile(r"host (\S+) listening on (\S+?):(\d+)\b")
+RESULT = b"r" * 2048
+
+Submit = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
+# -- the two systems ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class System:
+    name: str
+    submit: Submit
+    pids: list[int]
+
+
+async def _start_host(tmp: Path, name: str, peer: str | None) -> tuple[trio.Process, str, str]:
+    argv = [sys.executable, "-m", "ww", "start", "--listen", "127.0.0.1:0"]
+    argv += ["--data-dir", str(tmp / name), "--ttl", "3", "--heartbeat", "0.5"]
+    if peer:
+        argv += ["--peer", peer]
+    log = open(tmp / f"{name}.log", "wb+")  # noqa: SIM115 (kept open while the host runs)
+    proc = await trio.lowlevel.open_process(argv, stdout=log, stderr=log)
+    with trio.fail_after(20):
+        while True:
+            await trio.sleep(0.1)
+            log.seek(0)
+            if m := LISTENING.search(log.read().decode(errors="replace")):
+                return proc, m[1], f"{m[2]}:{m[3]}"
+
+
+async def _open(addr: str) -> trio.SocketStream:
+    host, port = addr.rsplit(":", 1)
+    return await trio.open_tcp_stream(host, int(port))
+
+
+@asynccontextmanager
+async def ww_system() -> AsyncIterator[System]:
+    from ww.rpc import Connection
+
+    tmp = Path(tempfile.mkdtemp(prefix="queuebench-ww-"))
+    procs: list[trio.Process] = []
+    try:
+        hosts = []
+        for i in range(3):
+            proc, peer, addr = await _start_host(tmp, f"h{i}", hosts[0][1] if hosts else None)
+            procs.append(proc)
+            hosts.append((peer, addr))
+        await trio.sleep(2.0)  # the views fill
+        started = await trio.run_process(
+            [sys.executable, "-m", "ww", "run", "--dial", hosts[0][1], str(ROM), "start"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"raft start failed: {started.stderr.decode()}")
+        leader = re.findall(r"^leader (\S+)", started.stdout.decode(), re.M)[0]
+        addr = dict(hosts)[leader]
+        stream = await _open(addr)
+        async with stream, Connection.open(stream) as conn:
+            host = conn.bootstrap()
+            request = await (await (await host.root()).walk(f"/{leader}/raft/v1/request")).load()
+            rom_pids = []
+            for _, a in hosts:
+                s2 = await _open(a)
+                async with s2, Connection.open(s2) as c2:
+                    rom_pids += [p["pid"] for p in await c2.bootstrap().ps()]
+
+            async def submit(data: bytes) -> dict[str, Any]:
+                answer: dict[str, Any] = await request.submit(data)
+                return answer
+
+            yield System("ww", submit, [p.pid for p in procs] + rom_pids)
+    finally:
+        with trio.CancelScope(shield=True):
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                with trio.move_on_after(5):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Pipelined:
+    """Many tasks' requests over one pipelined client connection."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.lock = trio.Lock()
+        self.waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+
+    async def read(self) -> None:
+        while True:
+            for rid, code, value in await self.conn.replies():
+                event, slot = self.waiting.pop(rid)
+                slot.append((code, value))
+                event.set()
+
+    async def submit(self, data: bytes) -> dict[str, Any]:
+        rid = self.conn.next_rid()
+        event, slot = trio.Event(), []  # type: ignore[var-annotated]
+        self.waiting[rid] = (event, slot)
+        async with self.lock:
+            await self.conn.stream.send_all(msgpack.packb([rid, "put", data]))
+        await event.wait()
+        code, value = slot[0]
+        if code != "ok":
+            return {"error": f"{code}: {value}"}
+        return value  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def tcp_system() -> AsyncIterator[System]:
+    os.environ[NODE_SCRIPT_OVERRIDE] = str(HERE / "_queue_node.py")
+    async with cluster("ww.raft") as c:
+        leader = await find_leader(c)
+        conn = await ClientConnection.connect(leader.client_address)
+        pipe = _Pipelined(conn)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipe.read)
+            yield System("tcp", pipe.submit, [n.proc.pid for n in c.nodes.values()])
+            nursery.cancel_scope.cancel()
+        await conn.aclose()
+
+
+# -- the workloads -----------------------------------------------------------------------------
+
+
+class Session:
+    def __init__(self, submit: Submit) -> None:
+        self.submit_raw = submit
+        self.client = uuid.uuid4().hex
+        self.seq = 0
+
+    async def __call__(self, command: Command) -> dict[str, Any]:
+        self.seq += 1
+        answer = await self.submit_raw(
+            command.encode(client=self.client, seq=self.seq, ack=self.seq - 1)
+        )
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+
+_unique = iter(range(1 << 62))
+
+
+def items(n: int, size: int = 100) -> list[Item]:
+    out = []
+    for _ in range(n):
+        key = f"k{next(_unique)}"
+        out.append(Item(key.encode().ljust(size, b"."), key=key))
+    return out
+
+
+@dataclass(slots=True)
+class Result:
+    system: str
+    workload: str
+    count: int
+    seconds: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / max(1, self.count) * 1e6
+
+
+async def measure(system: System, workload: str, args: argparse.Namespace) -> Result:
+    counted = [0]
+    start = trio.current_time() + args.warmup
+    end = start + args.duration
+
+    def count(n: int) -> None:
+        if trio.current_time() >= start:
+            counted[0] += n
+
+    async def put_worker() -> None:
+        session = Session(system.submit)
+        while True:
+            answer = await session(Command.put("bench", items(args.batch)))
+            count(answer["added"])
+
+    async def cycle_worker(i: int) -> None:
+        session = Session(system.submit)
+        consumer = f"c{i}-{session.client[:6]}"
+        while True:
+            claimed = (await session(Command.claim("work", consumer, 10, 60.0)))["items"]
+            if not claimed:
+                await trio.sleep(0.01)
+                continue
+            for item in claimed:
+                await session(
+                    Command.complete(
+                        consumer,
+                        [item["id"]],
+                        append={"results": [RESULT]},
+                        put={"work": items(10)},
+                    )
+                )
+                count(1)
+
+    if workload == "cycle":
+        setup = Session(system.submit)
+        await setup(Command.create("results", kind="log"))
+        for _ in range(4):
+            await setup(Command.put("work", items(500)))
+
+    cpu0 = [0.0]
+
+    async def mark_start() -> None:
+        await trio.sleep_until(start)
+        cpu0[0] = sum(process_cpu(p) for p in system.pids)
+
+    with trio.move_on_at(end):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mark_start)
+            for i in range(args.workers if workload == "put" else args.consumers):
+                if workload == "put":
+                    nursery.start_soon(put_worker)
+                else:
+                    nursery.start_soon(cycle_worker, i)
+    cpu = sum(process_cpu(p) for p in system.pids) - cpu0[0]
+    seconds = trio.current_time() - start
+    return Result(system.name, workload, counted[0], seconds, cpu)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> None:
+    results: dict[tuple[str, str], list[Result]] = {}
+    systems = {"ww": ww_system, "tcp": tcp_system}
+    for _ in range(args.repeat):
+        for name in ("ww", "tcp"):
+            for workload in ("put", "cycle"):
+                async with systems[name]() as system:
+                    r = await measure(system, workload, args)
+                results.setdefault((name, workload), []).append(r)
+                unit = "items" if workload == "put" else "cycles"
+                print(
+                    f"{name:>3} {workload:<5} {r.rate:>9,.0f} {unit}/s  "
+                    f"{r.cpu_us:>6.0f} µs CPU per {unit[:-1]}",
+                    flush=True,
+                )
+    print()
+    for workload, unit, target in (("put", "items", 50_000), ("cycle", "cycles", 3_000)):
+        ww = statistics.median(r.rate for r in results[("ww", workload)])
+        tcp = statistics.median(r.rate for r in results[("tcp", workload)])
+        cpu = statistics.median(r.cpu_us for r in results[("ww", workload)])
+        print(
+            f"{workload:<5}: ww {ww:,.0f} {unit}/s ({cpu:.0f} µs CPU each; target {target:,}), "
+            f"TCP {tcp:,.0f} {unit}/s, ww/TCP {ww / tcp:.2f}"
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--workers", type=int, default=16, help="concurrent clients putting")
+    p.add_argument("--consumers", type=int, default=64, help="concurrent clients claiming")
+    p.add_argument("--batch", type=int, default=500, help="items per put")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    budget = args.repeat * 4 * (args.duration + args.warmup + 40) + 60
+    run_bounded(lambda: run(args), budget)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
