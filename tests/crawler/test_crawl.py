@@ -598,3 +598,29 @@ async def test_hard_pages_are_recorded_and_a_trap_ends(
     assert binary["sha256"] == hashlib.sha256(body).hexdigest() and binary["text"] is None
     trap = [u for u in run.urls if "/trap/" in u]
     assert 5 < len(trap) < 100  # the guards cut the endless space off
+
+
+async def test_a_host_waits_for_an_unavailable_robots_txt(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    site = Site()
+    site.page("/", host=A, links=[(A, "/a"), (B, "/"), (B, "/b")])
+    site.page("/a", host=A)
+    site.page("/", host=B)
+    site.page("/b", host=B)
+    site.flaky("/robots.txt", failures=1, status=503, host=A)  # then allows everything
+    site.robots("", status=500, host=B)  # never available
+    await serve(nursery, site, A, B)
+    run = await crawl(tmp_path, [site.url(A, "/")], "--scope", "any", "--retries", "1")
+    assert run.code == 0, run.stderr
+    rows = run.by_url()
+    assert len(site.hits(A, "/robots.txt")) == 2
+    assert rows[canonicalize(site.url(A, "/a"))]["status"] == 200
+    # A's pages waited for its robots.txt: none was fetched before the one that answered.
+    first_robots_ok = site.hits(A, "/robots.txt")[1].time
+    assert all(h.time > first_robots_ok for h in site.hits(A) if h.target != "/robots.txt")
+    assert len(site.hits(B, "/robots.txt")) == 2
+    for path in ("/", "/b"):
+        row = rows[canonicalize(site.url(B, path))]
+        assert row["status"] is None and "robots.txt unavailable" in row["error"]
+    assert [h.target for h in site.hits(B)] == ["/robots.txt", "/robots.txt"]
