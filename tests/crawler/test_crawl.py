@@ -478,7 +478,7 @@ async def test_warc_holds_a_request_and_a_response_per_fetched_page(
     assert responses[canonicalize(site.url(A, "/data.bin"))] == body
 
 
-async def test_ctrl_c_stops_cleanly_and_resume_finishes(
+async def test_a_running_crawl_is_left_alone_and_ctrl_c_stops_it_cleanly(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     site = slow_site(60)
@@ -489,6 +489,13 @@ async def test_ctrl_c_stops_cleanly_and_resume_finishes(
     )
     try:
         await wait_for_rows(tmp_path / "out.jsonl", 10, process)
+        for extra in (["--resume"], ["--fresh"]):
+            meddle = crawl_argv(tmp_path, [site.url(A, "/")], *extra)
+            done = await trio.run_process(meddle, capture_stderr=True, check=False)
+            err = done.stderr.decode().strip()
+            assert done.returncode == 1 and "is running" in err, err
+            assert len(err.splitlines()) == 1, err
+        assert process.returncode is None
         process.send_signal(signal.SIGINT)
         with trio.fail_after(CRAWL_TIMEOUT):
             await process.wait()

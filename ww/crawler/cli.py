@@ -358,14 +358,14 @@ def check_data_dir(data_dir: Path, args: argparse.Namespace, what: str) -> Crawl
             "start over"
         )
     if args.fresh and data_dir.exists():
+        from .cluster import stop_stale_hosts
+
+        stop_stale_hosts(data_dir)  # refuses when a ww-crawl is running there
         if info_path.exists():
             old = CrawlInfo.load(info_path)
             for name in (old.output, old.warc):
                 if name:
                     Path(name).unlink(missing_ok=True)
-        from .cluster import stop_stale_hosts
-
-        stop_stale_hosts(data_dir)
         shutil.rmtree(data_dir)
     return None
 

@@ -161,8 +161,9 @@ async def _wait_view(host: Any, n: int, timeout: float = START_TIMEOUT) -> list[
 
 
 def stop_stale_hosts(data_dir: Path) -> None:
-    """Stop hosts of an earlier run in `data_dir` that are still running (after the
-    `ww-crawl` that started them was killed), so that their data can be used again."""
+    """Stop hosts of an earlier run in `data_dir` that are still running after the `ww-crawl`
+    that started them was killed, so that their data can be used again. Raises ClusterError
+    when that `ww-crawl` is still running: its crawl is not ours to stop."""
     state = data_dir / "hosts" / "pids.json"
     try:
         pids = json.loads(state.read_text())
@@ -170,20 +171,41 @@ def stop_stale_hosts(data_dir: Path) -> None:
         return
     marker = str((data_dir / "hosts").resolve())
     for pid in pids if isinstance(pids, list) else []:
+        cmdline = _cmdline(pid)
+        if cmdline is None or marker not in cmdline or " start " not in cmdline:
+            continue  # gone, or the pid is another process's now
+        owner = _parent(pid)
+        owner_cmd = _cmdline(owner) if owner not in (None, 1) else None
+        if owner_cmd is not None and ("ww.crawler" in owner_cmd or "ww-crawl" in owner_cmd):
+            raise ClusterError(
+                f"a ww-crawl (pid {owner}) is running on {data_dir}; stop it first "
+                "(Ctrl-C), or use `ww-crawl status` to watch it"
+            )
+        log.info("stopping host %s left running by an earlier run", pid)
         try:
-            cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
-        except (OSError, ValueError):
+            os.kill(int(pid), signal.SIGTERM)
+        except OSError:
             continue
-        if marker in cmdline and " start " in cmdline.replace("\0", " "):
-            log.info("stopping host %s left running by an earlier run", pid)
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except OSError:
-                continue
-            for _ in range(100):
-                if not Path(f"/proc/{int(pid)}").exists():
-                    break
-                time.sleep(0.1)
+        for _ in range(100):
+            if _cmdline(pid) is None:
+                break
+            time.sleep(0.1)
+
+
+def _cmdline(pid: object) -> str | None:
+    try:
+        raw = Path(f"/proc/{int(pid)}/cmdline").read_bytes()  # type: ignore[call-overload]
+    except (OSError, ValueError, TypeError):
+        return None
+    return raw.replace(b"\0", b" ").decode(errors="replace") or None
+
+
+def _parent(pid: object) -> int | None:
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()  # type: ignore[call-overload]
+        return int(stat.rpartition(")")[2].split()[1])
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
 
 
 @asynccontextmanager
