@@ -642,6 +642,7 @@ class Crawl:
         async with topic.stream("subscribe") as messages, trio.open_nursery() as nursery:
             nursery.start_soon(poll_queue, self.client, state)
             nursery.start_soon(follow_stats, messages, state.meter)
+            nursery.start_soon(self._follow_delays, state.delays)
             nursery.start_soon(
                 partial(
                     run_dashboard,
@@ -652,6 +653,30 @@ class Crawl:
                     summary_on_exit=False,
                 )
             )
+
+    async def _follow_delays(self, delays: dict[str, float]) -> None:
+        """Keep `delays` (host -> seconds between its requests) from the robots policies."""
+        from .robots import RobotsPolicy, host_delay
+        from .worker import ROBOTS
+
+        offset = 0
+        while True:
+            try:
+                records = await self.client.read(ROBOTS, offset, 500)
+            except Exception as exc:  # the dashboard can wait for the group to answer again
+                log.debug("reading crawl.robots failed: %s", exc)
+                records = []
+            for o, data in records:
+                offset = o + 1
+                try:
+                    record = msgpack.unpackb(data)
+                    policy = RobotsPolicy.from_dict(record["policy"])
+                    delays[str(record["host"])] = host_delay(
+                        policy, self.settings.user_agent, minimum=self.settings.delay
+                    )
+                except Exception:  # a malformed record is skipped, as the workers do
+                    continue
+            await trio.sleep(1.0)
 
     async def _summary(self, exporter: Any) -> None:
         from .dashboard import summary
