@@ -688,8 +688,10 @@ class Crawl:
                 self.dashboard.results = await self.client.stats(RESULTS)
             print(summary(self.dashboard.view()), file=sys.stderr)
         elapsed = time.monotonic() - self.started
+        limit = self.settings.max_pages
+        lines = exporter.offset if limit is None else min(exporter.offset, limit)
         print(
-            f"ww-crawl: {exporter.offset} results in {self.info.output} "
+            f"ww-crawl: {lines} results in {self.info.output} "
             f"({exporter.written} written by this run) in {elapsed:.1f} s",
             file=sys.stderr,
         )
