@@ -631,3 +631,5 @@ async def test_a_host_waits_for_an_unavailable_robots_txt(
         row = rows[canonicalize(site.url(B, path))]
         assert row["status"] is None and "robots.txt unavailable" in row["error"]
     assert [h.target for h in site.hits(B)] == ["/robots.txt", "/robots.txt"]
+    # Pages waited without being claimed: each took one attempt.
+    assert all(r["attempts"] == 1 for r in run.rows), [(r["url"], r["attempts"]) for r in run.rows]

@@ -344,19 +344,30 @@ class Worker:
     # -- robots.txt --------------------------------------------------------------------------
 
     async def _fetch_robots(self, item: Any, url: str) -> _Outcome:
+        """Fetch a host's robots.txt. While it is unavailable (5xx, 429, no answer) the host
+        waits: this worker tries again after a backoff, holding the robots item, which is the
+        only item of the host that may be leased until its policy is known; when the lease
+        has no room left for another try, the item goes back to the queue instead."""
         s = self.settings
         host = host_key(url)
         assert self._http is not None
-        delay = backoff(item.attempts)
-        policy = await fetch_robots(
-            self._http, url, user_agent=s.user_agent, timeout=s.timeout, retry_delay=delay
-        )
-        if policy.kind == "unavailable" and item.attempts <= s.retries:
-            # The host waits: tell everyone (its pages go back with the same delay), try again.
+        claimed = trio.current_time()
+        attempt = item.attempts
+        while True:
+            delay = backoff(attempt)
+            policy = await fetch_robots(
+                self._http, url, user_agent=s.user_agent, timeout=s.timeout, retry_delay=delay
+            )
+            if policy.kind != "unavailable" or attempt > s.retries:
+                break
             self.stats.retries += 1
             self.stats.last_error = f"{url}: robots.txt unavailable (status {policy.status})"
-            await self._append_robots(host, policy, final=False)
-            return _Outcome(item.id, release_after=delay)
+            used = trio.current_time() - claimed
+            if used + delay + s.timeout + 1.0 > s.lease or self._stopping.is_set():
+                await self._append_robots(host, policy, final=False)
+                return _Outcome(item.id, release_after=delay)
+            await trio.sleep(delay)
+            attempt += 1
         interval = host_delay(policy, s.user_agent, minimum=s.delay)
         await self.client.limit(FRONTIER, host, s.per_host_concurrency, claim_interval(interval))
         record = {
