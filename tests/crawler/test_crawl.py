@@ -633,3 +633,28 @@ async def test_a_host_waits_for_an_unavailable_robots_txt(
     assert [h.target for h in site.hits(B)] == ["/robots.txt", "/robots.txt"]
     # Pages waited without being claimed: each took one attempt.
     assert all(r["attempts"] == 1 for r in run.rows), [(r["url"], r["attempts"]) for r in run.rows]
+
+
+async def test_a_second_ctrl_c_stops_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    site = slow_site(60)
+    await serve(nursery, site, A, B, C)
+    argv = crawl_argv(tmp_path, [site.url(A, "/")], "--scope", "any")
+    process = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        await wait_for_rows(tmp_path / "out.jsonl", 5, process)
+        process.send_signal(signal.SIGINT)
+        await trio.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(5):  # the hosts give their ROMs 2 s to stop
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 130
+    rows = read_rows(tmp_path / "out.jsonl")  # whole lines, each URL once
+    assert len(rows) == len({r["url"] for r in rows})
+    with trio.fail_after(5):
+        while processes_under(tmp_path / "data"):
+            await trio.sleep(0.05)

@@ -490,7 +490,10 @@ class Crawl:
                     nursery.start_soon(self._show)
                     await self._watch()
                     nursery.cancel_scope.cancel()
-                log.info("the crawl is done; stopping the workers")
+                if self.stopping.is_set():
+                    log.info("stopping the workers")
+                else:
+                    log.info("the crawl is done; stopping the workers")
                 # Stop the workers, then export everything they completed.
                 pubsub = await self.cluster.host.pubsub()
                 control = await pubsub.join(CONTROL_TOPIC)
@@ -507,10 +510,13 @@ class Crawl:
                 exporter.close()
             await self._summary(exporter)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                for process in self.workers:
-                    with contextlib.suppress(Exception):
-                        await process.kill()
+            # Workers still running (a second Ctrl-C, an error) are killed; the embedded
+            # hosts would stop them anyway, the hosts of --cluster would not.
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                if self.args.cluster:
+                    async with trio.open_nursery() as nursery:
+                        for process in self.workers:
+                            nursery.start_soon(_kill_quietly, process)
                 await self.client.aclose()
         return EXIT_INTERRUPTED if self.stopping.is_set() else 0
 
@@ -695,6 +701,11 @@ class Crawl:
             f"({exporter.written} written by this run) in {elapsed:.1f} s",
             file=sys.stderr,
         )
+
+
+async def _kill_quietly(process: Any) -> None:
+    with contextlib.suppress(Exception):
+        await process.kill()
 
 
 def is_failure(record: dict[str, Any] | None) -> bool:
