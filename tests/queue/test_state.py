@@ -494,6 +494,18 @@ def test_sessions_are_bounded_least_recently_used_first(
     assert q.stats("w")["ready"] == 5
 
 
+def test_a_session_keeps_a_bounded_window_of_unacknowledged_answers(
+    q: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "ANSWER_WINDOW", 2)
+    put = Command.put("w", items(b"a"))
+    for seq in (1, 2, 3):
+        q.ok(put, client="cl", seq=seq)  # never acknowledges
+    assert q(put, client="cl", seq=2) == {"added": 1, "duplicates": 0}  # still remembered
+    assert "duplicate request" in q(put, client="cl", seq=1)["error"]  # forgotten, not redone
+    assert q.stats("w")["ready"] == 3
+
+
 # -- determinism, snapshots, restarts -------------------------------------------------------
 
 
@@ -552,6 +564,21 @@ def test_snapshot_restore_round_trip_then_the_same_future(q: Driver, tmp_path: P
     assert reopened.digest() == q.state.digest()
     other.close()
     reopened.close()
+
+
+def test_a_snapshot_through_a_file_round_trips(q: Driver, tmp_path: Path) -> None:
+    busy_log(q)
+    q.state.snapshot_to(tmp_path / "snap.db")
+    fresh = QueueState(tmp_path / "fresh.db")
+    fresh.restore_from(tmp_path / "snap.db")
+    assert (fresh.applied_index, fresh.digest()) == (q.state.applied_index, q.state.digest())
+    with pytest.raises(QueueStateError):
+        fresh.restore_from(tmp_path / "missing.db")
+    (tmp_path / "bad.db").write_bytes(b"SQLite format 3\x00" + b"\x01" * 5000)
+    with pytest.raises(QueueStateError):
+        fresh.restore_from(tmp_path / "bad.db")
+    assert fresh.digest() == q.state.digest()
+    fresh.close()
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ __all__ = [
     "decode",
     "decode_command",
     "encode",
+    "item_fields",
     "item_from_map",
     "item_to_map",
     "stamp",
@@ -104,22 +105,35 @@ def item_to_map(item: Item) -> dict[str, Any]:
     return out
 
 
+ITEM_FIELDS = frozenset({"payload", "key", "partition", "not_before"})
+ItemFields = tuple[bytes, str | None, str | None, float | None]
+
+
 def item_from_map(obj: Any) -> Item:
     """Validate one item map; CommandError says what is wrong."""
-    if not isinstance(obj, dict):
+    return Item(*item_fields(obj))
+
+
+def item_fields(obj: Any) -> ItemFields:
+    """(payload, key, partition, not_before) of a valid item map; else CommandError."""
+    if type(obj) is not dict:
         raise CommandError(f"an item must be a map, got {type(obj).__name__}")
-    extra = set(obj) - {"payload", "key", "partition", "not_before"}
-    if extra:
-        raise CommandError(f"unknown item field {sorted(map(str, extra))[0]!r}")
+    if not obj.keys() <= ITEM_FIELDS:
+        extra = sorted(str(k) for k in obj.keys() - ITEM_FIELDS)
+        raise CommandError(f"unknown item field {extra[0]!r}")
     payload = obj.get("payload")
-    if not isinstance(payload, bytes):
+    if type(payload) is not bytes:
         raise CommandError("item payload must be bytes")
-    key = opt_str(obj, "key", MAX_KEY)
-    partition = opt_str(obj, "partition", MAX_NAME)
+    key = obj.get("key")
+    if key is not None and (type(key) is not str or len(key) > MAX_KEY):
+        key = as_str(key, "key", MAX_KEY, empty=True)
+    partition = obj.get("partition")
+    if partition is not None and (type(partition) is not str or len(partition) > MAX_NAME):
+        partition = as_str(partition, "partition", MAX_NAME, empty=True)
     not_before = obj.get("not_before")
     if not_before is not None:
         not_before = as_time(not_before, "not_before")
-    return Item(payload, key, partition, not_before)
+    return payload, key, partition, not_before
 
 
 def claimed_from_answer(answer: Mapping[str, Any]) -> list[Claimed]:

@@ -2,16 +2,23 @@
 
 Everything an answer depends on comes from the log: the clock is the largest "time" the
 leader stamped on an entry so far, item ids and log offsets are counters in the database, and
-every query that returns several rows orders them. Each `apply` is one SQLite transaction that
-also writes the applied index, so after a crash the database is at some applied index and the
-entries after it are applied again from the Raft log.
+every query that returns several rows orders them. The applied index is written in the same
+SQLite transaction as the changes of its entry (one transaction per entry, or with
+autocommit=False one per `commit()`), so after a crash the database is at some applied index
+and the entries after it are applied again from the Raft log.
 
 Work topics: an item is ready (state 0), leased (1) or delayed (2, not_before in the future);
-a done item is deleted (its key stays in the seen-set). Each (topic, partition key) has a row
-in `parts` with its counters, its limits and two derived columns that keep claim cheap:
-`cand` (the key's oldest ready item id while the key may be claimed now) and `wake` (the time
-the key may be claimed again while only its minimum interval holds it back). Items without a
-partition key each count as a key of their own: no limits apply to them.
+a done item is deleted (its key stays in the seen-set, which holds a 16-byte digest of each
+key). Each (topic, partition key) has a row in `parts` with its counters, its limits and two
+derived columns that keep claim cheap: `cand` (the key's oldest ready item id while the key
+may be claimed now) and `wake` (the time the key may be claimed again while only its minimum
+interval holds it back). Items without a partition key each count as a key of their own: no
+limits apply to them.
+
+Client sessions: the answer of each (client, seq) is kept until the client acknowledges it
+(`ack`: every seq below it is answered), for at most SESSION_IDLE seconds of log time without
+a command from that client, for SESSION_LIMIT clients (the least recently used goes), and for
+the last ANSWER_WINDOW seqs of a client.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 
 from ww.queue.commands import (
     CommandError,
-    Item,
+    ItemFields,
     as_int,
     as_list,
     as_str,
@@ -37,7 +44,7 @@ from ww.queue.commands import (
     decode_command,
     encode,
     field,
-    item_from_map,
+    item_fields,
     one_line,
 )
 
@@ -45,9 +52,10 @@ __all__ = ["SESSION_IDLE", "SESSION_LIMIT", "QueueState", "QueueStateError"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SESSION_IDLE = 3600.0  # seconds of log time after which an idle client session is forgotten
 SESSION_LIMIT = 10_000  # client sessions remembered at most (the least recently used goes)
+ANSWER_WINDOW = 10_000  # answers a session keeps: seq n acknowledges those below n - 9,999
 MAX_CLAIM = 10_000  # items in one claim
 MAX_READ = 10_000  # records in one read
 LOG_SHIFT = 40  # a log record's rowid is topic_id << LOG_SHIFT | offset
@@ -65,7 +73,7 @@ CREATE TABLE topics(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT
     def_max_leased INT, def_min_interval REAL NOT NULL,
     ready INT NOT NULL, leased INT NOT NULL, delayed INT NOT NULL, done INT NOT NULL,
     dead INT NOT NULL, seen INT NOT NULL, log_first INT NOT NULL, log_next INT NOT NULL);
-CREATE TABLE seen(topic INT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (topic, key)) WITHOUT ROWID;
+CREATE TABLE seen(topic INT NOT NULL, h BLOB NOT NULL, PRIMARY KEY (topic, h)) WITHOUT ROWID;
 CREATE TABLE parts(id INTEGER PRIMARY KEY, topic INT NOT NULL, pkey TEXT,
     own INT NOT NULL, max_leased INT, min_interval REAL NOT NULL,
     ready INT NOT NULL, leased INT NOT NULL, last_claim REAL,
@@ -91,7 +99,7 @@ CREATE TABLE answers(client TEXT NOT NULL, seq INT NOT NULL, answer BLOB NOT NUL
 TABLES = {  # table -> ORDER BY of its canonical dump
     "meta": "id",
     "topics": "id",
-    "seen": "topic, key",
+    "seen": "topic, h",
     "parts": "id",
     "items": "id",
     "records": "rid",
@@ -163,7 +171,11 @@ class QueueState:
         self._autocommit = autocommit
         self._conn = self._open(self.path, check)
         self._load_meta()
-        self._topics: dict[str, _Topic] = {}  # rows touched by the entry being applied
+        # The topics (a small table) stay cached between entries; what was last written of
+        # each is kept to write only changes. Part rows are cached while one entry applies.
+        self._topics: dict[str, _Topic] = {}
+        self._topics_by_id: dict[int, _Topic] = {}
+        self._topic_rows: dict[int, tuple[Any, ...]] = {}
         self._parts: dict[int, _Part] = {}
         self._part_rows: dict[int, tuple[Any, ...]] = {}  # the rows as loaded
 
@@ -190,8 +202,10 @@ class QueueState:
                 r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")
             }
             if not names:
-                conn.executescript("BEGIN;" + SCHEMA + "COMMIT;")
-                conn.execute("INSERT INTO meta VALUES (0, ?, 0, 0.0, 1)", (SCHEMA_VERSION,))
+                conn.executescript(
+                    f"BEGIN; {SCHEMA} INSERT INTO meta VALUES (0, {SCHEMA_VERSION}, 0, 0.0, 1); "
+                    "COMMIT;"
+                )
             elif not set(TABLES) <= names:
                 raise damaged("it lacks the queue's tables")
             else:
@@ -255,14 +269,18 @@ class QueueState:
             )
             if self._autocommit:
                 conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             # Only a failing database gets here: forget everything not yet committed.
-            self._topics.clear()
+            self._forget_topics()
             self._parts.clear()
             self._part_rows.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._load_meta()
+            if isinstance(exc, sqlite3.Error):
+                raise QueueStateError(
+                    f"{self.path}: the database failed applying entry {index}: {one_line(exc)}"
+                ) from exc
             raise
         return answer
 
@@ -291,7 +309,7 @@ class QueueState:
             self._flush()
         except Exception as exc:
             self._conn.execute("ROLLBACK TO op")
-            self._topics.clear()
+            self._forget_topics()
             self._parts.clear()
             self._part_rows.clear()
             self._next_item = saved_next
@@ -349,6 +367,7 @@ class QueueState:
             (seq, client),
         ).fetchone()
         if row is None:
+            ack = max(ack, seq - ANSWER_WINDOW + 1)
             (count,) = conn.execute("SELECT COUNT(*) FROM sessions").fetchone()
             if count >= SESSION_LIMIT:
                 self._drop_sessions(
@@ -365,7 +384,7 @@ class QueueState:
             old_ack = 0
         else:
             old_ack = row[0]
-            ack = max(old_ack, ack)
+            ack = max(old_ack, ack, seq - ANSWER_WINDOW + 1)
             conn.execute(
                 "UPDATE sessions SET ack = ?, last = ?, touched = ? WHERE client = ?",
                 (ack, self._clock, self._applied, client),
@@ -455,58 +474,50 @@ class QueueState:
 
     # -- work topics -------------------------------------------------------------------------
 
-    def _items(self, value: Any) -> list[Item]:
-        return [item_from_map(m) for m in as_list(value, "items")]
+    def _items(self, value: Any) -> list[ItemFields]:
+        return [item_fields(m) for m in as_list(value, "items")]
 
-    def _put(self, topic: _Topic, items: list[Item]) -> tuple[int, int]:
+    def _put(self, topic: _Topic, items: list[ItemFields]) -> tuple[int, int]:
+        """Add the items whose key is new to the topic (payload, key, partition, not_before)."""
         if topic.kind != "work":
             raise _Refused(f"put: topic {topic.name!r} is a log topic; put needs a work topic")
         conn, now = self._conn, self._clock
-        seen: set[str] = set()
-        keys = list(dict.fromkeys(item.key for item in items if item.key is not None))
-        for chunk in _chunks(keys):
+        digests = {key: _key_digest(key) for _, key, _, _ in items if key is not None}
+        seen: set[bytes] = set()
+        for chunk in _chunks(list(digests.values())):
             seen.update(
-                k
-                for (k,) in conn.execute(
-                    f"SELECT key FROM seen WHERE topic = ? AND key IN ({_marks(chunk)})",
+                h
+                for (h,) in conn.execute(
+                    f"SELECT h FROM seen WHERE topic = ? AND h IN ({_marks(chunk)})",
                     (topic.id, *chunk),
                 )
             )
-        fresh: list[Item] = []
-        new_keys: list[str] = []
+        fresh: list[ItemFields] = []
+        new_keys: list[bytes] = []
         for item in items:
-            if item.key is not None:
-                if item.key in seen:
+            if item[1] is not None:
+                h = digests[item[1]]
+                if h in seen:
                     continue
-                seen.add(item.key)
-                new_keys.append(item.key)
+                seen.add(h)
+                new_keys.append(h)
             fresh.append(item)
         dups = len(items) - len(fresh)
-        parts = self._parts_for(topic, [item.partition for item in fresh])
+        parts = self._parts_for(topic, [item[2] for item in fresh])
         rows: list[tuple[Any, ...]] = []
         heads: dict[str | None, list[int]] = {}  # partition -> [ready count, min ready id]
         next_id = self._next_item
-        for item in fresh:
-            nb = -math.inf if item.not_before is None else item.not_before
-            delayed = nb > now
-            rows.append(
-                (
-                    next_id,
-                    topic.id,
-                    parts[item.partition].id,
-                    DELAYED if delayed else READY,
-                    item.payload,
-                    item.key,
-                    item.not_before,
-                )
-            )
-            if delayed:
+        tid = topic.id
+        for payload, key, partition, not_before in fresh:
+            if not_before is not None and not_before > now:
+                rows.append((next_id, tid, parts[partition].id, DELAYED, payload, key, not_before))
                 topic.delayed += 1
-                self._due_ready = min(self._due_ready, nb)
+                self._due_ready = min(self._due_ready, not_before)
             else:
-                head = heads.get(item.partition)
+                rows.append((next_id, tid, parts[partition].id, READY, payload, key, not_before))
+                head = heads.get(partition)
                 if head is None:
-                    heads[item.partition] = [1, next_id]
+                    heads[partition] = [1, next_id]
                 else:
                     head[0] += 1
             next_id += 1
@@ -883,8 +894,18 @@ class QueueState:
                 f"SELECT {TOPIC_COLS} FROM topics WHERE name = ?", (name,)
             ).fetchone()
             if row is not None:
-                topic = self._topics[name] = _Topic(*row)
+                topic = self._cache_topic(row)
         return topic
+
+    def _cache_topic(self, row: tuple[Any, ...]) -> _Topic:
+        topic = self._topics[row[1]] = self._topics_by_id[row[0]] = _Topic(*row)
+        self._topic_rows[row[0]] = row
+        return topic
+
+    def _forget_topics(self) -> None:
+        self._topics.clear()
+        self._topics_by_id.clear()
+        self._topic_rows.clear()
 
     def _topic(self, name: str, kind: str) -> _Topic:
         """The topic called `name`, created as a `kind` topic if it is new."""
@@ -899,20 +920,18 @@ class QueueState:
             next_id, name, kind, max_attempts, dead or f"{name}.dead", None, 0.0,
             0, 0, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
-        self._conn.execute(
-            f"INSERT INTO topics ({TOPIC_COLS}) VALUES ({','.join('?' * 15)})", _topic_row(topic)
-        )
-        self._topics[name] = topic
-        return topic
+        row = _topic_row(topic)
+        self._conn.execute(f"INSERT INTO topics ({TOPIC_COLS}) VALUES ({','.join('?' * 15)})", row)
+        self._cache_topic(row)
+        return self._topics[name]
 
     def _topic_by_id(self, topic_id: int) -> _Topic:
-        for topic in self._topics.values():
-            if topic.id == topic_id:
-                return topic
-        row = self._conn.execute(
-            f"SELECT {TOPIC_COLS} FROM topics WHERE id = ?", (topic_id,)
-        ).fetchone()
-        topic = self._topics[row[1]] = _Topic(*row)
+        topic = self._topics_by_id.get(topic_id)
+        if topic is None:
+            row = self._conn.execute(
+                f"SELECT {TOPIC_COLS} FROM topics WHERE id = ?", (topic_id,)
+            ).fetchone()
+            topic = self._cache_topic(row)
         return topic
 
     def _part(self, part_id: int) -> _Part:
@@ -991,20 +1010,21 @@ class QueueState:
         self._part_rows.clear()
 
     def _flush(self) -> None:
-        """Write the rows cached while applying this entry."""
+        """Write the rows changed while applying this entry."""
         self._flush_parts()
-        if self._topics:
+        changed = []
+        for t in self._topics.values():
+            row = _topic_row(t)
+            if row != self._topic_rows[t.id]:
+                changed.append((*row[5:], t.id))
+                self._topic_rows[t.id] = row
+        if changed:
             self._conn.executemany(
                 "UPDATE topics SET def_max_leased = ?, def_min_interval = ?, ready = ?, "
                 "leased = ?, delayed = ?, done = ?, dead = ?, seen = ?, log_first = ?, "
                 "log_next = ? WHERE id = ?",
-                [
-                    (t.def_max_leased, t.def_min_interval, t.ready, t.leased, t.delayed, t.done,
-                     t.dead, t.seen, t.log_first, t.log_next, t.id)
-                    for t in self._topics.values()
-                ],
-            )  # fmt: skip
-            self._topics.clear()
+                changed,
+            )
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -1091,6 +1111,16 @@ class QueueState:
         self.commit()
         return bytes(self._conn.serialize())
 
+    def snapshot_to(self, dest: Path | str) -> None:
+        """Write a consistent copy of the database to the file `dest` without holding it in
+        memory (SQLite's backup API; for snapshots sent in chunks)."""
+        self.commit()
+        target = sqlite3.connect(dest)
+        try:
+            self._conn.backup(target)
+        finally:
+            target.close()
+
     def restore(self, data: bytes) -> None:
         """Replace the database with a snapshot's, atomically; a damaged snapshot raises
         QueueStateError and keeps the current state."""
@@ -1098,12 +1128,36 @@ class QueueState:
             b"SQLite format 3\x00"
         ):
             raise QueueStateError("queue snapshot is not an SQLite database; state kept")
-        tmp = self.path.with_name(self.path.name + ".restore")
-        _remove_db(tmp)
+        tmp = self._restore_path()
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        self._install(tmp)
+
+    def restore_from(self, src: Path | str) -> None:
+        """Like restore, from a snapshot file (which is copied, not moved)."""
+        tmp = self._restore_path()
+        try:
+            with open(src, "rb") as f, open(tmp, "wb") as out:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            _remove_db(tmp)
+            raise QueueStateError(
+                f"queue snapshot {src} unreadable ({one_line(exc)}); state kept"
+            ) from None
+        self._install(tmp)
+
+    def _restore_path(self) -> Path:
+        tmp = self.path.with_name(self.path.name + ".restore")
+        _remove_db(tmp)
+        return tmp
+
+    def _install(self, tmp: Path) -> None:
+        """Check the database file `tmp` and put it in place of the current one."""
         try:
             self._open(tmp, True).close()
         except QueueStateError as exc:
@@ -1118,6 +1172,10 @@ class QueueState:
         _fsync_dir(self.path.parent)
         self._conn = self._open(self.path, False)
         self._load_meta()
+        self._forget_topics()
+        self._parts.clear()
+        self._part_rows.clear()
+        logger.info("%s: restored a snapshot at applied index %d", self.path, self._applied)
 
     def digest(self) -> bytes:
         """A hash of every row of every table in key order: equal on replicas at the same
@@ -1128,6 +1186,12 @@ class QueueState:
             for row in self._conn.execute(f"SELECT * FROM {table} ORDER BY {order}"):
                 h.update(encode({"r": list(row)}))
         return h.digest()
+
+
+def _key_digest(key: str) -> bytes:
+    """What the seen-set stores of a key: 16 bytes of BLAKE2b (a false duplicate needs a
+    128-bit collision), so a million keys take some 30 MB whatever the keys' length."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _chunks(values: list[Any], size: int = 500) -> Iterable[list[Any]]:
