@@ -658,3 +658,26 @@ async def test_a_second_ctrl_c_stops_at_once(nursery: trio.Nursery, tmp_path: Pa
     with trio.fail_after(5):
         while processes_under(tmp_path / "data"):
             await trio.sleep(0.05)
+
+
+async def test_a_crawl_on_a_cluster_with_a_key(
+    nursery: trio.Nursery, tmp_path: Path, host_factory: HostFactory
+) -> None:
+    from ww.auth import generate_cluster_key
+
+    key = tmp_path / "cluster.key"
+    generate_cluster_key(key)
+    hosts = await host_factory.cluster(3, key=key)
+    site = chain_site(5, [A])
+    site.page("/", host=A, links=[(A, "/0")])
+    await serve(nursery, site, A)
+    nokey = tmp_path / "nokey"
+    nokey.mkdir()
+    without = await crawl(nokey, [site.url(A, "/")], "--cluster", hosts[0].address)
+    assert without.code == 1 and "--key" in without.stderr, without.stderr
+    assert len(without.stderr.strip().splitlines()) == 1, without.stderr
+    run = await crawl(
+        tmp_path, [site.url(A, "/")], "--cluster", hosts[0].address, "--key", str(key)
+    )
+    assert run.code == 0, run.stderr
+    assert sorted(run.urls) == sorted(reachable(site, (A, "/")))

@@ -138,7 +138,7 @@ async def connect(address: str, key: Path | None = None) -> AsyncIterator[Any]:
     """A client connection to the host at `address`; yields its Host capability."""
     from ww.auth import load_cluster_key, open_client_stream
     from ww.host.config import parse_address
-    from ww.rpc import Connection
+    from ww.rpc import Connection, ConnectionLost
 
     cluster_key = load_cluster_key(key) if key is not None else None
     try:
@@ -147,7 +147,13 @@ async def connect(address: str, key: Path | None = None) -> AsyncIterator[Any]:
     except (OSError, trio.TooSlowError, ValueError) as exc:
         raise ClusterError(f"no ww host answers at {address}; is the cluster running?") from exc
     async with stream, Connection.open(stream, name=f"ww-crawl {address}") as conn:
-        yield conn.bootstrap()
+        host = conn.bootstrap()
+        try:
+            await host.id()  # a host with a key closes a connection that did not use it
+        except ConnectionLost as exc:
+            hint = "is it still running?" if key else "if it has a cluster key, pass --key FILE"
+            raise ClusterError(f"the host at {address} closed the connection; {hint}") from exc
+        yield host
 
 
 async def _wait_view(host: Any, n: int, timeout: float = START_TIMEOUT) -> list[str]:
