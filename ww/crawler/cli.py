@@ -455,7 +455,7 @@ class Crawl:
         self.started = time.monotonic()
 
     async def run(self, resume: bool) -> int:
-        from .cluster import spawn_workers, start_queue
+        from .cluster import connect_queue, spawn_workers, start_queue
         from .export import Exporter
         from .worker import CONTROL_TOPIC, RESULTS
 
@@ -485,11 +485,11 @@ class Crawl:
                     len(self.cluster.peers),
                     self.info.output,
                 )
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(exporter.follow, self.client)
-                    nursery.start_soon(self._show)
-                    await self._watch()
-                    nursery.cancel_scope.cancel()
+                while not await self._crawl(exporter):
+                    # The host ww-crawl talked through is gone: go on through another.
+                    await self.client.aclose()
+                    await self.cluster.reconnect()
+                    self.client = await connect_queue(self.cluster)
                 if self.stopping.is_set():
                     log.info("stopping the workers")
                 else:
@@ -499,11 +499,7 @@ class Crawl:
                 control = await pubsub.join(CONTROL_TOPIC)
                 await control.publish(b"stop")
                 with trio.move_on_after(WORKER_STOP_TIMEOUT):
-                    for process in self.workers:
-                        try:
-                            await process.wait()
-                        except Exception as exc:  # its host is gone, and the worker with it
-                            log.debug("a worker could not be waited for: %s", exc)
+                    await self._workers_gone()
                 appended = int((await self.client.stats(RESULTS)).get("appended", 0))
                 await exporter.catch_up(self.client, appended)
             finally:
@@ -519,6 +515,46 @@ class Crawl:
                             nursery.start_soon(_kill_quietly, process)
                 await self.client.aclose()
         return EXIT_INTERRUPTED if self.stopping.is_set() else 0
+
+    async def _crawl(self, exporter: Any) -> bool:
+        """Export, show and watch until the crawl is done or asked to stop (True), or until
+        the connection to the host ww-crawl talks through is lost (False)."""
+        lost = self.cluster.lost
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_when_lost() -> None:
+                    await lost.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(cancel_when_lost)
+                nursery.start_soon(exporter.follow, self.client)
+                nursery.start_soon(self._show)
+                await self._watch()
+                nursery.cancel_scope.cancel()
+        except Exception:
+            # An error that comes of the lost connection may come just before the news.
+            with trio.move_on_after(1):
+                await lost.wait()
+            if not lost.is_set():
+                raise
+        return not lost.is_set()
+
+    async def _workers_gone(self) -> None:
+        """Return once no worker hangs under /<peer>/ww-crawl on any host that answers."""
+        from .cluster import WORKERS
+
+        while True:
+            running = 0
+            root = await self.cluster.host.root()
+            for peer in self.cluster.peers:
+                try:
+                    running += len(await (await root.walk(f"/{peer}/{WORKERS}")).ls())
+                except Exception:  # its host is gone, and its workers with it
+                    continue
+            if not running:
+                return
+            await trio.sleep(0.1)
 
     async def _set_up(self, *, new: bool) -> None:
         """Create the topics, record the settings and put the seeds. Every step may be done
@@ -611,7 +647,7 @@ class Crawl:
     async def _share_handler(self) -> str | None:
         if self.handler_rom is None:
             return None
-        path = f"/{self.cluster.peers[0]}/ww-crawl/handler"
+        path = f"/{self.cluster.peers[0]}/ww-crawl-handler"
         root = await self.cluster.host.root()
         await (await root.walk(path)).store(self.handler_rom)
         return path

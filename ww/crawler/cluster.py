@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ __all__ = [
     "Cluster",
     "ClusterError",
     "HostProcess",
+    "connect",
+    "connect_queue",
     "local_cluster",
     "remote_cluster",
     "rom_source",
@@ -72,12 +74,33 @@ class HostProcess:
 
 @dataclass(slots=True)
 class Cluster:
-    """A connection to one host of a cluster (`host`: its Host capability) and the peers."""
+    """A connection to one host of a cluster (`host`: its Host capability) and the peers.
+
+    `lost` is set when that connection ends (its host died); `reconnect()` then connects to
+    another host of the cluster, so that `ww-crawl` goes on through it."""
 
     host: Any
     peers: list[str]
+    address: str
+    addresses: list[str]  # every host's address, to reconnect through
+    lost: trio.Event
+    stack: AsyncExitStack
     processes: list[HostProcess] = field(default_factory=list)  # the embedded hosts, if any
     key: Path | None = None
+
+    async def reconnect(self) -> None:
+        for address in self.addresses:
+            if address == self.address:
+                continue
+            try:
+                host, lost = await self.stack.enter_async_context(_link(address, self.key))
+            except ClusterError as exc:
+                log.debug("reconnecting through %s: %s", address, exc)
+                continue
+            self.host, self.lost, self.address = host, lost, address
+            log.warning("lost the connection to a host; going on through %s", address)
+            return
+        raise ClusterError("no host of the cluster answers any more")
 
 
 def _set_parent_death_signal() -> None:  # runs in the child, before exec
@@ -136,6 +159,14 @@ async def _wait_listening(host: HostProcess, since: int) -> None:
 @asynccontextmanager
 async def connect(address: str, key: Path | None = None) -> AsyncIterator[Any]:
     """A client connection to the host at `address`; yields its Host capability."""
+    async with _link(address, key) as (host, _):
+        yield host
+
+
+@asynccontextmanager
+async def _link(address: str, key: Path | None) -> AsyncIterator[tuple[Any, trio.Event]]:
+    """A connection to the host at `address`: its Host capability, and an event set when the
+    connection ends."""
     from ww.auth import load_cluster_key, open_client_stream
     from ww.host.config import parse_address
     from ww.rpc import Connection, ConnectionLost
@@ -153,7 +184,7 @@ async def connect(address: str, key: Path | None = None) -> AsyncIterator[Any]:
         except ConnectionLost as exc:
             hint = "is it still running?" if key else "if it has a cluster key, pass --key FILE"
             raise ClusterError(f"the host at {address} closed the connection; {hint}") from exc
-        yield host
+        yield host, conn.closed
 
 
 async def _wait_view(host: Any, n: int, timeout: float = START_TIMEOUT) -> list[str]:
@@ -238,9 +269,11 @@ async def local_cluster(
         (data_dir / "hosts" / "pids.json").write_text(json.dumps([h.process.pid for h in started]))
         for h, offset in rest:
             await _wait_listening(h, offset)
-        async with connect(first.address) as host:
+        async with AsyncExitStack() as stack:
+            host, lost = await stack.enter_async_context(_link(first.address, None))
             peers = await _wait_view(host, hosts)
-            yield Cluster(host, peers, started)
+            addresses = [h.address for h in started]
+            yield Cluster(host, peers, first.address, addresses, lost, stack, started)
     finally:
         with trio.CancelScope(shield=True):
             await stop_hosts(started)
@@ -264,9 +297,12 @@ async def stop_hosts(hosts: Sequence[HostProcess], timeout: float = STOP_TIMEOUT
 @asynccontextmanager
 async def remote_cluster(address: str, key: Path | None = None) -> AsyncIterator[Cluster]:
     """Dial a host of an existing cluster."""
-    async with connect(address, key) as host:
-        peers = await _wait_view(host, 1)
-        yield Cluster(host, peers, key=key)
+    async with AsyncExitStack() as stack:
+        host, lost = await stack.enter_async_context(_link(address, key))
+        members = await (await host.view()).hosts()
+        peers = sorted(m["peer"] for m in members)
+        addresses = [address] + [m["addrs"][0] for m in members if m.get("addrs")]
+        yield Cluster(host, peers, address, addresses, lost, stack, key=key)
 
 
 def rom_source(name: str) -> Path:
@@ -306,7 +342,6 @@ async def start_queue(cluster: Cluster, *, resume: bool = False, timeout: float 
     The replicas are spawned with a volume and restart="on-failure", so after a host restart
     the host starts its replica again by itself: on `resume` they are given a few seconds to
     come back before any missing one is spawned (on its old volume, so with its old state)."""
-    from ww.queue.client import QueueClient, QueueError
 
     voters = cluster.peers[:HOSTS]
     deadline = trio.current_time() + (10.0 if resume else 0.0)
@@ -324,6 +359,13 @@ async def start_queue(cluster: Cluster, *, resume: bool = False, timeout: float 
                 rom, ["--voters", ",".join(voters)], volume=True, restart="on-failure"
             )
             log.debug("started a replica at /%s/%s", peer, GROUP)
+    return await connect_queue(cluster, timeout=timeout)
+
+
+async def connect_queue(cluster: Cluster, *, timeout: float = 60.0) -> Any:
+    """A `ww.queue.QueueClient` of the cluster's Raft group, once the group has a leader."""
+    from ww.queue.client import QueueClient, QueueError
+
     with trio.move_on_after(timeout):
         while True:
             try:
