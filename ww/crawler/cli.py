@@ -778,34 +778,37 @@ async def latest_results(client: Any) -> dict[str, tuple[int, bytes]]:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
+    from ww.queue.client import QueueClient
+
     from .cluster import connect
     from .worker import FRONTIER, RESULTS
 
     data_dir = Path(args.data_dir)
-    address = args.cluster
-    if address is None:
+    if args.cluster is not None:
+        addresses = [args.cluster]
+    else:
         info_path = data_dir / CRAWL_JSON
         if not info_path.exists():
             raise CrawlError(f"{data_dir} holds no crawl; pass --data-dir or --cluster HOST:PORT")
-        info = CrawlInfo.load(info_path)
-        if not info.hosts:
+        addresses = CrawlInfo.load(info_path).hosts
+        if not addresses:
             raise CrawlError(f"the crawl in {data_dir} is not running")
-        address = info.hosts[0]
-    from ww.queue.client import QueueClient
-
-    try:
-        async with connect(address, Path(args.key) if args.key else None) as host:
-            client = await QueueClient.connect(host, timeout=10)
-            try:
-                frontier = await client.stats(FRONTIER)
-                results = await client.stats(RESULTS)
-                status = await client.status()
-            finally:
-                await client.aclose()
-    except Exception as exc:
-        raise CrawlError(
-            f"the crawl at {address} does not answer ({' '.join(str(exc).split())}); is it running?"
-        ) from None
+    failure = ""
+    for address in addresses:  # the first host that answers
+        try:
+            async with connect(address, Path(args.key) if args.key else None) as host:
+                client = await QueueClient.connect(host, timeout=10)
+                try:
+                    frontier = await client.stats(FRONTIER)
+                    results = await client.stats(RESULTS)
+                    status = await client.status()
+                finally:
+                    await client.aclose()
+            break
+        except Exception as exc:
+            failure = " ".join(str(exc).split())
+    else:
+        raise CrawlError(f"no host of the crawl answers; the last said: {failure}")
     print(f"results: {results.get('appended', 0)}")
     for k in ("ready", "leased", "delayed", "done", "dead", "seen"):
         print(f"frontier {k}: {frontier.get(k, 0)}")
