@@ -579,6 +579,8 @@ class Crawl:
         # put first, is claimed before its pages (see ww.crawler.worker).
         first_k = s.per_host_concurrency if s.ignore_robots else 1
         await c.limit(FRONTIER, None, first_k, claim_interval(s.delay))
+        if not new and not s.ignore_robots:
+            await self._limit_known_hosts()
         items: list[Any] = []
         if not s.ignore_robots:
             hosts: dict[str, str] = {}
@@ -593,6 +595,27 @@ class Crawl:
             log.info("put %d seeds", len(s.seeds))
         elif result.added:
             log.info("put %d seeds again that were missing", result.added)
+
+    async def _limit_known_hosts(self) -> None:
+        """Set each known host's limits again: a resume may change the concurrency or delay."""
+        from .robots import RobotsPolicy, host_delay
+        from .worker import FRONTIER, ROBOTS
+
+        s = self.settings
+        policies: dict[str, RobotsPolicy] = {}
+        offset = 0
+        while records := await self.client.read(ROBOTS, offset, 500):
+            for o, data in records:
+                offset = o + 1
+                try:
+                    record = msgpack.unpackb(data)
+                    if record.get("final", True):
+                        policies[str(record["host"])] = RobotsPolicy.from_dict(record["policy"])
+                except Exception:
+                    continue
+        for host, policy in policies.items():
+            delay = host_delay(policy, s.user_agent, minimum=s.delay)
+            await self.client.limit(FRONTIER, host, s.per_host_concurrency, claim_interval(delay))
 
     async def _resume_settings(self) -> None:
         from .worker import CONFIG
