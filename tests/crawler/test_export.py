@@ -8,7 +8,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from ww.crawler.export import Exporter, ExportError
+from ww.crawler.export import Exporter, ExportError, drop_urls
 
 
 class Log:
@@ -77,3 +77,66 @@ async def test_a_fresh_export_starts_the_file_over(tmp_path: Path) -> None:
     await e.catch_up(Log(2), 2)
     e.close()
     assert len(urls(out)) == 2
+
+
+async def test_drop_urls_takes_out_lines_and_can_be_repeated_after_a_crash(tmp_path: Path) -> None:
+    out, state = tmp_path / "r.jsonl", tmp_path / "export.json"
+    e = Exporter(out, state)
+    await e.catch_up(Log(5), 5)
+    e.close()
+    gone = {"http://a.example/1", "http://a.example/3"}
+    assert drop_urls(out, state, gone) == 2
+    assert urls(out) == ["http://a.example/0", "http://a.example/2", "http://a.example/4"]
+    assert drop_urls(out, state, gone) == 0  # done already
+    resumed = Exporter(out, state, resume=True)
+    resumed.close()
+    assert len(urls(out)) == 3  # the recorded length is the rewritten file's
+
+
+async def test_drop_urls_finishes_a_rewrite_whose_state_was_not_saved(tmp_path: Path) -> None:
+    out, state = tmp_path / "r.jsonl", tmp_path / "export.json"
+    e = Exporter(out, state)
+    await e.catch_up(Log(3), 3)
+    e.close()
+    # A crash after the rewritten file was renamed into place, before the state was saved:
+    kept = [line for line in out.read_bytes().splitlines(keepends=True) if b"/1" not in line]
+    out.write_bytes(b"".join(kept))
+    drop_urls(out, state, {"http://a.example/1"})
+    resumed = Exporter(out, state, resume=True)
+    resumed.close()
+    assert urls(out) == ["http://a.example/0", "http://a.example/2"]
+
+
+async def test_the_warc_file_is_truncated_to_its_checkpoint_too(tmp_path: Path) -> None:
+    from warcio.archiveiterator import ArchiveIterator
+
+    def fetched(i: int) -> bytes:
+        return msgpack.packb(
+            {
+                "url": f"http://a.example/{i}",
+                "status": 200,
+                "fetched_at": "2026-12-05T18:00:00.000Z",
+                "_body": f"body {i}".encode(),
+                "_headers": [["content-type", "text/plain"]],
+            }
+        )
+
+    log = Log(0)
+    log.records = [fetched(i) for i in range(6)]
+    out, state, warc = tmp_path / "r.jsonl", tmp_path / "s.json", tmp_path / "r.warc.gz"
+    e = Exporter(out, state, warc=warc)
+    await e.catch_up(log, 3)
+    for offset, data in await log.read("crawl.results", 3, 2):
+        e.write(offset, data)  # not checkpointed
+    e._out.flush()
+    e._warc_out.flush()
+    resumed = Exporter(out, state, warc=warc, resume=True)
+    await resumed.catch_up(log, 6)
+    resumed.close()
+    with open(warc, "rb") as f:
+        responses = [
+            r.rec_headers.get_header("WARC-Target-URI")
+            for r in ArchiveIterator(f)
+            if r.rec_type == "response"
+        ]
+    assert responses == [f"http://a.example/{i}" for i in range(6)]

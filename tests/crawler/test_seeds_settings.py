@@ -56,3 +56,24 @@ def test_a_resume_changes_only_how_it_crawls() -> None:
     s = CrawlSettings(seeds=("http://a.example/",), max_depth=2, delay=0.0)
     r = s.resumed({"delay": 1.5, "max_depth": 9})
     assert r.delay == 1.5 and r.max_depth == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--resume", "--fresh"], "contradict"),
+        (["--retry-failed"], "--retry-failed goes with --resume"),
+        (["--resume"], "holds no crawl to resume"),
+    ],
+)
+def test_contradicting_flags_are_one_line(tmp_path: Path, flags: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("http://a.example/\n")
+    argv = [sys.executable, "-m", "ww.crawler.cli", str(seeds), "--data-dir", str(tmp_path / "d")]
+    done = subprocess.run([*argv, *flags], capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
