@@ -1,0 +1,81 @@
+"""The crawl worker ROM: `ww.crawler.worker.Worker` on this host, until told to stop.
+
+args: --settings B64 (CrawlSettings.encode()), --name NAME, --group raft/v1 and, with a
+handler, --handler PATH (the anchor that holds the handler ROM's bytes). It publishes its
+stats on `ww-crawl.stats`, and stops on a "stop" message on `ww-crawl.control` (or SIGTERM):
+the batches in flight finish within the drain time, and what is left goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from ww.crawler.handler import load_handler
+from ww.crawler.settings import CrawlSettings
+from ww.crawler.worker import CONTROL_TOPIC, STATS_TOPIC, Worker
+from ww.queue.client import QueueClient
+
+log = logging.getLogger("ww-crawl.worker")
+
+DRAIN = 10.0  # seconds the batches in flight get to finish after "stop"
+SIGTERM_DRAIN = 1.5  # the host kills a process 2 s after SIGTERM
+
+
+async def main(host: Any, args: list[str]) -> int:
+    if host is None:
+        print("the crawl worker needs a host", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="ww-crawl-worker")
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--group", default="raft/v1")
+    parser.add_argument("--handler")
+    opts = parser.parse_args(args)
+    settings = CrawlSettings.decode(opts.settings)
+    peer = await host.id()
+    pubsub = await host.pubsub()
+    stats = await pubsub.join(STATS_TOPIC)
+    control = await pubsub.join(CONTROL_TOPIC)
+    handler_cm = None
+    handler = None
+    if opts.handler:
+        root = await host.root()
+        data = await (await root.walk(opts.handler)).load()
+        handler_cm = load_handler(bytes(data))
+        handler = handler_cm.__enter__()
+    client = await QueueClient.connect(host, group=opts.group)
+    worker = Worker(
+        client, settings, opts.name, host_id=peer, handler=handler, publish=stats.publish
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, worker)
+            nursery.start_soon(_stop_on_message, worker, control)
+            await worker.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        if handler_cm is not None:
+            handler_cm.__exit__(None, None, None)
+    log.info("worker %s stopped: %d pages", opts.name, worker.stats.pages)
+    return 0
+
+
+async def _stop_on_signal(worker: Worker) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            worker.stop(SIGTERM_DRAIN)
+
+
+async def _stop_on_message(worker: Worker, control: Any) -> None:
+    async with control.stream("subscribe") as messages:
+        async for message in messages:
+            if bytes(message) == b"stop":
+                worker.stop(DRAIN)

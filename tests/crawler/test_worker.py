@@ -1,0 +1,64 @@
+"""The worker's decisions that need no queue: which links become frontier items."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ww.crawler.settings import CrawlSettings
+from ww.crawler.worker import Worker
+
+
+def worker(**settings: Any) -> Worker:
+    s = CrawlSettings(seeds=("http://a.example/",), **settings)
+    return Worker(None, s, "w")  # type: ignore[arg-type]  # no queue needed here
+
+
+def follow(w: Worker, links: list[str], depth: int = 0) -> list[tuple[str | None, dict[str, Any]]]:
+    items = w._follow("http://a.example/", depth, links)
+    return [(item.key, msgpack.unpackb(item.payload)) for item in items]
+
+
+def test_links_in_scope_become_items_one_hop_deeper_with_the_robots_item_first() -> None:
+    got = follow(worker(), ["http://a.example/x", "http://b.example/y", "http://a.example/z"])
+    assert [key for key, _ in got] == [
+        "robots:a.example",
+        "http://a.example/x",
+        "http://a.example/z",
+    ]
+    assert got[0][1]["kind"] == "robots" and got[0][1]["url"] == "http://a.example/robots.txt"
+    assert got[1][1] == {
+        "url": "http://a.example/x",
+        "depth": 1,
+        "referrer": "http://a.example/",
+        "kind": "page",
+    }
+
+
+def test_a_host_gets_its_robots_item_once_per_worker() -> None:
+    w = worker()
+    follow(w, ["http://a.example/x"])
+    assert [key for key, _ in follow(w, ["http://a.example/y"])] == ["http://a.example/y"]
+
+
+def test_ignore_robots_puts_no_robots_items() -> None:
+    got = follow(worker(ignore_robots=True), ["http://a.example/x"])
+    assert [key for key, _ in got] == ["http://a.example/x"]
+
+
+def test_depth_deny_and_trap_guards_drop_links() -> None:
+    w = worker(max_depth=2, deny=("/private/",), max_query_params=2)
+    links = [
+        "http://a.example/private/x",
+        "http://a.example/q?a=1&b=2&c=3",
+        "http://a.example/ok",
+    ]
+    assert [key for key, _ in follow(w, links)] == ["robots:a.example", "http://a.example/ok"]
+    assert follow(worker(max_depth=2), ["http://a.example/deep"], depth=2) == []
+
+
+def test_items_are_partitioned_by_host_and_port() -> None:
+    w = worker(scope="any")
+    items = w._follow("http://a.example/", 0, ["http://b.example:8080/p"])
+    assert {item.partition for item in items} == {"b.example:8080"}
