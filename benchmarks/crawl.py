@@ -394,7 +394,7 @@ class Measured:
     peak_rss: int  # bytes, sum over the tree
     nginx_cpu: float  # seconds
     requests: int  # logged by nginx
-    strays: int  # descendants still running after the main process exited (then killed)
+    strays: int  # descendants still running `grace` seconds after the main process exited
     log: Path
 
 
@@ -404,11 +404,10 @@ def measure(
     nginx: Nginx,
     timeout: float,
     cwd: Path,
-    keep: Sequence[int] = (),
 ) -> Measured:
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     req0, ng0 = nginx.requests_logged(), nginx.cpu_ticks()
-    ignore = {nginx.proc.pid, *keep}
+    ignore = {nginx.proc.pid}
     me = os.getpid()
     seen_ticks: dict[int, int] = {}
     peak = 0
@@ -457,26 +456,26 @@ def measure(
 
 
 def reap_strays(me: int, ignore: set[int], grace: float = 10.0) -> int:
-    """Wait for (then kill) children of ours other than nginx: orphans of the crawler."""
+    """Reap the children of ours other than nginx (orphans of the crawler, re-parented here),
+    waiting up to `grace` seconds for them to exit; kill the rest. Returns how many were killed.
+    """
     deadline = time.monotonic() + grace
-    strays: set[int] = set()
     while True:
         table = proc_table()
-        left = [p for p, st in table.items() if st.ppid == me and p not in ignore]
-        for pid in left:
+        left = []
+        for pid in (p for p, st in table.items() if st.ppid == me and p not in ignore):
             with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    left.remove(pid)
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    left.append(pid)
         if not left:
-            return len(strays)
-        strays.update(left)
+            return 0
         if time.monotonic() > deadline:
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
-            return len(strays)
+            return len(left)
         time.sleep(0.1)
 
 
@@ -665,7 +664,7 @@ class Bench:
         o = check_output(out, self.expected, self.site.frontier)
         r = Run(system, concurrency, m, o)
         self.runs.append(r)
-        note = "" if m.rc == 0 else f"  EXIT {m.rc} (log: {m.log})"
+        note = "" if m.rc == 0 else f"  EXIT {m.rc}: {last_line(r)} (log: {m.log})"
         if m.strays:
             note += f"  {m.strays} stray processes killed"
         print(
@@ -698,7 +697,13 @@ class Summary:
     discovered: int
 
 
-def summarize(runs: list[Run]) -> Summary:
+def last_line(run: Run) -> str:
+    lines = run.measured.log.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit {run.measured.rc}, no output"
+
+
+def summarize(runs: list[Run], failed: int) -> Summary:
+    """Medians over the runs that exited with status 0; `failed` counts the others."""
     med = statistics.median
     return Summary(
         runs[0].system,
@@ -712,7 +717,7 @@ def summarize(runs: list[Run]) -> Summary:
         max(r.output.not_ok for r in runs),
         int(med(r.measured.requests for r in runs)),
         med(r.measured.nginx_cpu / r.measured.wall for r in runs),
-        sum(1 for r in runs if r.measured.rc != 0),
+        failed,
         int(med(r.output.discovered for r in runs)),
     )
 
@@ -791,6 +796,24 @@ def nginx_rate(nginx: Nginx, site: Site, tmp: Path, seconds: float, procs: int) 
         f"meanwhile, i.e. about {per_core:.0f} requests per CPU-second of nginx",
         flush=True,
     )
+    wrk = shutil.which("wrk")
+    if wrk:
+        ng0, t0 = nginx.cpu_ticks(), time.perf_counter()
+        done = subprocess.run(
+            [wrk, f"-t{procs}", "-c64", f"-d{max(1, round(seconds))}s", urls[0]],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        wall = time.perf_counter() - t0
+        ng_cpu = (nginx.cpu_ticks() - ng0) / CLK_TCK
+        rate_line = [x for x in done.stdout.splitlines() if x.startswith("Requests/sec")]
+        if rate_line:
+            print(
+                f"nginx: {rate_line[0].split()[-1]} requests/s to wrk ({procs} threads x 64 "
+                f"connections, one page); nginx used {ng_cpu / wall:.0%} of a core meanwhile",
+                flush=True,
+            )
     return per_core
 
 
@@ -929,16 +952,23 @@ def crawl_all(
             for c in plan[system]:
                 bench.run(system, c)
     print(machine())
-    rows = [
-        summarize([r for r in bench.runs if r.system == s and r.concurrency == c])
-        for s in systems
-        for c in plan[s]
-    ]
+    rows: list[Summary] = []
+    failed: list[str] = []
+    for s in systems:
+        for c in plan[s]:
+            runs = [r for r in bench.runs if r.system == s and r.concurrency == c]
+            ok = [r for r in runs if r.measured.rc == 0]
+            if ok:
+                rows.append(summarize(ok, len(runs) - len(ok)))
+            else:
+                failed.append(f"{s} at {c}: all {len(runs)} runs failed ({last_line(runs[-1])})")
     print(
         f"medians of {args.runs} run(s); pages/s = unique URLs in the output / wall time; "
         f"nginx core = share of one core nginx used during the crawl"
     )
     print_table(rows, None if frontier else site.total)
+    for line in failed:
+        print(line)
     if frontier:
         for s in rows:
             print(
@@ -969,7 +999,7 @@ def crawl_all(
             f"ww-crawl/scrapy={fmt_ratio(ww, sc, 'peak_rss')} "
             f"ww-crawl/bare={fmt_ratio(ww, bare, 'peak_rss')}"
         )
-    complete = all(
+    complete = not failed and all(
         s.failed == 0 and s.worst_dups == 0 and (frontier or s.worst_missing == 0) for s in rows
     )
     if not complete:
