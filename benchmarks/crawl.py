@@ -378,6 +378,18 @@ def tree_of(table: dict[int, Stat], roots: Sequence[int]) -> set[int]:
     return out
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(idle, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
+
+
 def become_subreaper() -> None:
     """Orphaned descendants of a crawler are re-parented to this process (not to init), so they
     are still seen in the tree and their CPU lands in RUSAGE_CHILDREN when reaped here."""
@@ -393,6 +405,7 @@ class Measured:
     cpu: float  # seconds, all processes of the tree
     peak_rss: int  # bytes, sum over the tree
     nginx_cpu: float  # seconds
+    idle: float  # share of the machine's CPU time left idle during the run
     requests: int  # logged by nginx
     strays: int  # descendants still running `grace` seconds after the main process exited
     log: Path
@@ -407,6 +420,7 @@ def measure(
 ) -> Measured:
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     req0, ng0 = nginx.requests_logged(), nginx.cpu_ticks()
+    cpu0 = machine_ticks()
     ignore = {nginx.proc.pid}
     me = os.getpid()
     seen_ticks: dict[int, int] = {}
@@ -449,6 +463,7 @@ def measure(
         cpu,
         peak,
         (nginx.cpu_ticks() - ng0) / CLK_TCK,
+        idle_share(cpu0, machine_ticks()),
         nginx.requests_logged() - req0,
         strays,
         log,
@@ -670,7 +685,8 @@ class Bench:
         print(
             f"  {system:8} c={concurrency:<3} {r.pages_per_s:8.1f} pages/s  "
             f"{r.cpu_per_1k:6.2f} CPU-s/1k  {m.peak_rss / 2**20:7.1f} MB  "
-            f"{o.unique} pages ({o.duplicates} dup, {o.missing} missing)  {m.wall:6.1f} s{note}",
+            f"{o.unique} pages ({o.duplicates} dup, {o.missing} missing)  {m.wall:6.1f} s  "
+            f"idle {m.idle:.0%}{note}",
             flush=True,
         )
         # Keep the logs; drop the bulky output and data.
@@ -693,6 +709,7 @@ class Summary:
     not_ok: int
     requests: int
     nginx_core: float
+    idle: float
     failed: int
     discovered: int
 
@@ -717,6 +734,7 @@ def summarize(runs: list[Run], failed: int) -> Summary:
         max(r.output.not_ok for r in runs),
         int(med(r.measured.requests for r in runs)),
         med(r.measured.nginx_cpu / r.measured.wall for r in runs),
+        med(r.measured.idle for r in runs),
         failed,
         int(med(r.output.discovered for r in runs)),
     )
@@ -726,7 +744,7 @@ def print_table(rows: list[Summary], expected: int | None) -> None:
     print(
         f"{'system':8} {'conc':>4} {'pages/s':>8} {'CPU-s/1k':>8} {'peak RSS':>9} "
         f"{'in output':>10} {'dup':>4} {'missing':>7} {'not 200':>7} {'nginx req':>9} "
-        f"{'nginx core':>10}"
+        f"{'nginx core':>10} {'idle':>5}"
     )
     for s in rows:
         out = f"{s.unique}" + (f"/{expected}" if expected else "")
@@ -734,7 +752,7 @@ def print_table(rows: list[Summary], expected: int | None) -> None:
         print(
             f"{s.system:8} {s.concurrency:>4} {s.pages_per_s:8.1f} {s.cpu_per_1k:8.2f} "
             f"{s.peak_rss / 2**20:7.1f}MB {out:>10} {s.worst_dups:>4} {s.worst_missing:>7} "
-            f"{s.not_ok:>7} {s.requests:>9} {s.nginx_core:9.0%}{fail}"
+            f"{s.not_ok:>7} {s.requests:>9} {s.nginx_core:9.0%} {s.idle:5.0%}{fail}"
         )
 
 
@@ -964,7 +982,8 @@ def crawl_all(
                 failed.append(f"{s} at {c}: all {len(runs)} runs failed ({last_line(runs[-1])})")
     print(
         f"medians of {args.runs} run(s); pages/s = unique URLs in the output / wall time; "
-        f"nginx core = share of one core nginx used during the crawl"
+        f"nginx core = share of one core nginx used during the crawl; idle = share of the "
+        f"machine's CPU nobody used during the crawl (near 0%: the crawl shared the machine)"
     )
     print_table(rows, None if frontier else site.total)
     for line in failed:
