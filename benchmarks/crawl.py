@@ -436,21 +436,26 @@ def measure(
             cwd=cwd,
             start_new_session=True,
         )
-        while True:
-            table = proc_table()
-            orphans = [p for p, st in table.items() if st.ppid == me and p not in ignore]
-            pids = tree_of(table, [proc.pid, *orphans])
-            peak = max(peak, sum(table[p].rss for p in pids))
-            for p in pids:
-                seen_ticks[p] = table[p].ticks
-            try:
-                proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if time.perf_counter() - t0 > timeout:
-                    timed_out = True
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
+        pids: set[int] = {proc.pid}
+        try:
+            while True:
+                table = proc_table()
+                orphans = [p for p, st in table.items() if st.ppid == me and p not in ignore]
+                pids = tree_of(table, [proc.pid, *orphans])
+                peak = max(peak, sum(table[p].rss for p in pids))
+                for p in pids:
+                    seen_ticks[p] = table[p].ticks
+                try:
+                    proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.perf_counter() - t0 > timeout:
+                        timed_out = True
+                        kill_all(pids)
+        except BaseException:  # Ctrl-C: the crawler runs in its own session, so stop it here
+            kill_all(pids | {proc.pid})
+            proc.wait()
+            raise
         wall = time.perf_counter() - t0
     strays = reap_strays(me, ignore)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -468,6 +473,12 @@ def measure(
         strays,
         log,
     )
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def reap_strays(me: int, ignore: set[int], grace: float = 10.0) -> int:
@@ -899,10 +910,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP stop a run as Ctrl-C does: the crawler and nginx are stopped and the
+    temporary directory deleted."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     nginx_exe = find_nginx()
     become_subreaper()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's choice stands
+            signal.signal(sig, interrupt)
     systems = list(args.systems)
     missing_ww = ww_crawl_missing() if "ww-crawl" in systems else None
     if missing_ww:
@@ -956,7 +976,7 @@ def crawl_all(
         seeds,
         spider,
         expected,
-        timeout=max(300.0, total / 10),
+        timeout=max(300.0, total / 25),
         max_pages=args.max_pages if frontier else None,
     )
     if frontier:
@@ -1033,4 +1053,7 @@ def crawl_all(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("crawl.py: interrupted; the crawler and nginx were stopped")
