@@ -234,7 +234,7 @@ def free_port() -> int:
             s = socket.socket()
             s.bind((HOSTS[0], 0))
             socks.append(s)
-            port = s.getsockname()[1]
+            port: int = s.getsockname()[1]
             for h in HOSTS[1:]:
                 t = socket.socket()
                 socks.append(t)
@@ -1009,10 +1009,10 @@ def crawl_all(
     for line in failed:
         print(line)
     if frontier:
-        for s in rows:
+        for row in rows:
             print(
-                f"frontier-scale {s.system}: {s.pages_per_s:.1f} pages/s, total peak RSS "
-                f"{s.peak_rss / 2**20:.0f} MB, {s.discovered:,} URLs discovered"
+                f"frontier-scale {row.system}: {row.pages_per_s:.1f} pages/s, total peak RSS "
+                f"{row.peak_rss / 2**20:.0f} MB, {row.discovered:,} URLs discovered"
             )
     best = {
         s: max((r for r in rows if r.system == s), key=lambda r: r.pages_per_s, default=None)
@@ -1024,9 +1024,10 @@ def crawl_all(
     }
     for label, pick in (("each at its best", best), (f"same setting ({WW_CRAWL_IN_FLIGHT})", same)):
         parts = []
-        for s in ("ww-crawl", "scrapy", "bare"):
-            if pick[s] is not None:
-                parts.append(f"{s} {pick[s].pages_per_s:.1f} pages/s at {pick[s].concurrency}")
+        for name in ("ww-crawl", "scrapy", "bare"):
+            one = pick[name]
+            if one is not None:
+                parts.append(f"{name} {one.pages_per_s:.1f} pages/s at {one.concurrency}")
         print(f"{label}: " + ", ".join(parts))
         ww, sc, bare = pick["ww-crawl"], pick["scrapy"], pick["bare"]
         print(
