@@ -80,7 +80,7 @@ async def serve(args: argparse.Namespace) -> None:
         cluster_id="queue-benchmark",
         conf_state=ConfState(voters=tuple(sorted(peers))),
     )
-    state = QueueState(data / "queue.db")
+    state = QueueState(data / "queue.db", autocommit=False)
     replica = Replica(Config(id=args.id, storage=storage), storage, state)
     transport = TcpTransport(
         {i: a for i, a in peers.items() if i != args.id},

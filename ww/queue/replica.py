@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 from ww.queue.commands import OPS, QUERIES, Command, CommandError, decode, one_line, stamp
+from ww.queue.snapshots import Marker, SnapshotFileError, SnapshotFiles
 from ww.queue.transport import RaftRpc, WwTransport, node_id_of
 from ww.raft.disk import DiskStorage
 from ww.raft.driver import RaftDriver, RequestTimeoutError
@@ -78,11 +79,19 @@ class ReplicaOptions:
 
 
 class _Applied:
-    """The state machine, with an event set after each change (for `follow`)."""
+    """The state machine, with an event set after each change (for `follow`).
 
-    def __init__(self, state: StateMachine) -> None:
+    A state machine that can copy itself to a file and back (`snapshot_to(path)`,
+    `restore_from(path)`, as QueueState does) gets Raft snapshots that are markers naming a
+    file in `files` (`ww.queue.snapshots`); any other hands Raft its bytes.
+    """
+
+    def __init__(self, state: StateMachine, files: SnapshotFiles | None) -> None:
         self.state = state
         self.changed = trio.Event()
+        to_file = all(hasattr(state, m) for m in ("copy_to", "sync", "restore_from"))
+        self.files = files if to_file else None
+        self._taken: Marker | None = None  # a snapshot file not yet known to be in storage
 
     @property
     def applied_index(self) -> int:
@@ -90,16 +99,53 @@ class _Applied:
         return index if isinstance(index, int) else 0
 
     def apply(self, index: int, data: bytes) -> Any:
-        result = self.state.apply(index, data)
+        return self.state.apply(index, data)
+
+    def commit(self) -> None:
+        """Called by ww.raft once per Ready that applied entries: one SQLite commit for all."""
+        commit = getattr(self.state, "commit", None)
+        if commit is not None:
+            commit()
+        if self._taken is not None and self.files is not None and self.files.complete(self._taken):
+            # Raft stored the snapshot taken during an earlier Ready, and its file is
+            # complete: the older files can go.
+            self.files.prune(self._taken)
+            self._taken = None
         self._wake()
-        return result
 
     def snapshot(self) -> bytes:
-        return self.state.snapshot()
+        if self.files is None:
+            return self.state.snapshot()
+        # Durable before Raft compacts the log behind it; the copy is made in a thread.
+        self.state.sync()  # type: ignore[attr-defined]
+        self._taken = self.files.take(self.state.copy_to, self.applied_index)  # type: ignore[attr-defined]
+        return self._taken.encode()
 
     def restore(self, data: bytes) -> None:
-        self.state.restore(data)
+        if self.files is None or data[:16] == b"SQLite format 3\x00":
+            self.state.restore(data)  # a snapshot held in memory
+        else:
+            marker = Marker.decode(data)
+            self.state.restore_from(self.files.path(marker))  # type: ignore[attr-defined]
+            self.files.prune(marker)  # Raft's storage names this one now
         self._wake()
+
+    def ensure_snapshot_file(self, data: bytes) -> None:
+        """On start: write the file of Raft's stored snapshot again if a crash lost it while
+        it was being copied (the database is at or past the snapshot then, as it was synced
+        before the snapshot was stored)."""
+        if self.files is None or data[:16] == b"SQLite format 3\x00":
+            return
+        marker = Marker.decode(data)
+        if self.files.complete(marker):
+            return
+        if self.applied_index < marker.index:
+            raise SnapshotFileError(
+                f"{self.files.path(marker)} is missing and the database is behind it (applied "
+                f"index {self.applied_index} < {marker.index}); move the volume away and add "
+                "the replica again"
+            )
+        self.files.ensure(self.state.copy_to, marker)  # type: ignore[attr-defined]
 
     def _wake(self) -> None:
         self.changed.set()
@@ -148,6 +194,7 @@ class QueueReplica:
         self.transport: WwTransport | None = None
         self.state: _Applied | None = None
         self.storage: DiskStorage | None = None
+        self.files: SnapshotFiles | None = None
 
     # -- running ----------------------------------------------------------------------------
 
@@ -168,10 +215,14 @@ class QueueReplica:
         if self._state_arg is None:
             from ww.queue.state import QueueState
 
-            state: StateMachine = QueueState(self.volume / "queue.db")
+            state: StateMachine = QueueState(self.volume / "queue.db", autocommit=False)
         else:
             state = self._state_arg
-        self.state = _Applied(state)
+        self.files = SnapshotFiles(self.volume / "snapshots")
+        self.state = _Applied(state, self.files)
+        snap = self.storage.snapshot()
+        if not snap.is_empty():
+            self.state.ensure_snapshot_file(snap.data)
         o = self.options
         config = Config(
             id=self.node_id,
@@ -195,6 +246,7 @@ class QueueReplica:
             on_snapshot=lambda n, ok: driver.report_snapshot(n, ok),
             direct=o.direct,
             chunk_size=o.chunk_size,
+            files=self.state.files,
         )
         self.transport.set_peers(self._members)
         driver = RaftDriver(
@@ -208,7 +260,7 @@ class QueueReplica:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         driver = self.driver = self._open()
-        assert self.transport is not None
+        assert self.transport is not None and self.state is not None
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.run)
@@ -217,7 +269,7 @@ class QueueReplica:
                 nursery.start_soon(self._watch_view)
                 nursery.start_soon(self._clock)
                 root = await self.host.root()
-                rpc = RaftRpc(driver.step_encoded, self.transport.stats)
+                rpc = RaftRpc(driver.step_encoded, self.transport.stats, self.state.files)
                 await (await root.walk(f"{self.home}/rpc")).store(rpc)
                 await (await root.walk(f"{self.home}/request")).store(RequestService(self))
                 await (await root.walk(f"{self.home}/response")).store(ResponseService(self))
@@ -232,6 +284,8 @@ class QueueReplica:
                 await self._close()
 
     async def _close(self) -> None:
+        if self.files is not None:
+            await trio.to_thread.run_sync(self.files.join)  # a snapshot being copied
         if self.state is not None:
             close = getattr(self.state.state, "close", None)
             if close is not None:
@@ -606,7 +660,7 @@ async def main(host: Any, args: Sequence[str]) -> int:
     replica = QueueReplica(host, home, volume, voters=voters, options=options)
     try:
         await replica.run()
-    except (StorageError, QueueStateError) as e:
+    except (StorageError, QueueStateError, SnapshotFileError) as e:
         print(f"raft replica at {home}: {one_line(str(e))}", file=sys.stderr)
         return 2
     return 0

@@ -1121,6 +1121,34 @@ class QueueState:
         finally:
             target.close()
 
+    def copy_to(self, dest: Path | str) -> None:
+        """Write a copy of the last committed state to the file `dest` through a connection of
+        its own (SQLite's backup API reads one consistent state and releases the GIL): safe in
+        another thread while entries apply, and never holds the database in memory."""
+        source = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            target = sqlite3.connect(dest)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+
+    def sync(self) -> None:
+        """Commit, and make everything committed durable now (fsync the WAL and the file),
+        rather than at the next checkpoint as synchronous=NORMAL would."""
+        self.commit()
+        for name in (f"{self.path}-wal", str(self.path)):
+            try:
+                fd = os.open(name, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def restore(self, data: bytes) -> None:
         """Replace the database with a snapshot's, atomically; a damaged snapshot raises
         QueueStateError and keeps the current state."""

@@ -6,7 +6,8 @@ its own.
 1. persist the snapshot, the new entries and the hard state (`LogStorage.save`) —
    before a single message of the Ready leaves;
 2. install a snapshot that came from the leader into the state machine;
-3. apply the committed entries, conf changes included, and answer the requests they settle;
+3. apply the committed entries, conf changes included, then let the state machine make them
+   durable in one go (its optional `commit()`), and answer the requests they settle;
 4. take a snapshot of the state machine every `snapshot_interval` applied entries and compact
    the log behind it.
 
@@ -44,6 +45,7 @@ __all__ = [
     "Replica",
     "RequestDroppedError",
     "StateMachine",
+    "batch_commit",
     "durable_applied_index",
 ]
 
@@ -68,6 +70,20 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's."""
         ...
+
+
+def batch_commit(state_machine: StateMachine) -> Callable[[], object] | None:
+    """The state machine's `commit()` method, or None.
+
+    A state machine that writes its changes to disk may group them: it defines `commit()`,
+    and the replica calls it once after applying a Ready's committed entries (and before any
+    of their requests is answered or a snapshot is taken), rather than the state machine
+    committing every entry. Entries applied but not yet committed when the process dies are
+    applied again after a restart, as the durable applied index (`durable_applied_index`)
+    is committed with them.
+    """
+    commit = getattr(state_machine, "commit", None)
+    return commit if callable(commit) else None
 
 
 def durable_applied_index(state_machine: StateMachine) -> int:
@@ -147,6 +163,8 @@ class Replica:
         self.snapshot_interval = snapshot_interval
         self.compaction_margin = compaction_margin
         self._on_conf_change = on_conf_change
+        self._commit = batch_commit(state_machine)
+        self._uncommitted = False  # entries applied since the last commit()
         self._rng = rng if rng is not None else random.Random()
         self._nonce = self._rng.getrandbits(64).to_bytes(8, "big")
         self._next_request = 0
@@ -283,6 +301,9 @@ class Replica:
                     r.index = rs.index
         for entry in ready.committed_entries:
             self._apply(entry, out)
+        if self._uncommitted and self._commit is not None:
+            self._commit()
+        self._uncommitted = False
         self._release_reads(out)
         self._maybe_snapshot()
         self.node.advance(ready)
@@ -291,7 +312,9 @@ class Replica:
     def _install(self, data: bytes, index: int, conf_state: ConfState) -> None:
         logger.info("node %d: installing snapshot at index %d", self.id, index)
         self.state_machine.restore(data)
-        self._durable = 0  # the state machine is now exactly at the snapshot
+        # The state machine is now at the snapshot, or past it if the snapshot's copy of it
+        # was made later (it then says so through its durable applied index).
+        self._durable = durable_applied_index(self.state_machine)
         self.applied = index
         self._snapshot_index = index
         self.conf_state = conf_state
@@ -315,6 +338,7 @@ class Replica:
         elif entry.data and entry.index > self._durable:
             request_id = entry.data[:REQUEST_ID_SIZE]
             result = self.state_machine.apply(entry.index, entry.data[REQUEST_ID_SIZE:])
+            self._uncommitted = True
         self.applied = entry.index
         if request_id in self._proposals:
             self._proposals.discard(request_id)
