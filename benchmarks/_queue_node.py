@@ -29,6 +29,7 @@ from _tcp_transport import (
 )
 
 from ww.queue.commands import CommandError, stamp
+from ww.queue.replica import AppliedState, ReplicaOptions
 from ww.queue.state import QueueState
 from ww.raft.disk import DiskStorage
 from ww.raft.driver import NotLeaderError, RaftDriver, RaftError
@@ -81,7 +82,9 @@ async def serve(args: argparse.Namespace) -> None:
         conf_state=ConfState(voters=tuple(sorted(peers))),
     )
     state = QueueState(data / "queue.db", autocommit=False)
-    replica = Replica(Config(id=args.id, storage=storage), storage, state)
+    # The replica's own commit policy (one commit per Ready, at most every 0.1 s).
+    applied = AppliedState(state, None, ReplicaOptions().commit_interval)
+    replica = Replica(Config(id=args.id, storage=storage), storage, applied)
     transport = TcpTransport(
         {i: a for i, a in peers.items() if i != args.id},
         on_unreachable=lambda node_id: driver.report_unreachable(node_id),

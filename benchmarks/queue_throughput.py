@@ -241,26 +241,27 @@ async def measure(system: System, workload: str, args: argparse.Namespace) -> Re
             answer = await session(Command.put("bench", items(args.batch)))
             count(answer["added"])
 
-    async def cycle_worker(i: int) -> None:
+    async def cycle_worker(i: int, batch: int) -> None:
         session = Session(system.submit)
         consumer = f"c{i}-{session.client[:6]}"
         while True:
-            claimed = (await session(Command.claim("work", consumer, 10, 60.0)))["items"]
+            claimed = (await session(Command.claim("work", consumer, batch, 60.0)))["items"]
             if not claimed:
                 await trio.sleep(0.01)
                 continue
-            for item in claimed:
-                await session(
-                    Command.complete(
-                        consumer,
-                        [item["id"]],
-                        append={"results": [RESULT]},
-                        put={"work": items(10)},
-                    )
+            n = len(claimed)
+            await session(
+                Command.complete(
+                    consumer,
+                    [item["id"] for item in claimed],
+                    append={"results": [RESULT] * n},
+                    put={"work": items(10 * n)},
                 )
-                count(1)
+            )
+            count(n)
 
-    if workload == "cycle":
+    batch = int(workload[5:] or 1) if workload.startswith("cycle") else 0
+    if batch:
         setup = Session(system.submit)
         await setup(Command.create("results", kind="log"))
         for _ in range(4):
@@ -275,11 +276,12 @@ async def measure(system: System, workload: str, args: argparse.Namespace) -> Re
     with trio.move_on_at(end):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(mark_start)
-            for i in range(args.workers if workload == "put" else args.consumers):
-                if workload == "put":
+            if workload == "put":
+                for _ in range(args.workers):
                     nursery.start_soon(put_worker)
-                else:
-                    nursery.start_soon(cycle_worker, i)
+            else:
+                for i in range(args.consumers if batch == 1 else args.batch_consumers):
+                    nursery.start_soon(cycle_worker, i, batch)
     cpu = sum(process_cpu(p) for p in system.pids) - cpu0[0]
     seconds = trio.current_time() - start
     return Result(system.name, workload, counted[0], seconds, cpu)
@@ -288,30 +290,40 @@ async def measure(system: System, workload: str, args: argparse.Namespace) -> Re
 # -- main --------------------------------------------------------------------------------------
 
 
+def workloads(args: argparse.Namespace) -> list[str]:
+    return ["put"] + [f"cycle{b}" for b in args.claim_batch]
+
+
 async def run(args: argparse.Namespace) -> None:
+    print(f"load average {os.getloadavg()[0]:.1f} at the start; {os.cpu_count()} CPUs")
     results: dict[tuple[str, str], list[Result]] = {}
     systems = {"ww": ww_system, "tcp": tcp_system}
     for _ in range(args.repeat):
-        for name in ("ww", "tcp"):
-            for workload in ("put", "cycle"):
+        for name in args.systems:
+            for workload in workloads(args):
                 async with systems[name]() as system:
                     r = await measure(system, workload, args)
                 results.setdefault((name, workload), []).append(r)
                 unit = "items" if workload == "put" else "cycles"
                 print(
-                    f"{name:>3} {workload:<5} {r.rate:>9,.0f} {unit}/s  "
-                    f"{r.cpu_us:>6.0f} µs CPU per {unit[:-1]}",
+                    f"{name:>3} {workload:<7} {r.rate:>9,.0f} {unit}/s  "
+                    f"{r.cpu_us:>6.0f} µs CPU per {unit[:-1]}  "
+                    f"(load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
-    print()
-    for workload, unit, target in (("put", "items", 50_000), ("cycle", "cycles", 3_000)):
-        ww = statistics.median(r.rate for r in results[("ww", workload)])
-        tcp = statistics.median(r.rate for r in results[("tcp", workload)])
-        cpu = statistics.median(r.cpu_us for r in results[("ww", workload)])
-        print(
-            f"{workload:<5}: ww {ww:,.0f} {unit}/s ({cpu:.0f} µs CPU each; target {target:,}), "
-            f"TCP {tcp:,.0f} {unit}/s, ww/TCP {ww / tcp:.2f}"
-        )
+    print(f"\nmedians of {args.repeat}:")
+    for workload in workloads(args):
+        unit, target = ("items", 50_000) if workload == "put" else ("cycles", 3_000)
+        line = [f"{workload:<7}"]
+        for name in args.systems:
+            rate = statistics.median(r.rate for r in results[(name, workload)])
+            cpu = statistics.median(r.cpu_us for r in results[(name, workload)])
+            line.append(f"{name} {rate:,.0f} {unit}/s ({cpu:.0f} µs CPU each)")
+        if len(args.systems) == 2:
+            a, b = (statistics.median(r.rate for r in results[(n, workload)]) for n in args.systems)
+            line.append(f"{args.systems[0]}/{args.systems[1]} {a / b:.2f}")
+        line.append(f"target {target:,}")
+        print(", ".join(line))
 
 
 def parse_args() -> argparse.Namespace:
@@ -322,12 +334,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=16, help="concurrent clients putting")
     p.add_argument("--consumers", type=int, default=64, help="concurrent clients claiming")
     p.add_argument("--batch", type=int, default=500, help="items per put")
+    p.add_argument(
+        "--claim-batch",
+        type=lambda v: [int(b) for b in v.split(",")],
+        default=[1, 16],
+        help="items claimed and completed per command, one cycle workload each (1,16)",
+    )
+    p.add_argument(
+        "--batch-consumers",
+        type=int,
+        default=16,
+        help="concurrent clients claiming when the claim batch is over 1",
+    )
+    p.add_argument("--systems", type=lambda v: v.split(","), default=["ww", "tcp"], help="ww,tcp")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    budget = args.repeat * 4 * (args.duration + args.warmup + 40) + 60
+    runs = args.repeat * len(args.systems) * len(workloads(args))
+    budget = runs * (args.duration + args.warmup + 40) + 60
     run_bounded(lambda: run(args), budget)
 
 

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from ww.queue.commands import Command, Item
-from ww.queue.replica import _Applied
+from ww.queue.replica import AppliedState
 from ww.queue.snapshots import Marker, SnapshotFileError, SnapshotFiles, read_chunks
 from ww.queue.state import QueueState
 
@@ -128,7 +128,7 @@ def test_restore_installs_the_named_file_and_prunes_older_ones(tmp_path: Path) -
     old = files.path(Marker.for_index(q.index - 1))
     old.write_bytes(b"an older snapshot")
     files.path(marker).write_bytes(leader_files.path(marker).read_bytes())  # as received
-    applied = _Applied(follower, files)
+    applied = AppliedState(follower, files)
     applied.restore(marker.encode())
     assert follower.applied_index == q.index and follower.digest() == q.state.digest()
     assert not old.exists() and files.complete(marker)
@@ -138,7 +138,7 @@ def test_a_restart_rewrites_a_snapshot_file_lost_while_it_was_copied(tmp_path: P
     q = filled(tmp_path)
     q.state.commit()
     files = SnapshotFiles(tmp_path / "snapshots")
-    applied = _Applied(q.state, files)
+    applied = AppliedState(q.state, files)
     marker = Marker.for_index(q.index)  # stored in Raft, but the copy never finished
     applied.ensure_snapshot_file(marker.encode())
     assert files.complete(marker)
@@ -149,7 +149,7 @@ def test_a_restart_rewrites_a_snapshot_file_lost_while_it_was_copied(tmp_path: P
 
 def test_a_restart_behind_a_lost_snapshot_file_says_what_to_do(tmp_path: Path) -> None:
     q = filled(tmp_path)
-    applied = _Applied(q.state, SnapshotFiles(tmp_path / "snapshots"))
+    applied = AppliedState(q.state, SnapshotFiles(tmp_path / "snapshots"))
     with pytest.raises(SnapshotFileError, match="missing and the database is behind it"):
         applied.ensure_snapshot_file(Marker.for_index(q.index + 5).encode())
 
@@ -160,7 +160,7 @@ def test_a_snapshot_commits_syncs_and_prunes_once_the_next_commit_sees_it_comple
     q = Driver(tmp_path / "queue.db")
     q.state = QueueState(q.path, autocommit=False)
     files = SnapshotFiles(tmp_path / "snapshots")
-    applied = _Applied(q.state, files)
+    applied = AppliedState(q.state, files)
     first = Marker.decode((q.ok(Command.put("t", [Item(b"a")])), applied.snapshot())[1])
     files.join()
     applied.commit()

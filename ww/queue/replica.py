@@ -50,7 +50,7 @@ from ww.rpc import Capability
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GROUP", "QueueReplica", "ReplicaOptions", "node_id_of"]
+__all__ = ["GROUP", "AppliedState", "QueueReplica", "ReplicaOptions", "node_id_of"]
 
 GROUP = "raft/v1"
 MEMBERS_FILE = "members.json"
@@ -76,9 +76,13 @@ class ReplicaOptions:
     """How long `add` waits for a new learner to catch up before making it a voter."""
     chunk_size: int = 1 << 20
     """Snapshots (and any larger message) travel in chunks of this many bytes."""
+    commit_interval: float = 0.1
+    """The database commits the entries applied since its last commit at the end of a Ready
+    once this many seconds have passed (0: every Ready). The Raft log is the durable record:
+    after a crash the entries not committed are applied again from it."""
 
 
-class _Applied:
+class AppliedState:
     """The state machine, with an event set after each change (for `follow`).
 
     A state machine that can copy itself to a file and back (`snapshot_to(path)`,
@@ -86,8 +90,12 @@ class _Applied:
     file in `files` (`ww.queue.snapshots`); any other hands Raft its bytes.
     """
 
-    def __init__(self, state: StateMachine, files: SnapshotFiles | None) -> None:
+    def __init__(
+        self, state: StateMachine, files: SnapshotFiles | None, commit_interval: float = 0.0
+    ) -> None:
         self.state = state
+        self.commit_interval = commit_interval
+        self._committed = -math.inf  # time.monotonic() of the last commit
         self.changed = trio.Event()
         to_file = all(hasattr(state, m) for m in ("copy_to", "sync", "restore_from"))
         self.files = files if to_file else None
@@ -102,10 +110,13 @@ class _Applied:
         return self.state.apply(index, data)
 
     def commit(self) -> None:
-        """Called by ww.raft once per Ready that applied entries: one SQLite commit for all."""
+        """Called by ww.raft once per Ready that applied entries: one SQLite commit for all
+        of them, and for those of the Readys before it within `commit_interval`."""
         commit = getattr(self.state, "commit", None)
-        if commit is not None:
+        now = time.monotonic()
+        if commit is not None and now - self._committed >= self.commit_interval:
             commit()
+            self._committed = now
         if self._taken is not None and self.files is not None and self.files.complete(self._taken):
             # Raft stored the snapshot taken during an earlier Ready, and its file is
             # complete: the older files can go.
@@ -192,7 +203,7 @@ class QueueReplica:
         self._stopped = trio.Event()
         self.driver: RaftDriver | None = None
         self.transport: WwTransport | None = None
-        self.state: _Applied | None = None
+        self.state: AppliedState | None = None
         self.storage: DiskStorage | None = None
         self.files: SnapshotFiles | None = None
 
@@ -219,7 +230,7 @@ class QueueReplica:
         else:
             state = self._state_arg
         self.files = SnapshotFiles(self.volume / "snapshots")
-        self.state = _Applied(state, self.files)
+        self.state = AppliedState(state, self.files, self.options.commit_interval)
         snap = self.storage.snapshot()
         if not snap.is_empty():
             self.state.ensure_snapshot_file(snap.data)

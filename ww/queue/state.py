@@ -483,24 +483,26 @@ class QueueState:
             raise _Refused(f"put: topic {topic.name!r} is a log topic; put needs a work topic")
         conn, now = self._conn, self._clock
         digests = {key: _key_digest(key) for _, key, _, _ in items if key is not None}
-        seen: set[bytes] = set()
-        for chunk in _chunks(list(digests.values())):
-            seen.update(
+        # One pass over the seen-set per key: insert the digests (sorted: neighbours in the
+        # index touch fewer pages) and learn from RETURNING which ones were new.
+        new: set[bytes] = set()
+        for chunk in _chunks(sorted(set(digests.values()))):
+            new.update(
                 h
                 for (h,) in conn.execute(
-                    f"SELECT h FROM seen WHERE topic = ? AND h IN ({_marks(chunk)})",
-                    (topic.id, *chunk),
+                    f"INSERT OR IGNORE INTO seen VALUES {','.join(['(?, ?)'] * len(chunk))} "
+                    "RETURNING h",
+                    [v for h in chunk for v in (topic.id, h)],
                 )
             )
+        topic.seen += len(new)
         fresh: list[ItemFields] = []
-        new_keys: list[bytes] = []
         for item in items:
             if item[1] is not None:
                 h = digests[item[1]]
-                if h in seen:
-                    continue
-                seen.add(h)
-                new_keys.append(h)
+                if h not in new:
+                    continue  # seen before, or earlier in this batch
+                new.discard(h)
             fresh.append(item)
         dups = len(items) - len(fresh)
         parts = self._parts_for(topic, [item[2] for item in fresh])
@@ -521,12 +523,9 @@ class QueueState:
                 else:
                     head[0] += 1
             next_id += 1
-        new_keys.sort()  # neighbours in the index: fewer pages touched
-        conn.executemany("INSERT INTO seen VALUES (?, ?)", [(topic.id, k) for k in new_keys])
         conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)", rows)
         added = next_id - self._next_item
         self._next_item = next_id
-        topic.seen += len(new_keys)
         for pkey, (count, first) in heads.items():
             part = parts[pkey]
             part.ready += count
