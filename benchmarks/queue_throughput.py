@@ -32,7 +32,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ ROM = HERE.parent / "roms" / "raft"
 LISTENING = re.compile(r"host (\S+) listening on (\S+?):(\d+)\b")
 RESULT = b"r" * 2048
 
+RUN = (sys.executable, "-m", "ww", "run")
+
 Submit = Callable[[bytes], Awaitable[dict[str, Any]]]
 
 
@@ -65,6 +67,9 @@ class System:
     name: str
     submit: Submit
     pids: list[int]
+    rom_pids: list[int] = field(default_factory=list)
+    hosts: list[tuple[str, str]] = field(default_factory=list)  # (peer, address), spares last
+    tmp: Path | None = None
 
 
 async def _start_host(tmp: Path, name: str, peer: str | None) -> tuple[trio.Process, str, str]:
@@ -88,20 +93,22 @@ async def _open(addr: str) -> trio.SocketStream:
 
 
 @asynccontextmanager
-async def ww_system() -> AsyncIterator[System]:
+async def ww_system(spare: int = 0, options: tuple[str, ...] = ()) -> AsyncIterator[System]:
+    """Three hosts with the Raft ROM (`options` go to `start`), and `spare` hosts more."""
     from ww.rpc import Connection
 
     tmp = Path(tempfile.mkdtemp(prefix="queuebench-ww-"))
     procs: list[trio.Process] = []
     try:
         hosts = []
-        for i in range(3):
+        for i in range(3 + spare):
             proc, peer, addr = await _start_host(tmp, f"h{i}", hosts[0][1] if hosts else None)
             procs.append(proc)
             hosts.append((peer, addr))
         await trio.sleep(2.0)  # the views fill
+        members = ",".join(peer for peer, _ in hosts[:3])
         started = await trio.run_process(
-            [sys.executable, "-m", "ww", "run", "--dial", hosts[0][1], str(ROM), "start"],
+            [*RUN, "--dial", hosts[0][1], str(ROM), "start", "--hosts", members, *options],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -124,7 +131,8 @@ async def ww_system() -> AsyncIterator[System]:
                 answer: dict[str, Any] = await request.submit(data)
                 return answer
 
-            yield System("ww", submit, [p.pid for p in procs] + rom_pids)
+            pids = [p.pid for p in procs] + rom_pids
+            yield System("ww", submit, pids, rom_pids, hosts, tmp)
     finally:
         with trio.CancelScope(shield=True):
             for proc in procs:
@@ -301,8 +309,15 @@ async def run(args: argparse.Namespace) -> None:
     for _ in range(args.repeat):
         for name in args.systems:
             for workload in workloads(args):
-                async with systems[name]() as system:
-                    r = await measure(system, workload, args)
+                failed: list[BaseException] = []
+                try:
+                    async with systems[name]() as system:
+                        r = await measure(system, workload, args)
+                except* RuntimeError as group:  # e.g. the leader changed: the run is void
+                    failed.extend(group.exceptions)
+                if failed:
+                    print(f"{name:>3} {workload:<7} failed: {failed[0]}", flush=True)
+                    continue
                 results.setdefault((name, workload), []).append(r)
                 unit = "items" if workload == "put" else "cycles"
                 print(
@@ -311,8 +326,10 @@ async def run(args: argparse.Namespace) -> None:
                     f"(load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
-    print(f"\nmedians of {args.repeat}:")
+    print(f"\nmedians of the runs that completed (of {args.repeat}):")
     for workload in workloads(args):
+        if not all((name, workload) in results for name in args.systems):
+            continue
         unit, target = ("items", 50_000) if workload == "put" else ("cycles", 3_000)
         line = [f"{workload:<7}"]
         for name in args.systems:
@@ -324,6 +341,84 @@ async def run(args: argparse.Namespace) -> None:
             line.append(f"{args.systems[0]}/{args.systems[1]} {a / b:.2f}")
         line.append(f"target {target:,}")
         print(", ".join(line))
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident set size of a process in MB, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+async def fill(system: System, keys: int, workers: int = 8, batch: int = 2000) -> None:
+    """Put 100-byte items with unique keys until `keys` were added."""
+    added = [0]
+
+    async def worker() -> None:
+        session = Session(system.submit)
+        while added[0] < keys:
+            added[0] += (await session(Command.put("bench", items(batch))))["added"]
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(workers):
+            nursery.start_soon(worker)
+
+
+async def scale(args: argparse.Namespace) -> None:
+    """Empty queue, then `--keys` unique keys: put and claim+complete rates, RSS per replica,
+    and the time a new replica on a fourth host takes to catch up (by snapshot)."""
+    print(f"load average {os.getloadavg()[0]:.1f} at the start; {os.cpu_count()} CPUs")
+    cycle = f"cycle{args.claim_batch[-1]}"
+    options = ("--snapshot-interval", str(args.snapshot_interval))
+    async with ww_system(spare=1, options=options) as system:
+        assert system.tmp is not None
+        rates: dict[str, list[Result]] = {}
+        for label in ("empty", "full"):
+            if label == "full":
+                start = trio.current_time()
+                await fill(system, args.keys)
+                print(f"filled to {args.keys:,} keys in {trio.current_time() - start:.0f} s")
+            for workload in ("put", cycle):
+                r = await measure(system, workload, args)
+                rates.setdefault(workload, []).append(r)
+                unit = "items" if workload == "put" else "cycles"
+                print(
+                    f"{label:<5} {workload:<7} {r.rate:>9,.0f} {unit}/s  {r.cpu_us:>6.0f} µs CPU "
+                    f"per {unit[:-1]}  (load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+        peer, _ = system.hosts[3]
+        start = trio.current_time()
+        added = await trio.run_process(
+            [*RUN, "--dial", system.hosts[0][1], str(ROM), "add", peer],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        catch_up = trio.current_time() - start
+        if added.returncode != 0:
+            print(f"add failed: {added.stderr.decode().strip()}")
+        by_snapshot = any((system.tmp / "h3").rglob("snapshots/snap-*.db"))
+        peaks = [rss_mb(pid)[1] for pid in system.rom_pids]
+        db = sum(f.stat().st_size for f in (system.tmp / "h0").rglob("queue.db*"))
+    print()
+    for workload, (empty, full) in rates.items():
+        print(
+            f"{workload:<7} at {args.keys:,} keys: {full.rate:,.0f}/s ({full.cpu_us:.0f} µs CPU), "
+            f"empty {empty.rate:,.0f}/s ({empty.cpu_us:.0f} µs CPU): rate ratio "
+            f"{empty.rate / full.rate:.2f}, CPU ratio {full.cpu_us / empty.cpu_us:.2f} "
+            "(target: within 2x)"
+        )
+    print(
+        f"peak RSS per replica: {', '.join(f'{p:.0f}' for p in peaks)} MB (target <= 300 MB); "
+        f"database {db / 1e6:.0f} MB"
+    )
+    print(
+        f"new replica caught up in {catch_up:.1f} s "
+        f"({'by snapshot' if by_snapshot else 'without a snapshot'}; target < 30 s)"
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -347,11 +442,24 @@ def parse_args() -> argparse.Namespace:
         help="concurrent clients claiming when the claim batch is over 1",
     )
     p.add_argument("--systems", type=lambda v: v.split(","), default=["ww", "tcp"], help="ww,tcp")
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="ww only: rates empty and at --keys keys, RSS per replica, catch-up by snapshot",
+    )
+    p.add_argument("--keys", type=int, default=1_000_000, help="keys for --scale")
+    p.add_argument(
+        "--snapshot-interval", type=int, default=2000, help="the replicas' (for --scale)"
+    )
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.scale:
+        budget = 4 * (args.duration + args.warmup) + args.keys / 2000 + 300
+        run_bounded(lambda: scale(args), budget)
+        return
     runs = args.repeat * len(args.systems) * len(workloads(args))
     budget = runs * (args.duration + args.warmup + 40) + 60
     run_bounded(lambda: run(args), budget)

@@ -68,6 +68,10 @@ class ReplicaOptions:
     request_timeout: float = 5.0
     snapshot_interval: int = 10_000
     compaction_margin: int = 1_000
+    snapshot_bytes: int | None = 64 << 20
+    """A snapshot is also taken once the entries applied since the last one hold this many
+    bytes, and at most a quarter of that stays in the log behind it (the log is held in
+    memory: this bounds it when entries are large)."""
     fsync: bool = True
     persist_in_thread: bool = True
     direct: bool = True
@@ -247,6 +251,7 @@ class QueueReplica:
             self.state,
             snapshot_interval=o.snapshot_interval,
             compaction_margin=o.compaction_margin,
+            snapshot_bytes=o.snapshot_bytes,
             on_conf_change=self._on_conf_change,
         )
         self.transport = WwTransport(

@@ -8,7 +8,8 @@ its own.
 2. install a snapshot that came from the leader into the state machine;
 3. apply the committed entries, conf changes included, then let the state machine make them
    durable in one go (its optional `commit()`), and answer the requests they settle;
-4. take a snapshot of the state machine every `snapshot_interval` applied entries and compact
+4. take a snapshot of the state machine every `snapshot_interval` applied entries (or
+   `snapshot_bytes` of them) and compact
    the log behind it.
 
 It knows nothing of clocks or sockets, so the trio driver (`ww.raft.driver`) and the
@@ -142,6 +143,9 @@ class Replica:
 
     `snapshot_interval` applied entries trigger a snapshot; the log keeps
     `compaction_margin` entries behind it so a slightly lagging follower needs no snapshot.
+    With `snapshot_bytes`, entries holding that many bytes of data trigger one too, and the
+    entries kept behind it hold at most a quarter of that: the log held in memory stays
+    bounded in bytes whatever the size of the entries.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class Replica:
         *,
         snapshot_interval: int = 10_000,
         compaction_margin: int = 1_000,
+        snapshot_bytes: int | None = None,
         on_conf_change: Callable[[ConfChange, ConfState], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -162,6 +167,10 @@ class Replica:
         self.state_machine = state_machine
         self.snapshot_interval = snapshot_interval
         self.compaction_margin = compaction_margin
+        if snapshot_bytes is not None and snapshot_bytes < 1:
+            raise ValueError("snapshot_bytes must be >= 1 (or None)")
+        self.snapshot_bytes = snapshot_bytes
+        self._applied_bytes = 0  # data of the entries applied since the last snapshot
         self._on_conf_change = on_conf_change
         self._commit = batch_commit(state_machine)
         self._uncommitted = False  # entries applied since the last commit()
@@ -326,6 +335,7 @@ class Replica:
             raise AssertionError(f"applying entry {entry.index} after {self.applied}")
         request_id = b""
         result: Any = None
+        self._applied_bytes += len(entry.data)
         if entry.type == EntryType.CONF_CHANGE:
             cc = ConfChange.decode(entry.data)
             if len(cc.context) >= REQUEST_ID_SIZE:
@@ -351,11 +361,30 @@ class Replica:
             out.reads.extend((r.request_id, r.index) for r in ready)
 
     def _maybe_snapshot(self) -> None:
-        if self.applied - self._snapshot_index < self.snapshot_interval:
+        by_bytes = self.snapshot_bytes is not None and self._applied_bytes >= self.snapshot_bytes
+        if self.applied - self._snapshot_index < self.snapshot_interval and not by_bytes:
             return
+        if self.applied == self._snapshot_index:
+            return  # nothing applied since (the bytes were of an installed snapshot's range)
         data = self.state_machine.snapshot()
         self.storage.create_snapshot(self.applied, self.conf_state, data)
         self._snapshot_index = self.applied
+        self._applied_bytes = 0
         compact_to = self.applied - self.compaction_margin
+        if self.snapshot_bytes is not None:
+            compact_to = max(compact_to, self._keep_bytes(self.snapshot_bytes // 4))
         if compact_to >= self.storage.first_index():
             self.storage.compact(compact_to)
+
+    def _keep_bytes(self, limit: int) -> int:
+        """The index to compact to so that the entries kept after it hold at most `limit`
+        bytes of data (looking back no further than `compaction_margin` entries)."""
+        lo = max(self.storage.first_index(), self.applied - self.compaction_margin + 1)
+        if lo > self.applied:
+            return self.applied
+        kept = 0
+        for entry in reversed(self.storage.entries(lo, self.applied + 1)):
+            kept += len(entry.data)
+            if kept > limit:
+                return entry.index
+        return lo - 1
