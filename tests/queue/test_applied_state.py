@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from ww.queue import replica as replica_module
 from ww.queue.commands import Command, Item
 from ww.queue.replica import AppliedState
 from ww.queue.state import QueueState
@@ -49,3 +52,25 @@ def test_an_interval_of_zero_commits_every_ready(tmp_path: Path) -> None:
         put(applied, index, str(index))
         applied.commit()
         assert committed_index(path) == index
+
+
+def test_a_large_wal_is_checkpointed_in_a_thread_not_by_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "queue.db"
+    state = QueueState(path, autocommit=False, autocheckpoint=False)
+    applied = AppliedState(state, None, commit_interval=0.0)
+    monkeypatch.setattr(replica_module, "CHECKPOINT_BYTES", 1 << 40)
+    for index in range(1, 30):
+        put(applied, index, str(index))
+        applied.commit()
+    size_before = path.stat().st_size
+    assert state.wal_size() > 0  # nothing copied into the database file by the commits
+    monkeypatch.setattr(replica_module, "CHECKPOINT_BYTES", 1)
+    put(applied, 30, "30")
+    applied.commit()
+    applied.join()
+    assert path.stat().st_size > size_before  # the checkpoint copied the WAL's pages
+    reopened = QueueState(path, check=False)
+    assert reopened.query({"op": "stats", "topic": "t"})["seen"] == 30
+    reopened.close()

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["GROUP", "AppliedState", "QueueReplica", "ReplicaOptions", "node_id_of"]
 
 GROUP = "raft/v1"
+CHECKPOINT_BYTES = 16 << 20
+"""A replica copies its WAL into the database (in a worker thread) once it is this large."""
 MEMBERS_FILE = "members.json"
 
 
@@ -80,6 +83,10 @@ class ReplicaOptions:
     """How long `add` waits for a new learner to catch up before making it a voter."""
     chunk_size: int = 1 << 20
     """Snapshots (and any larger message) travel in chunks of this many bytes."""
+    apply_bytes: int = 1 << 20
+    """At most this many bytes of committed entries are applied per Ready (at least one entry),
+    so the loop answers heartbeats between them rather than stalling past an election
+    timeout on a large backlog."""
     commit_interval: float = 0.1
     """The database commits the entries applied since its last commit at the end of a Ready
     once this many seconds have passed (0: every Ready). The Raft log is the durable record:
@@ -104,6 +111,7 @@ class AppliedState:
         to_file = all(hasattr(state, m) for m in ("copy_to", "sync", "restore_from"))
         self.files = files if to_file else None
         self._taken: Marker | None = None  # a snapshot file not yet known to be in storage
+        self._checkpointing: threading.Thread | None = None
 
     @property
     def applied_index(self) -> int:
@@ -121,12 +129,39 @@ class AppliedState:
         if commit is not None and now - self._committed >= self.commit_interval:
             commit()
             self._committed = now
+            self._maybe_checkpoint()
         if self._taken is not None and self.files is not None and self.files.complete(self._taken):
             # Raft stored the snapshot taken during an earlier Ready, and its file is
             # complete: the older files can go.
             self.files.prune(self._taken)
             self._taken = None
         self._wake()
+
+    def _maybe_checkpoint(self) -> None:
+        """Copy the WAL into the database in a worker thread once it holds CHECKPOINT_BYTES
+        (the replica's QueueState never checkpoints in a commit, which would stall the loop)."""
+        wal_size = getattr(self.state, "wal_size", None)
+        if wal_size is None or wal_size() < CHECKPOINT_BYTES:
+            return
+        if self._checkpointing is not None and self._checkpointing.is_alive():
+            return
+        self._checkpointing = threading.Thread(
+            target=self._checkpoint, name="checkpoint", daemon=True
+        )
+        self._checkpointing.start()
+
+    def _checkpoint(self) -> None:
+        try:
+            self.state.checkpoint()  # type: ignore[attr-defined]
+        except Exception:  # the next one tries again; the WAL keeps everything meanwhile
+            logger.exception("checkpoint failed")
+
+    def join(self) -> None:
+        """Wait for the copies running in worker threads (snapshot, checkpoint)."""
+        if self.files is not None:
+            self.files.join()
+        if self._checkpointing is not None:
+            self._checkpointing.join()
 
     def snapshot(self) -> bytes:
         if self.files is None:
@@ -230,7 +265,9 @@ class QueueReplica:
         if self._state_arg is None:
             from ww.queue.state import QueueState
 
-            state: StateMachine = QueueState(self.volume / "queue.db", autocommit=False)
+            state: StateMachine = QueueState(
+                self.volume / "queue.db", autocommit=False, autocheckpoint=False
+            )
         else:
             state = self._state_arg
         self.files = SnapshotFiles(self.volume / "snapshots")
@@ -244,6 +281,7 @@ class QueueReplica:
             storage=self.storage,
             election_tick=o.election_tick,
             heartbeat_tick=o.heartbeat_tick,
+            max_committed_size_per_ready=o.apply_bytes,
         )
         replica = Replica(
             config,
@@ -300,8 +338,8 @@ class QueueReplica:
                 await self._close()
 
     async def _close(self) -> None:
-        if self.files is not None:
-            await trio.to_thread.run_sync(self.files.join)  # a snapshot being copied
+        if self.state is not None:
+            await trio.to_thread.run_sync(self.state.join)  # a snapshot or checkpoint running
         if self.state is not None:
             close = getattr(self.state.state, "close", None)
             if close is not None:

@@ -166,10 +166,22 @@ class _Refused(Exception):
 class QueueState:
     """The queue's state in one SQLite database at `path` (created if missing)."""
 
-    def __init__(self, path: Path | str, *, autocommit: bool = True, check: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        autocommit: bool = True,
+        check: bool = True,
+        autocheckpoint: bool = True,
+    ) -> None:
+        """With autocheckpoint=False the WAL is never copied into the database file by a
+        commit; call `checkpoint()` (from another thread, say) instead."""
         self.path = Path(path)
         self._autocommit = autocommit
+        self._autocheckpoint = autocheckpoint
         self._conn = self._open(self.path, check)
+        if not autocheckpoint:
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         # The topics (a small table) stay cached between entries; what was last written of
         # each is kept to write only changes. Part rows are cached while one entry applies.
@@ -1135,18 +1147,35 @@ class QueueState:
             source.close()
 
     def sync(self) -> None:
-        """Commit, and make everything committed durable now (fsync the WAL and the file),
+        """Commit, and make everything committed durable now (fsync the WAL, which holds every
+        commit since the last complete checkpoint; a checkpoint fsyncs the database file),
         rather than at the next checkpoint as synchronous=NORMAL would."""
         self.commit()
-        for name in (f"{self.path}-wal", str(self.path)):
-            try:
-                fd = os.open(name, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def wal_size(self) -> int:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
+
+    def checkpoint(self) -> None:
+        """Copy the committed WAL into the database file through a connection of its own (a
+        passive checkpoint: it never blocks the writer, so it may run in another thread)."""
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit={CHECKPOINT_PAGES * 4096}")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            conn.close()
 
     def restore(self, data: bytes) -> None:
         """Replace the database with a snapshot's, atomically; a damaged snapshot raises
@@ -1198,6 +1227,8 @@ class QueueState:
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
         self._conn = self._open(self.path, False)
+        if not self._autocheckpoint:
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         self._forget_topics()
         self._parts.clear()

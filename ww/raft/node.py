@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,9 +144,11 @@ class Replica:
 
     `snapshot_interval` applied entries trigger a snapshot; the log keeps
     `compaction_margin` entries behind it so a slightly lagging follower needs no snapshot.
-    With `snapshot_bytes`, entries holding that many bytes of data trigger one too, and the
-    entries kept behind it hold at most a quarter of that: the log held in memory stays
-    bounded in bytes whatever the size of the entries.
+    With `snapshot_bytes`, entries holding between three quarters of that and that many bytes
+    of data (drawn at random each time, so that replicas do not all copy their state at
+    once) trigger one too, and the entries kept behind it hold at most a quarter of
+    `snapshot_bytes`: the log held in memory stays bounded in bytes whatever the size of
+    the entries.
     """
 
     def __init__(
@@ -175,6 +178,7 @@ class Replica:
         self._commit = batch_commit(state_machine)
         self._uncommitted = False  # entries applied since the last commit()
         self._rng = rng if rng is not None else random.Random()
+        self._bytes_due = self._next_bytes_due()
         self._nonce = self._rng.getrandbits(64).to_bytes(8, "big")
         self._next_request = 0
 
@@ -361,7 +365,7 @@ class Replica:
             out.reads.extend((r.request_id, r.index) for r in ready)
 
     def _maybe_snapshot(self) -> None:
-        by_bytes = self.snapshot_bytes is not None and self._applied_bytes >= self.snapshot_bytes
+        by_bytes = self._applied_bytes >= self._bytes_due
         if self.applied - self._snapshot_index < self.snapshot_interval and not by_bytes:
             return
         if self.applied == self._snapshot_index:
@@ -370,11 +374,17 @@ class Replica:
         self.storage.create_snapshot(self.applied, self.conf_state, data)
         self._snapshot_index = self.applied
         self._applied_bytes = 0
+        self._bytes_due = self._next_bytes_due()
         compact_to = self.applied - self.compaction_margin
         if self.snapshot_bytes is not None:
             compact_to = max(compact_to, self._keep_bytes(self.snapshot_bytes // 4))
         if compact_to >= self.storage.first_index():
             self.storage.compact(compact_to)
+
+    def _next_bytes_due(self) -> float:
+        if self.snapshot_bytes is None:
+            return math.inf
+        return self.snapshot_bytes * (0.75 + 0.25 * self._rng.random())
 
     def _keep_bytes(self, limit: int) -> int:
         """The index to compact to so that the entries kept after it hold at most `limit`
