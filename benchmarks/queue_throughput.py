@@ -70,6 +70,7 @@ class System:
     rom_pids: list[int] = field(default_factory=list)
     hosts: list[tuple[str, str]] = field(default_factory=list)  # (peer, address), spares last
     tmp: Path | None = None
+    elections: list[int] = field(default_factory=lambda: [0])  # leader changes followed
 
 
 async def _start_host(tmp: Path, name: str, peer: str | None) -> tuple[trio.Process, str, str]:
@@ -127,12 +128,27 @@ async def ww_system(spare: int = 0, options: tuple[str, ...] = ()) -> AsyncItera
                 async with s2, Connection.open(s2) as c2:
                     rom_pids += [p["pid"] for p in await c2.bootstrap().ps()]
 
+            current = [request]
+            elections = [0]
+
             async def submit(data: bytes) -> dict[str, Any]:
-                answer: dict[str, Any] = await request.submit(data)
-                return answer
+                """The leader's answer; after a leader change the same bytes go to the new
+                leader (the session makes a repeat take effect once)."""
+                with trio.fail_after(30):
+                    while True:
+                        ref = current[0]
+                        answer: dict[str, Any] = await ref.submit(data)
+                        if not answer.get("retry"):
+                            return answer
+                        await trio.sleep(0.1)
+                        if ref is current[0] and isinstance(answer.get("leader"), str):
+                            root = await host.root()
+                            path = f"/{answer['leader']}/raft/v1/request"
+                            current[0] = await (await root.walk(path)).load()
+                            elections[0] += 1
 
             pids = [p.pid for p in procs] + rom_pids
-            yield System("ww", submit, pids, rom_pids, hosts, tmp)
+            yield System("ww", submit, pids, rom_pids, hosts, tmp, elections)
     finally:
         with trio.CancelScope(shield=True):
             for proc in procs:
@@ -313,7 +329,8 @@ async def run(args: argparse.Namespace) -> None:
                 try:
                     async with systems[name]() as system:
                         r = await measure(system, workload, args)
-                except* RuntimeError as group:  # e.g. the leader changed: the run is void
+                        elections = system.elections[0]
+                except* (RuntimeError, TimeoutError) as group:  # no leader answered: void
                     failed.extend(group.exceptions)
                 if failed:
                     print(f"{name:>3} {workload:<7} failed: {failed[0]}", flush=True)
@@ -323,7 +340,8 @@ async def run(args: argparse.Namespace) -> None:
                 print(
                     f"{name:>3} {workload:<7} {r.rate:>9,.0f} {unit}/s  "
                     f"{r.cpu_us:>6.0f} µs CPU per {unit[:-1]}  "
-                    f"(load {os.getloadavg()[0]:.1f})",
+                    f"(load {os.getloadavg()[0]:.1f}"
+                    f"{f'; {elections} leader changes' if elections else ''})",
                     flush=True,
                 )
     print(f"\nmedians of the runs that completed (of {args.repeat}):")
@@ -352,14 +370,15 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-async def fill(system: System, keys: int, workers: int = 8, batch: int = 2000) -> None:
+async def fill(system: System, keys: int, workers: int = 8, batch: int = 1000) -> None:
     """Put 100-byte items with unique keys until `keys` were added."""
     added = [0]
 
     async def worker() -> None:
         session = Session(system.submit)
         while added[0] < keys:
-            added[0] += (await session(Command.put("bench", items(batch))))["added"]
+            answer = await session(Command.put("bench", items(batch)))
+            added[0] += answer["added"]
 
     async with trio.open_nursery() as nursery:
         for _ in range(workers):
@@ -389,6 +408,8 @@ async def scale(args: argparse.Namespace) -> None:
                     f"per {unit[:-1]}  (load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
+        if system.elections[0]:
+            print(f"(the client followed {system.elections[0]} leader changes)")
         peer, _ = system.hosts[3]
         start = trio.current_time()
         added = await trio.run_process(

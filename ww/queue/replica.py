@@ -83,7 +83,7 @@ class ReplicaOptions:
     """How long `add` waits for a new learner to catch up before making it a voter."""
     chunk_size: int = 1 << 20
     """Snapshots (and any larger message) travel in chunks of this many bytes."""
-    apply_bytes: int = 1 << 20
+    apply_bytes: int = 256 << 10
     """At most this many bytes of committed entries are applied per Ready (at least one entry),
     so the loop answers heartbeats between them rather than stalling past an election
     timeout on a large backlog."""
@@ -96,9 +96,11 @@ class ReplicaOptions:
 class AppliedState:
     """The state machine, with an event set after each change (for `follow`).
 
-    A state machine that can copy itself to a file and back (`snapshot_to(path)`,
+    A state machine that can copy itself to a file and back (`sync()`, `copy_to(path)`,
     `restore_from(path)`, as QueueState does) gets Raft snapshots that are markers naming a
-    file in `files` (`ww.queue.snapshots`); any other hands Raft its bytes.
+    file in `files` (`ww.queue.snapshots`); any other hands Raft its bytes. Commits are
+    grouped (`commit_interval`) and, for a QueueState opened with autocheckpoint=False, the
+    WAL is checkpointed in a worker thread.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class AppliedState:
         return self._taken.encode()
 
     def restore(self, data: bytes) -> None:
+        self.join()  # no copy or checkpoint of the database being replaced is running
         if self.files is None or data[:16] == b"SQLite format 3\x00":
             self.state.restore(data)  # a snapshot held in memory
         else:
