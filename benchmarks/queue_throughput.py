@@ -1,23 +1,33 @@
 """Throughput of the replicated queue: the Raft ROM on three ww hosts, against the same replica
 over ww.raft with the plain TCP transport of benchmarks/.
 
-    python benchmarks/queue_throughput.py [--duration 10] [--repeat 1] [--workers 16]
+    python benchmarks/queue_throughput.py [--duration 10] [--repeat 3] [--claim-batch 1,16]
+    python benchmarks/queue_throughput.py --scale [--keys 1000000]
 
 ww: three `ww start` hosts on loopback, `ww run roms/raft start` (fsync on). The client (this
 process) connects to the leader's host and calls the leader's `request` capability there
-(client -> host -> replica ROM). TCP: three `_queue_node.py` processes (the same DiskStorage,
-RaftDriver and QueueState) with the TCP transport and client protocol of `_tcp_transport.py`;
-the client talks to the leader's client port.
+(client -> host -> replica ROM), following the leader if it changes. TCP: three
+`_queue_node.py` processes (the same DiskStorage, RaftDriver, QueueState and commit policy)
+with the TCP transport and client protocol of `_tcp_transport.py`; the client talks to the
+leader's client port (a leader change there voids the run).
 
-Workloads, each with `--workers` concurrent clients, each client with its own session (client
-id, sequence, ack), for `--duration` seconds after a warm-up:
+Workloads, each on a fresh group, each client with its own session (client id, sequence,
+ack), for `--duration` seconds after a warm-up:
 
-  - put: batches of `--batch` items of 100 bytes with unique keys; items/s.
-  - cycle: claim 10 items, then complete each one with a 2 KB result appended to a log topic
-    and 10 new 100-byte items; completed items (cycles)/s.
+  - put: `--workers` clients putting batches of `--batch` items of 100 bytes with unique keys;
+    items/s.
+  - cycleB (one per `--claim-batch` B): clients (`--consumers` for B = 1, else
+    `--batch-consumers`) claim B items, then complete them all in one command with a 2 KB
+    result each appended to a log topic and 10 new 100-byte items each; completed items
+    (cycles)/s.
 
 Printed: the rate, the CPU (user + system) of the replica processes per item or cycle (for ww
-the hosts and the replica ROMs), and the ratio ww / TCP.
+the hosts and the replica ROMs), the load average, the medians of the runs and ww / TCP.
+
+--scale (ww only, a fourth host spare): put and cycle rates on the empty queue, then after
+`--keys` more unique keys, the peak RSS of each replica process, and how long `add` of a
+replica on the fourth host takes (it returns once the replica has caught up), and whether it
+caught up by snapshot.
 """
 
 from __future__ import annotations
@@ -70,7 +80,7 @@ class System:
     rom_pids: list[int] = field(default_factory=list)
     hosts: list[tuple[str, str]] = field(default_factory=list)  # (peer, address), spares last
     tmp: Path | None = None
-    elections: list[int] = field(default_factory=lambda: [0])  # leader changes followed
+    elections: list[int] = field(default_factory=lambda: [0])  # requests sent to a new leader
 
 
 async def _start_host(tmp: Path, name: str, peer: str | None) -> tuple[trio.Process, str, str]:
@@ -341,7 +351,7 @@ async def run(args: argparse.Namespace) -> None:
                     f"{name:>3} {workload:<7} {r.rate:>9,.0f} {unit}/s  "
                     f"{r.cpu_us:>6.0f} µs CPU per {unit[:-1]}  "
                     f"(load {os.getloadavg()[0]:.1f}"
-                    f"{f'; {elections} leader changes' if elections else ''})",
+                    f"{f'; {elections} requests redirected to a new leader' if elections else ''})",
                     flush=True,
                 )
     print(f"\nmedians of the runs that completed (of {args.repeat}):")
@@ -398,7 +408,7 @@ async def scale(args: argparse.Namespace) -> None:
             if label == "full":
                 start = trio.current_time()
                 await fill(system, args.keys)
-                print(f"filled to {args.keys:,} keys in {trio.current_time() - start:.0f} s")
+                print(f"put {args.keys:,} more keys in {trio.current_time() - start:.0f} s")
             for workload in ("put", cycle):
                 r = await measure(system, workload, args)
                 rates.setdefault(workload, []).append(r)
@@ -409,7 +419,7 @@ async def scale(args: argparse.Namespace) -> None:
                     flush=True,
                 )
         if system.elections[0]:
-            print(f"(the client followed {system.elections[0]} leader changes)")
+            print(f"({system.elections[0]} requests were redirected to a new leader)")
         peer, _ = system.hosts[3]
         start = trio.current_time()
         added = await trio.run_process(
@@ -427,8 +437,9 @@ async def scale(args: argparse.Namespace) -> None:
     print()
     for workload, (empty, full) in rates.items():
         print(
-            f"{workload:<7} at {args.keys:,} keys: {full.rate:,.0f}/s ({full.cpu_us:.0f} µs CPU), "
-            f"empty {empty.rate:,.0f}/s ({empty.cpu_us:.0f} µs CPU): rate ratio "
+            f"{workload:<7} over {args.keys:,} keys: {full.rate:,.0f}/s "
+            f"({full.cpu_us:.0f} µs CPU), empty {empty.rate:,.0f}/s "
+            f"({empty.cpu_us:.0f} µs CPU): rate ratio "
             f"{empty.rate / full.rate:.2f}, CPU ratio {full.cpu_us / empty.cpu_us:.2f} "
             "(target: within 2x)"
         )

@@ -54,8 +54,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["GROUP", "AppliedState", "QueueReplica", "ReplicaOptions", "node_id_of"]
 
 GROUP = "raft/v1"
-CHECKPOINT_BYTES = 16 << 20
-"""A replica copies its WAL into the database (in a worker thread) once it is this large."""
+CHECKPOINT_INTERVAL = 1.0
+"""A replica copies its WAL into the database (in a worker thread) at most this often
+(seconds), after a commit."""
 MEMBERS_FILE = "members.json"
 
 
@@ -114,6 +115,7 @@ class AppliedState:
         self.files = files if to_file else None
         self._taken: Marker | None = None  # a snapshot file not yet known to be in storage
         self._checkpointing: threading.Thread | None = None
+        self._checkpointed = -math.inf
 
     @property
     def applied_index(self) -> int:
@@ -131,7 +133,7 @@ class AppliedState:
         if commit is not None and now - self._committed >= self.commit_interval:
             commit()
             self._committed = now
-            self._maybe_checkpoint()
+            self._maybe_checkpoint(now)
         if self._taken is not None and self.files is not None and self.files.complete(self._taken):
             # Raft stored the snapshot taken during an earlier Ready, and its file is
             # complete: the older files can go.
@@ -139,14 +141,15 @@ class AppliedState:
             self._taken = None
         self._wake()
 
-    def _maybe_checkpoint(self) -> None:
-        """Copy the WAL into the database in a worker thread once it holds CHECKPOINT_BYTES
-        (the replica's QueueState never checkpoints in a commit, which would stall the loop)."""
-        wal_size = getattr(self.state, "wal_size", None)
-        if wal_size is None or wal_size() < CHECKPOINT_BYTES:
+    def _maybe_checkpoint(self, now: float) -> None:
+        """Copy the WAL into the database in a worker thread, at most every
+        CHECKPOINT_INTERVAL seconds (the replica's QueueState never checkpoints in a commit,
+        which would stall the loop)."""
+        if not hasattr(self.state, "checkpoint") or now - self._checkpointed < CHECKPOINT_INTERVAL:
             return
         if self._checkpointing is not None and self._checkpointing.is_alive():
             return
+        self._checkpointed = now
         self._checkpointing = threading.Thread(
             target=self._checkpoint, name="checkpoint", daemon=True
         )

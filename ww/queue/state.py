@@ -1160,12 +1160,6 @@ class QueueState:
         finally:
             os.close(fd)
 
-    def wal_size(self) -> int:
-        try:
-            return os.stat(f"{self.path}-wal").st_size
-        except FileNotFoundError:
-            return 0
-
     def checkpoint(self) -> None:
         """Copy the committed WAL into the database file through a connection of its own (a
         passive checkpoint: it never blocks the writer, so it may run in another thread)."""
