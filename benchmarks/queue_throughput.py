@@ -481,7 +481,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--keys", type=int, default=1_000_000, help="keys for --scale")
     p.add_argument(
-        "--snapshot-interval", type=int, default=2000, help="the replicas' (for --scale)"
+        "--snapshot-interval",
+        type=int,
+        default=10_000,
+        help="the replicas' snapshot interval in entries (for --scale; they also snapshot "
+        "every 64 MiB of entries)",
     )
     return p.parse_args()
 

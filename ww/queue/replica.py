@@ -115,7 +115,7 @@ class AppliedState:
         self.files = files if to_file else None
         self._taken: Marker | None = None  # a snapshot file not yet known to be in storage
         self._checkpointing: threading.Thread | None = None
-        self._checkpointed = -math.inf
+        self._checkpointed = time.monotonic()
 
     @property
     def applied_index(self) -> int:
