@@ -29,6 +29,7 @@ from _tcp_transport import (
 )
 
 from ww.queue.commands import CommandError, stamp
+from ww.queue.replica import AppliedState, ReplicaOptions
 from ww.queue.state import QueueState
 from ww.raft.disk import DiskStorage
 from ww.raft.driver import NotLeaderError, RaftDriver, RaftError
@@ -80,8 +81,19 @@ async def serve(args: argparse.Namespace) -> None:
         cluster_id="queue-benchmark",
         conf_state=ConfState(voters=tuple(sorted(peers))),
     )
-    state = QueueState(data / "queue.db")
-    replica = Replica(Config(id=args.id, storage=storage), storage, state)
+    state = QueueState(data / "queue.db", autocommit=False, autocheckpoint=False)
+    # The replica's own commit policy (one commit per Ready, at most every 0.1 s).
+    applied = AppliedState(state, None, ReplicaOptions().commit_interval)
+    options = ReplicaOptions()
+    config = Config(id=args.id, storage=storage, max_committed_size_per_ready=options.apply_bytes)
+    replica = Replica(
+        config,
+        storage,
+        applied,
+        snapshot_interval=options.snapshot_interval,
+        compaction_margin=options.compaction_margin,
+        snapshot_bytes=options.snapshot_bytes,
+    )
     transport = TcpTransport(
         {i: a for i, a in peers.items() if i != args.id},
         on_unreachable=lambda node_id: driver.report_unreachable(node_id),

@@ -15,7 +15,9 @@ from tests.queue.conftest import HostFactory, HostProcess, wait_for
 from ww.queue.client import QueueClient, QueueError
 from ww.queue.commands import Item
 from ww.queue.replica import QueueReplica, ReplicaOptions
+from ww.queue.snapshots import Marker
 from ww.queue.state import QueueState
+from ww.raft.types import Message, MessageType, Snapshot, SnapshotMetadata
 
 FAST = ReplicaOptions(
     tick_interval=0.02, election_tick=10, clock_interval=0.2, request_timeout=2.0, chunk_size=4096
@@ -141,6 +143,18 @@ async def test_a_malformed_request_gets_one_line_and_the_replica_keeps_serving(
         async with rpc.sink("snapshot", 7) as tx:
             await tx.send(b"short")
         assert tx.result is False
+        # A snapshot file whose bytes do not match the trailer is refused and not kept.
+        marker = Marker.for_index(10**6)
+        snap = Message(
+            MessageType.SNAP, to=1, frm=7, term=1,
+            snapshot=Snapshot(marker.encode(), SnapshotMetadata(10**6, 1)),
+        )  # fmt: skip
+        async with rpc.sink("snapshot_file", 7) as tx:
+            for item in (snap.encode(), b"x" * 5000, {"size": 5000, "sha256": bytes(32)}):
+                await tx.send(item)
+        assert tx.result is False
+        files = group.replicas[leader].files
+        assert files is not None and not any(marker.file in p.name for p in files.dir.iterdir())
         stats = group.replicas[leader].transport.stats  # type: ignore[union-attr]
         assert stats.bad_input >= 4
         assert group.replicas[leader].driver.dropped_messages >= 1  # type: ignore[union-attr]

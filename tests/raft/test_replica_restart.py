@@ -112,3 +112,46 @@ def test_conf_changes_among_skipped_entries_still_apply() -> None:
 def test_durable_index_only_counts_when_it_is_an_int() -> None:
     assert durable_applied_index(DurableLog(7)) == 7
     assert durable_applied_index(Plain()) == 0
+
+
+class LaterCopy(DurableLog):
+    """Its snapshot is a copy made after more entries were applied (as a copy made in a
+    thread is): it records an index past the snapshot's."""
+
+    def snapshot(self) -> bytes:
+        return (self.applied_index + 2).to_bytes(8, "big")
+
+
+def test_an_installed_snapshot_past_its_index_is_not_handed_those_entries_again() -> None:
+    conf = ConfState(voters=(1,))
+    leader_sm = LaterCopy()
+    leader = single_node(MemoryStorage(conf), leader_sm, snapshot_interval=5, compaction_margin=0)
+    write(leader, 12)
+
+    follower_sm = DurableLog()
+    storage = MemoryStorage()
+    follower = Replica(Config(id=2, storage=storage), storage, follower_sm)
+    leader.propose_conf_change(ConfChange((ConfChangeSingle(ConfChangeType.ADD_LEARNER, 2),)))
+    nodes = {1: leader, 2: follower}
+
+    def pump(ticks: int) -> None:
+        for _ in range(ticks):
+            for node in nodes.values():
+                node.tick()
+            for node in nodes.values():
+                while node.has_ready():
+                    for m in node.handle_ready().messages:
+                        nodes[m.to].step(m)
+
+    pump(50)
+    for i in range(4):
+        leader.propose(f"later{i}".encode())
+    pump(5)
+    snap_index = storage.snapshot().metadata.index
+    (restored,) = follower_sm.restored
+    copy_index = int.from_bytes(restored, "big")
+    assert copy_index > snap_index > 0
+    assert follower.applied == leader.applied
+    # The entries the copy already held are skipped; the ones after it are applied.
+    later = [i for i, _ in leader_sm.applied if i > copy_index]
+    assert later and [i for i, _ in follower_sm.applied] == later

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Any
 import trio
 
 from ww.queue.commands import OPS, QUERIES, Command, CommandError, decode, one_line, stamp
+from ww.queue.snapshots import Marker, SnapshotFileError, SnapshotFiles
 from ww.queue.transport import RaftRpc, WwTransport, node_id_of
 from ww.raft.disk import DiskStorage
 from ww.raft.driver import RaftDriver, RequestTimeoutError
@@ -49,9 +51,12 @@ from ww.rpc import Capability
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GROUP", "QueueReplica", "ReplicaOptions", "node_id_of"]
+__all__ = ["GROUP", "AppliedState", "QueueReplica", "ReplicaOptions", "node_id_of"]
 
 GROUP = "raft/v1"
+CHECKPOINT_INTERVAL = 1.0
+"""A replica copies its WAL into the database (in a worker thread) at most this often
+(seconds), after a commit."""
 MEMBERS_FILE = "members.json"
 
 
@@ -67,6 +72,10 @@ class ReplicaOptions:
     request_timeout: float = 5.0
     snapshot_interval: int = 10_000
     compaction_margin: int = 1_000
+    snapshot_bytes: int | None = 64 << 20
+    """A snapshot is also taken once the entries applied since the last one hold this many
+    bytes, and at most a quarter of that stays in the log behind it (the log is held in
+    memory: this bounds it when entries are large)."""
     fsync: bool = True
     persist_in_thread: bool = True
     direct: bool = True
@@ -75,14 +84,38 @@ class ReplicaOptions:
     """How long `add` waits for a new learner to catch up before making it a voter."""
     chunk_size: int = 1 << 20
     """Snapshots (and any larger message) travel in chunks of this many bytes."""
+    apply_bytes: int = 256 << 10
+    """At most this many bytes of committed entries are applied per Ready (at least one entry),
+    so the loop answers heartbeats between them rather than stalling past an election
+    timeout on a large backlog."""
+    commit_interval: float = 0.1
+    """The database commits the entries applied since its last commit at the end of a Ready
+    once this many seconds have passed (0: every Ready). The Raft log is the durable record:
+    after a crash the entries not committed are applied again from it."""
 
 
-class _Applied:
-    """The state machine, with an event set after each change (for `follow`)."""
+class AppliedState:
+    """The state machine, with an event set after each change (for `follow`).
 
-    def __init__(self, state: StateMachine) -> None:
+    A state machine that can copy itself to a file and back (`sync()`, `copy_to(path)`,
+    `restore_from(path)`, as QueueState does) gets Raft snapshots that are markers naming a
+    file in `files` (`ww.queue.snapshots`); any other hands Raft its bytes. Commits are
+    grouped (`commit_interval`) and, for a QueueState opened with autocheckpoint=False, the
+    WAL is checkpointed in a worker thread.
+    """
+
+    def __init__(
+        self, state: StateMachine, files: SnapshotFiles | None, commit_interval: float = 0.0
+    ) -> None:
         self.state = state
+        self.commit_interval = commit_interval
+        self._committed = -math.inf  # time.monotonic() of the last commit
         self.changed = trio.Event()
+        to_file = all(hasattr(state, m) for m in ("copy_to", "sync", "restore_from"))
+        self.files = files if to_file else None
+        self._taken: Marker | None = None  # a snapshot file not yet known to be in storage
+        self._checkpointing: threading.Thread | None = None
+        self._checkpointed = time.monotonic()
 
     @property
     def applied_index(self) -> int:
@@ -90,16 +123,85 @@ class _Applied:
         return index if isinstance(index, int) else 0
 
     def apply(self, index: int, data: bytes) -> Any:
-        result = self.state.apply(index, data)
+        return self.state.apply(index, data)
+
+    def commit(self) -> None:
+        """Called by ww.raft once per Ready that applied entries: one SQLite commit for all
+        of them, and for those of the Readys before it within `commit_interval`."""
+        commit = getattr(self.state, "commit", None)
+        now = time.monotonic()
+        if commit is not None and now - self._committed >= self.commit_interval:
+            commit()
+            self._committed = now
+            self._maybe_checkpoint(now)
+        if self._taken is not None and self.files is not None and self.files.complete(self._taken):
+            # Raft stored the snapshot taken during an earlier Ready, and its file is
+            # complete: the older files can go.
+            self.files.prune(self._taken)
+            self._taken = None
         self._wake()
-        return result
+
+    def _maybe_checkpoint(self, now: float) -> None:
+        """Copy the WAL into the database in a worker thread, at most every
+        CHECKPOINT_INTERVAL seconds (the replica's QueueState never checkpoints in a commit,
+        which would stall the loop)."""
+        if not hasattr(self.state, "checkpoint") or now - self._checkpointed < CHECKPOINT_INTERVAL:
+            return
+        if self._checkpointing is not None and self._checkpointing.is_alive():
+            return
+        self._checkpointed = now
+        self._checkpointing = threading.Thread(
+            target=self._checkpoint, name="checkpoint", daemon=True
+        )
+        self._checkpointing.start()
+
+    def _checkpoint(self) -> None:
+        try:
+            self.state.checkpoint()  # type: ignore[attr-defined]
+        except Exception:  # the next one tries again; the WAL keeps everything meanwhile
+            logger.exception("checkpoint failed")
+
+    def join(self) -> None:
+        """Wait for the copies running in worker threads (snapshot, checkpoint)."""
+        if self.files is not None:
+            self.files.join()
+        if self._checkpointing is not None:
+            self._checkpointing.join()
 
     def snapshot(self) -> bytes:
-        return self.state.snapshot()
+        if self.files is None:
+            return self.state.snapshot()
+        # Durable before Raft compacts the log behind it; the copy is made in a thread.
+        self.state.sync()  # type: ignore[attr-defined]
+        self._taken = self.files.take(self.state.copy_to, self.applied_index)  # type: ignore[attr-defined]
+        return self._taken.encode()
 
     def restore(self, data: bytes) -> None:
-        self.state.restore(data)
+        self.join()  # no copy or checkpoint of the database being replaced is running
+        if self.files is None or data[:16] == b"SQLite format 3\x00":
+            self.state.restore(data)  # a snapshot held in memory
+        else:
+            marker = Marker.decode(data)
+            self.state.restore_from(self.files.path(marker))  # type: ignore[attr-defined]
+            self.files.prune(marker)  # Raft's storage names this one now
         self._wake()
+
+    def ensure_snapshot_file(self, data: bytes) -> None:
+        """On start: write the file of Raft's stored snapshot again if a crash lost it while
+        it was being copied (the database is at or past the snapshot then, as it was synced
+        before the snapshot was stored)."""
+        if self.files is None or data[:16] == b"SQLite format 3\x00":
+            return
+        marker = Marker.decode(data)
+        if self.files.complete(marker):
+            return
+        if self.applied_index < marker.index:
+            raise SnapshotFileError(
+                f"{self.files.path(marker)} is missing and the database is behind it (applied "
+                f"index {self.applied_index} < {marker.index}); move the volume away and add "
+                "the replica again"
+            )
+        self.files.ensure(self.state.copy_to, marker)  # type: ignore[attr-defined]
 
     def _wake(self) -> None:
         self.changed.set()
@@ -146,8 +248,9 @@ class QueueReplica:
         self._stopped = trio.Event()
         self.driver: RaftDriver | None = None
         self.transport: WwTransport | None = None
-        self.state: _Applied | None = None
+        self.state: AppliedState | None = None
         self.storage: DiskStorage | None = None
+        self.files: SnapshotFiles | None = None
 
     # -- running ----------------------------------------------------------------------------
 
@@ -168,16 +271,23 @@ class QueueReplica:
         if self._state_arg is None:
             from ww.queue.state import QueueState
 
-            state: StateMachine = QueueState(self.volume / "queue.db")
+            state: StateMachine = QueueState(
+                self.volume / "queue.db", autocommit=False, autocheckpoint=False
+            )
         else:
             state = self._state_arg
-        self.state = _Applied(state)
+        self.files = SnapshotFiles(self.volume / "snapshots")
+        self.state = AppliedState(state, self.files, self.options.commit_interval)
+        snap = self.storage.snapshot()
+        if not snap.is_empty():
+            self.state.ensure_snapshot_file(snap.data)
         o = self.options
         config = Config(
             id=self.node_id,
             storage=self.storage,
             election_tick=o.election_tick,
             heartbeat_tick=o.heartbeat_tick,
+            max_committed_size_per_ready=o.apply_bytes,
         )
         replica = Replica(
             config,
@@ -185,6 +295,7 @@ class QueueReplica:
             self.state,
             snapshot_interval=o.snapshot_interval,
             compaction_margin=o.compaction_margin,
+            snapshot_bytes=o.snapshot_bytes,
             on_conf_change=self._on_conf_change,
         )
         self.transport = WwTransport(
@@ -195,6 +306,7 @@ class QueueReplica:
             on_snapshot=lambda n, ok: driver.report_snapshot(n, ok),
             direct=o.direct,
             chunk_size=o.chunk_size,
+            files=self.state.files,
         )
         self.transport.set_peers(self._members)
         driver = RaftDriver(
@@ -208,7 +320,7 @@ class QueueReplica:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         driver = self.driver = self._open()
-        assert self.transport is not None
+        assert self.transport is not None and self.state is not None
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.run)
@@ -217,7 +329,7 @@ class QueueReplica:
                 nursery.start_soon(self._watch_view)
                 nursery.start_soon(self._clock)
                 root = await self.host.root()
-                rpc = RaftRpc(driver.step_encoded, self.transport.stats)
+                rpc = RaftRpc(driver.step_encoded, self.transport.stats, self.state.files)
                 await (await root.walk(f"{self.home}/rpc")).store(rpc)
                 await (await root.walk(f"{self.home}/request")).store(RequestService(self))
                 await (await root.walk(f"{self.home}/response")).store(ResponseService(self))
@@ -232,6 +344,8 @@ class QueueReplica:
                 await self._close()
 
     async def _close(self) -> None:
+        if self.state is not None:
+            await trio.to_thread.run_sync(self.state.join)  # a snapshot or checkpoint running
         if self.state is not None:
             close = getattr(self.state.state, "close", None)
             if close is not None:
@@ -606,7 +720,7 @@ async def main(host: Any, args: Sequence[str]) -> int:
     replica = QueueReplica(host, home, volume, voters=voters, options=options)
     try:
         await replica.run()
-    except (StorageError, QueueStateError) as e:
+    except (StorageError, QueueStateError, SnapshotFileError) as e:
         print(f"raft replica at {home}: {one_line(str(e))}", file=sys.stderr)
         return 2
     return 0

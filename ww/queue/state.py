@@ -166,10 +166,22 @@ class _Refused(Exception):
 class QueueState:
     """The queue's state in one SQLite database at `path` (created if missing)."""
 
-    def __init__(self, path: Path | str, *, autocommit: bool = True, check: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        autocommit: bool = True,
+        check: bool = True,
+        autocheckpoint: bool = True,
+    ) -> None:
+        """With autocheckpoint=False the WAL is never copied into the database file by a
+        commit; call `checkpoint()` (from another thread, say) instead."""
         self.path = Path(path)
         self._autocommit = autocommit
+        self._autocheckpoint = autocheckpoint
         self._conn = self._open(self.path, check)
+        if not autocheckpoint:
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         # The topics (a small table) stay cached between entries; what was last written of
         # each is kept to write only changes. Part rows are cached while one entry applies.
@@ -483,24 +495,26 @@ class QueueState:
             raise _Refused(f"put: topic {topic.name!r} is a log topic; put needs a work topic")
         conn, now = self._conn, self._clock
         digests = {key: _key_digest(key) for _, key, _, _ in items if key is not None}
-        seen: set[bytes] = set()
-        for chunk in _chunks(list(digests.values())):
-            seen.update(
+        # One pass over the seen-set per key: insert the digests (sorted: neighbours in the
+        # index touch fewer pages) and learn from RETURNING which ones were new.
+        new: set[bytes] = set()
+        for chunk in _chunks(sorted(set(digests.values()))):
+            new.update(
                 h
                 for (h,) in conn.execute(
-                    f"SELECT h FROM seen WHERE topic = ? AND h IN ({_marks(chunk)})",
-                    (topic.id, *chunk),
+                    f"INSERT OR IGNORE INTO seen VALUES {','.join(['(?, ?)'] * len(chunk))} "
+                    "RETURNING h",
+                    [v for h in chunk for v in (topic.id, h)],
                 )
             )
+        topic.seen += len(new)
         fresh: list[ItemFields] = []
-        new_keys: list[bytes] = []
         for item in items:
             if item[1] is not None:
                 h = digests[item[1]]
-                if h in seen:
-                    continue
-                seen.add(h)
-                new_keys.append(h)
+                if h not in new:
+                    continue  # seen before, or earlier in this batch
+                new.discard(h)
             fresh.append(item)
         dups = len(items) - len(fresh)
         parts = self._parts_for(topic, [item[2] for item in fresh])
@@ -521,12 +535,9 @@ class QueueState:
                 else:
                     head[0] += 1
             next_id += 1
-        new_keys.sort()  # neighbours in the index: fewer pages touched
-        conn.executemany("INSERT INTO seen VALUES (?, ?)", [(topic.id, k) for k in new_keys])
         conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)", rows)
         added = next_id - self._next_item
         self._next_item = next_id
-        topic.seen += len(new_keys)
         for pkey, (count, first) in heads.items():
             part = parts[pkey]
             part.ready += count
@@ -1121,6 +1132,45 @@ class QueueState:
         finally:
             target.close()
 
+    def copy_to(self, dest: Path | str) -> None:
+        """Write a copy of the last committed state to the file `dest` through a connection of
+        its own (SQLite's backup API reads one consistent state and releases the GIL): safe in
+        another thread while entries apply, and never holds the database in memory."""
+        source = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            target = sqlite3.connect(dest)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+
+    def sync(self) -> None:
+        """Commit, and make everything committed durable now (fsync the WAL, which holds every
+        commit since the last complete checkpoint; a checkpoint fsyncs the database file),
+        rather than at the next checkpoint as synchronous=NORMAL would."""
+        self.commit()
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def checkpoint(self) -> None:
+        """Copy the committed WAL into the database file through a connection of its own (a
+        passive checkpoint: it never blocks the writer, so it may run in another thread)."""
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit={CHECKPOINT_PAGES * 4096}")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            conn.close()
+
     def restore(self, data: bytes) -> None:
         """Replace the database with a snapshot's, atomically; a damaged snapshot raises
         QueueStateError and keeps the current state."""
@@ -1171,6 +1221,8 @@ class QueueState:
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
         self._conn = self._open(self.path, False)
+        if not self._autocheckpoint:
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         self._forget_topics()
         self._parts.clear()

@@ -6,11 +6,14 @@ hop less than relaying through its own host) or, with `direct=False`, through it
 
 `WwTransport.send(messages)` never blocks the Raft loop: it encodes each message and queues it
 for its peer. One task per peer pushes the queue, a batch (a list of encoded messages) at a
-time, into the peer's `messages` sink. A snapshot (or any message over `chunk_size`) goes
-through a sink of its own, `snapshot`, in chunks (`split_frame`), and the leader hears whether
-it arrived (`report_snapshot`). When a peer cannot be reached, or its sink fails, what is queued
-for it is dropped (Raft sends again), Raft is told once per outage (`report_unreachable`) and
-the task connects again after a backoff.
+time, into the peer's `messages` sink. A snapshot whose data is a marker naming a file
+(`ww.queue.snapshots`) goes through the sink `snapshot_file`: the message, then the file read
+in chunks; the receiver writes the file into its own volume, checks its size and digest,
+fsyncs it and only then hands the message to Raft. Any other message over `chunk_size` (or a
+snapshot held in memory) goes through the sink `snapshot` in chunks (`split_frame`). The
+leader hears whether a snapshot arrived (`report_snapshot`). When a peer cannot be reached,
+or its sink fails, what is queued for it is dropped (Raft sends again), Raft is told once per
+outage (`report_unreachable`) and the task connects again after a backoff.
 
 Raft node ids are derived from peer ids (`node_id_of`), so a replica finds the host of any
 member in the cluster view.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +32,9 @@ from typing import Any
 import trio
 
 from ww.dial import dial
+from ww.queue.snapshots import Marker, Receiver, SnapshotFileError, SnapshotFiles, read_chunks
 from ww.raft.driver import FrameAssembler, split_frame
-from ww.raft.types import Message, MessageType
+from ww.raft.types import Message, MessageDecodeError, MessageType
 from ww.rpc import Capability, sink
 
 logger = logging.getLogger(__name__)
@@ -67,9 +71,15 @@ class RaftRpc(Capability):
     decode). A batch that is not a list of bytes is dropped and counted, never raised on.
     """
 
-    def __init__(self, deliver: Callable[[bytes], None], stats: TransportStats) -> None:
+    def __init__(
+        self,
+        deliver: Callable[[bytes], None],
+        stats: TransportStats,
+        files: SnapshotFiles | None = None,
+    ) -> None:
         self._deliver = deliver
         self._stats = stats
+        self._files = files
 
     @sink
     async def messages(self, batches: AsyncIterator[Any], sender: int) -> None:
@@ -115,6 +125,54 @@ class RaftRpc(Capability):
                 delivered = True
         return delivered
 
+    @sink
+    async def snapshot_file(self, chunks: AsyncIterator[Any], sender: int) -> bool:
+        """A snapshot message whose data is a file marker, the file in chunks, then a trailer
+        `{"size": N, "sha256": DIGEST}`; True once the file is whole, checked and durable here
+        and the message was handed on."""
+        receiver: Receiver | None = None
+        message: bytes | None = None
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, dict) and receiver is not None:
+                    size, digest = chunk.get("size"), chunk.get("sha256")
+                    if not isinstance(size, int) or not isinstance(digest, bytes):
+                        raise SnapshotFileError("malformed snapshot trailer")
+                    await trio.to_thread.run_sync(receiver.finish, size, digest)
+                    break
+                if not isinstance(chunk, bytes):
+                    raise SnapshotFileError("a chunk is not bytes")
+                if receiver is None:
+                    message = chunk
+                    receiver = self._receiver(chunk)
+                else:
+                    receiver.write(chunk)
+                    if receiver.size > MAX_SNAPSHOT:
+                        raise SnapshotFileError(f"snapshot over {MAX_SNAPSHOT} bytes")
+            if receiver is None or message is None or not receiver.done:
+                raise SnapshotFileError("the snapshot stream ended early")
+        except (SnapshotFileError, OSError) as e:
+            self._stats.bad_input += 1
+            logger.warning("dropped a snapshot from node %s: %s", sender, e)
+            return False
+        finally:
+            if receiver is not None and not receiver.done:
+                receiver.abort()  # refused, cancelled, or the stream broke
+        self._stats.snapshots_received += 1
+        self._deliver(message)
+        return True
+
+    def _receiver(self, data: bytes) -> Receiver:
+        if self._files is None:
+            raise SnapshotFileError("this replica takes no snapshot files")
+        try:
+            message = Message.decode(data)
+        except MessageDecodeError as e:
+            raise SnapshotFileError(str(e)) from None
+        if message.type != MessageType.SNAP or message.snapshot is None:
+            raise SnapshotFileError(f"expected a snapshot message, got {message.type.name}")
+        return self._files.receiver(Marker.decode(message.snapshot.data))
+
 
 @dataclass(slots=True)
 class _Peer:
@@ -147,8 +205,12 @@ class WwTransport:
         window: int = 64,
         batch_bytes: int = 1 << 20,
         chunk_size: int = 1 << 20,
+        files: SnapshotFiles | None = None,
+        file_wait: float = 60.0,
     ) -> None:
         self._host = host
+        self._files = files
+        self._file_wait = file_wait
         self._group = group.strip("/")
         self.node_id = node_id
         self._on_unreachable = on_unreachable
@@ -273,16 +335,64 @@ class WwTransport:
             data, is_snapshot = peer.large[0]
             delivered = False
             try:
-                async with rpc.sink("snapshot", self.node_id, window=8) as tx:
-                    for chunk in split_frame(data, self._chunk_size):
-                        await tx.send(chunk)
-                delivered = bool(tx.result)
+                marker = self._marker(data) if is_snapshot else None
+                if marker is not None:
+                    delivered = await self._push_file(rpc, data, marker)
+                else:
+                    async with rpc.sink("snapshot", self.node_id, window=8) as tx:
+                        for chunk in split_frame(data, self._chunk_size):
+                            await tx.send(chunk)
+                    delivered = bool(tx.result)
             finally:
                 peer.large.popleft()
                 if is_snapshot:
                     self._on_snapshot(peer.node_id, delivered)
             if is_snapshot and delivered:
                 self.stats.snapshots_sent += 1
+
+    def _marker(self, data: bytes) -> Marker | None:
+        """The file marker of an encoded snapshot message, if this transport sends files."""
+        if self._files is None:
+            return None
+        snapshot = Message.decode(data).snapshot
+        if snapshot is None:
+            return None
+        try:
+            return Marker.decode(snapshot.data)
+        except SnapshotFileError:
+            return None
+
+    async def _push_file(self, rpc: Any, message: bytes, marker: Marker) -> bool:
+        """Send the snapshot message, its file in chunks (never the whole file at once), then
+        the file's size and digest. Waits for a file still being copied."""
+        assert self._files is not None
+        with trio.move_on_after(self._file_wait):
+            while not self._files.complete(marker):
+                await trio.sleep(0.05)
+        try:
+            chunks = read_chunks(self._files.path(marker), self._chunk_size)
+        except OSError as e:  # not written (yet), or a newer snapshot replaced it
+            logger.info("snapshot file %s cannot be sent: %s", marker.file, e)
+            return False
+        try:
+            async with rpc.sink("snapshot_file", self.node_id, window=8) as tx:
+                await tx.send(message)
+                while isinstance(chunk := await trio.to_thread.run_sync(_next, chunks), bytes):
+                    await tx.send(chunk)
+                size, digest = chunk
+                await tx.send({"size": size, "sha256": digest})
+            return bool(tx.result)
+        finally:
+            chunks.close()
+
+
+def _next(chunks: Generator[bytes, None, tuple[int, bytes]]) -> bytes | tuple[int, bytes]:
+    """The next chunk, or what the generator returns at its end."""
+    try:
+        return next(chunks)
+    except StopIteration as end:
+        result: tuple[int, bytes] = end.value
+        return result
 
 
 async def _load(root: Any, path: str) -> Any:

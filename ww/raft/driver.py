@@ -44,6 +44,9 @@ from ww.raft.types import ConfChange, ConfState, Message, MessageDecodeError, Me
 
 logger = logging.getLogger(__name__)
 
+SLOW_READY = 0.25
+"""A Ready that takes longer (seconds) is logged: ticks and heartbeats wait meanwhile."""
+
 __all__ = [
     "FrameAssembler",
     "NotLeaderError",
@@ -290,11 +293,24 @@ class RaftDriver:
                 early = _appends_with_new_entries(ready)
                 if early:
                     self.transport.send(early)
+                started = trio.current_time()
                 if self.persist_in_thread:
                     await trio.to_thread.run_sync(self.replica.persist, ready)
                 else:
                     self.replica.persist(ready)
+                persisted = trio.current_time()
                 out = self.replica.finish(ready)
+                finished = trio.current_time()
+                if finished - started > SLOW_READY:
+                    logger.warning(
+                        "node %d: a Ready took %.2f s (persist %.2f s, apply %.2f s, %d entries "
+                        "committed)",
+                        self.replica.id,
+                        finished - started,
+                        persisted - started,
+                        finished - persisted,
+                        len(ready.committed_entries),
+                    )
                 if early:
                     out.messages = [m for m in out.messages if m.type != MessageType.APP]
                 if out.messages:

@@ -6,8 +6,10 @@ its own.
 1. persist the snapshot, the new entries and the hard state (`LogStorage.save`) —
    before a single message of the Ready leaves;
 2. install a snapshot that came from the leader into the state machine;
-3. apply the committed entries, conf changes included, and answer the requests they settle;
-4. take a snapshot of the state machine every `snapshot_interval` applied entries and compact
+3. apply the committed entries, conf changes included, then let the state machine make them
+   durable in one go (its optional `commit()`), and answer the requests they settle;
+4. take a snapshot of the state machine every `snapshot_interval` applied entries (or
+   `snapshot_bytes` of them) and compact
    the log behind it.
 
 It knows nothing of clocks or sockets, so the trio driver (`ww.raft.driver`) and the
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ __all__ = [
     "Replica",
     "RequestDroppedError",
     "StateMachine",
+    "batch_commit",
     "durable_applied_index",
 ]
 
@@ -68,6 +72,20 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's."""
         ...
+
+
+def batch_commit(state_machine: StateMachine) -> Callable[[], object] | None:
+    """The state machine's `commit()` method, or None.
+
+    A state machine that writes its changes to disk may group them: it defines `commit()`,
+    and the replica calls it once after applying a Ready's committed entries (and before any
+    of their requests is answered or a snapshot is taken), rather than the state machine
+    committing every entry. Entries applied but not yet committed when the process dies are
+    applied again after a restart, as the durable applied index (`durable_applied_index`)
+    is committed with them.
+    """
+    commit = getattr(state_machine, "commit", None)
+    return commit if callable(commit) else None
 
 
 def durable_applied_index(state_machine: StateMachine) -> int:
@@ -126,6 +144,11 @@ class Replica:
 
     `snapshot_interval` applied entries trigger a snapshot; the log keeps
     `compaction_margin` entries behind it so a slightly lagging follower needs no snapshot.
+    With `snapshot_bytes`, entries holding between three quarters of that and that many bytes
+    of data (drawn at random each time, so that replicas do not all copy their state at
+    once) trigger one too, and the entries kept behind it hold at most a quarter of
+    `snapshot_bytes`: the log held in memory stays bounded in bytes whatever the size of
+    the entries.
     """
 
     def __init__(
@@ -136,6 +159,7 @@ class Replica:
         *,
         snapshot_interval: int = 10_000,
         compaction_margin: int = 1_000,
+        snapshot_bytes: int | None = None,
         on_conf_change: Callable[[ConfChange, ConfState], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -146,8 +170,15 @@ class Replica:
         self.state_machine = state_machine
         self.snapshot_interval = snapshot_interval
         self.compaction_margin = compaction_margin
+        if snapshot_bytes is not None and snapshot_bytes < 1:
+            raise ValueError("snapshot_bytes must be >= 1 (or None)")
+        self.snapshot_bytes = snapshot_bytes
+        self._applied_bytes = 0  # data of the entries applied since the last snapshot
         self._on_conf_change = on_conf_change
+        self._commit = batch_commit(state_machine)
+        self._uncommitted = False  # entries applied since the last commit()
         self._rng = rng if rng is not None else random.Random()
+        self._bytes_due = self._next_bytes_due()
         self._nonce = self._rng.getrandbits(64).to_bytes(8, "big")
         self._next_request = 0
 
@@ -283,6 +314,9 @@ class Replica:
                     r.index = rs.index
         for entry in ready.committed_entries:
             self._apply(entry, out)
+        if self._uncommitted and self._commit is not None:
+            self._commit()
+        self._uncommitted = False
         self._release_reads(out)
         self._maybe_snapshot()
         self.node.advance(ready)
@@ -291,7 +325,9 @@ class Replica:
     def _install(self, data: bytes, index: int, conf_state: ConfState) -> None:
         logger.info("node %d: installing snapshot at index %d", self.id, index)
         self.state_machine.restore(data)
-        self._durable = 0  # the state machine is now exactly at the snapshot
+        # The state machine is now at the snapshot, or past it if the snapshot's copy of it
+        # was made later (it then says so through its durable applied index).
+        self._durable = durable_applied_index(self.state_machine)
         self.applied = index
         self._snapshot_index = index
         self.conf_state = conf_state
@@ -303,6 +339,7 @@ class Replica:
             raise AssertionError(f"applying entry {entry.index} after {self.applied}")
         request_id = b""
         result: Any = None
+        self._applied_bytes += len(entry.data)
         if entry.type == EntryType.CONF_CHANGE:
             cc = ConfChange.decode(entry.data)
             if len(cc.context) >= REQUEST_ID_SIZE:
@@ -315,6 +352,7 @@ class Replica:
         elif entry.data and entry.index > self._durable:
             request_id = entry.data[:REQUEST_ID_SIZE]
             result = self.state_machine.apply(entry.index, entry.data[REQUEST_ID_SIZE:])
+            self._uncommitted = True
         self.applied = entry.index
         if request_id in self._proposals:
             self._proposals.discard(request_id)
@@ -327,11 +365,36 @@ class Replica:
             out.reads.extend((r.request_id, r.index) for r in ready)
 
     def _maybe_snapshot(self) -> None:
-        if self.applied - self._snapshot_index < self.snapshot_interval:
+        by_bytes = self._applied_bytes >= self._bytes_due
+        if self.applied - self._snapshot_index < self.snapshot_interval and not by_bytes:
             return
+        if self.applied == self._snapshot_index:
+            return  # nothing applied since (the bytes were of an installed snapshot's range)
         data = self.state_machine.snapshot()
         self.storage.create_snapshot(self.applied, self.conf_state, data)
         self._snapshot_index = self.applied
+        self._applied_bytes = 0
+        self._bytes_due = self._next_bytes_due()
         compact_to = self.applied - self.compaction_margin
+        if self.snapshot_bytes is not None:
+            compact_to = max(compact_to, self._keep_bytes(self.snapshot_bytes // 4))
         if compact_to >= self.storage.first_index():
             self.storage.compact(compact_to)
+
+    def _next_bytes_due(self) -> float:
+        if self.snapshot_bytes is None:
+            return math.inf
+        return self.snapshot_bytes * (0.75 + 0.25 * self._rng.random())
+
+    def _keep_bytes(self, limit: int) -> int:
+        """The index to compact to so that the entries kept after it hold at most `limit`
+        bytes of data (looking back no further than `compaction_margin` entries)."""
+        lo = max(self.storage.first_index(), self.applied - self.compaction_margin + 1)
+        if lo > self.applied:
+            return self.applied
+        kept = 0
+        for entry in reversed(self.storage.entries(lo, self.applied + 1)):
+            kept += len(entry.data)
+            if kept > limit:
+                return entry.index
+        return lo - 1
