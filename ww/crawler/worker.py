@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,6 +66,7 @@ CONTROL_TOPIC = "ww-crawl.control"
 ROBOTS_WAIT = 5.0  # how long a claimed page waits for its host's policy before going back
 IDLE_POLL = 0.1  # seconds between claims while the frontier has nothing for us
 STATS_INTERVAL = 0.25
+PUT_MEMORY = 100_000  # frontier keys a worker remembers having put (see Worker._remember_put)
 Handler = Callable[["HandlerPage"], Awaitable[Mapping[str, Any] | None]]
 
 
@@ -212,6 +213,7 @@ class Worker:
         self._drain: float | None = None
         self._results_count = 0
         self._robots_put: set[str] = set()
+        self._put_keys: set[str] = set()  # frontier keys this worker's completes have put
         self._http = http
         self._own_http = http is None
 
@@ -330,7 +332,11 @@ class Worker:
             return
         results = [o.result for o in done if o.result is not None]
         robots = [o.robots for o in done if o.robots is not None]
-        links = [item for o in done for item in o.links]
+        links: dict[str, Any] = {}
+        for o in done:
+            for item in o.links:
+                if item.key not in self._put_keys:
+                    links.setdefault(item.key, item)
         append: dict[str, list[bytes]] = {}
         if results:
             append[RESULTS] = results
@@ -340,13 +346,22 @@ class Worker:
             self.name,
             [o.id for o in done],
             append=append or None,
-            put={FRONTIER: links} if links else None,
+            put={FRONTIER: list(links.values())} if links else None,
         )
+        self._remember_put(links)
         first = (answer.get("appended") or {}).get(RESULTS)
         if first is not None:
             self._results_count = max(self._results_count, first + len(results))
         if robots:
             self._robots_asked.set()
+
+    def _remember_put(self, keys: Iterable[str]) -> None:
+        """Remember keys the queue has seen, so that links found again are not put again:
+        the queue would drop them (its seen-set is the authority), after a Raft round, an
+        fsync and a lookup per item on every replica. Bounded: forgotten keys are just put."""
+        if len(self._put_keys) > PUT_MEMORY:
+            self._put_keys.clear()
+        self._put_keys.update(keys)
 
     async def _process(self, item: Any) -> None:
         try:
@@ -590,6 +605,8 @@ class Worker:
         items: list[Any] = []
         pages: list[Any] = []
         for link in links:
+            if link in self._put_keys:
+                continue
             if not self.scope.allows(link, depth + 1) or is_trap(link, self.traps):
                 continue
             host = host_key(link)
