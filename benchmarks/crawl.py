@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import io
 import json
 import os
 import random
@@ -92,6 +93,22 @@ def ww_crawl_command(
     if max_pages is not None:
         cmd += ["--max-pages", str(max_pages)]
     return cmd
+
+
+def compile_ww() -> None:
+    """Write the bytecode of the `ww` package, as installing it does (Scrapy's is installed):
+    with PYTHONDONTWRITEBYTECODE, or a fresh checkout, each of ww-crawl's processes would
+    otherwise compile ww from source at every start."""
+    import compileall
+
+    try:
+        import ww
+    except ImportError:  # ww-crawl comes from elsewhere (WW_CRAWL)
+        return
+    root = Path(ww.__file__).parent
+    with contextlib.redirect_stdout(io.StringIO()):
+        ok = compileall.compile_dir(root, quiet=1)
+    print(f"compiled the bytecode of {root}{'' if ok else ' (some files failed)'}", flush=True)
 
 
 def ww_crawl_missing() -> str | None:
@@ -929,6 +946,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ww-crawl is not available ({missing_ww}); running Scrapy and the bare loop only")
         systems.remove("ww-crawl")
     print(machine(), flush=True)
+    if "ww-crawl" in systems:
+        compile_ww()
     with workspace(args.keep) as tmp:
         t0 = time.perf_counter()
         if args.frontier_scale:

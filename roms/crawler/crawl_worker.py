@@ -37,6 +37,8 @@ async def main(host: Any, args: list[str]) -> int:
     parser.add_argument("--group", default="raft/v1")
     parser.add_argument("--handler")
     opts = parser.parse_args(args)
+    # httpx2 logs every request at INFO: a line per page through the host's log relay.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     settings = CrawlSettings.decode(opts.settings)
     peer = await host.id()
     pubsub = await host.pubsub()

@@ -62,3 +62,21 @@ def test_items_are_partitioned_by_host_and_port() -> None:
     w = worker(scope="any")
     items = w._follow("http://a.example/", 0, ["http://b.example:8080/p"])
     assert {item.partition for item in items} == {"b.example:8080"}
+
+
+def test_links_already_put_by_this_worker_are_not_put_again() -> None:
+    w = worker(ignore_robots=True)
+    w._remember_put(["http://a.example/x"])
+    got = follow(w, ["http://a.example/x", "http://a.example/y"])
+    assert [key for key, _ in got] == ["http://a.example/y"]
+
+
+def test_the_memory_of_links_put_is_bounded(monkeypatch: Any) -> None:
+    import ww.crawler.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "PUT_MEMORY", 2)
+    w = worker(ignore_robots=True)
+    w._remember_put(["http://a.example/1", "http://a.example/2", "http://a.example/3"])
+    w._remember_put(["http://a.example/4"])
+    assert len(w._put_keys) <= 3
+    assert [key for key, _ in follow(w, ["http://a.example/1"])] == ["http://a.example/1"]

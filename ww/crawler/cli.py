@@ -497,9 +497,8 @@ class Crawl:
                 # Stop the workers, then export everything they completed.
                 pubsub = await self.cluster.host.pubsub()
                 control = await pubsub.join(CONTROL_TOPIC)
-                await control.publish(b"stop")
                 with trio.move_on_after(WORKER_STOP_TIMEOUT):
-                    await self._workers_gone()
+                    await self._workers_gone(control)
                 appended = int((await self.client.stats(RESULTS)).get("appended", 0))
                 await exporter.catch_up(self.client, appended)
             finally:
@@ -540,11 +539,14 @@ class Crawl:
                 raise
         return not lost.is_set()
 
-    async def _workers_gone(self) -> None:
-        """Return once no worker hangs under /<peer>/ww-crawl on any host that answers."""
+    async def _workers_gone(self, control: Any) -> None:
+        """Tell the workers to stop until none hangs under /<peer>/ww-crawl on any host that
+        answers. The message is sent again while they run: a worker still starting up (a
+        short crawl can end before all have) has not joined the topic the first one went to."""
         from .cluster import WORKERS
 
         while True:
+            await control.publish(b"stop")
             running = 0
             root = await self.cluster.host.root()
             for peer in self.cluster.peers:

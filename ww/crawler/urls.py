@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
 
 from w3lib.url import canonicalize_url
@@ -22,7 +23,13 @@ _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 
 def canonicalize(url: str) -> str:
     """The canonical form of an http(s) URL; ValueError for anything else or a malformed URL."""
-    url = url.strip()
+    return _canonicalize(url.strip())
+
+
+@lru_cache(maxsize=32_768)
+def _canonicalize(url: str) -> str:
+    # Memoized: pages of a site link to the same URLs over and over (navigation, footers),
+    # and w3lib's canonical form is the largest part of parsing a page's links.
     try:
         parts = urlsplit(url)
         port = parts.port  # ValueError on a port that is not a number or out of range

@@ -2,12 +2,14 @@
 
 One worker is a trio loop over a queue client (`ww.queue.QueueClient`):
 
-- it claims a batch whenever it has room for more fetches (at most `settings.concurrency` in
-  flight), so it keeps fetching while the complete of an earlier batch is still in flight;
+- it claims up to `settings.batch` URLs at once whenever at least half a batch of its
+  `settings.concurrency` fetch slots is free (or nothing is in flight);
 - each page is fetched by `ww.crawler.fetch.fetch`, parsed by `ww.crawler.parse`, and turned into
   a record by `ww.crawler.record.make_record`;
-- a batch ends with ONE `complete`: its results appended to `crawl.results`, robots policies to
-  `crawl.robots`, and the new in-scope links put into `crawl.frontier`;
+- finished pages are completed together by ONE `complete` (results appended to
+  `crawl.results`, robots policies to `crawl.robots`, new in-scope links put into
+  `crawl.frontier`); while a complete is in flight the fetching goes on and the next complete
+  gathers every page that finishes meanwhile;
 - a failure worth retrying (`ww.crawler.retry.decide`) goes back to the queue with `release`
   and a backoff, so any worker may take it next;
 - robots.txt: a host's robots item is claimed before its pages, because the frontier's default
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,6 +66,7 @@ CONTROL_TOPIC = "ww-crawl.control"
 ROBOTS_WAIT = 5.0  # how long a claimed page waits for its host's policy before going back
 IDLE_POLL = 0.1  # seconds between claims while the frontier has nothing for us
 STATS_INTERVAL = 0.25
+PUT_MEMORY = 100_000  # frontier keys a worker remembers having put (see Worker._remember_put)
 Handler = Callable[["HandlerPage"], Awaitable[Mapping[str, Any] | None]]
 
 
@@ -201,10 +204,16 @@ class Worker:
         self._robots_changed = trio.Event()
         self._robots_asked = trio.Event()
         self._slots = trio.Semaphore(settings.concurrency)
+        self._slot_freed = trio.Event()
+        self._unsettled: set[int] = set()  # claimed ids whose fetch has not finished
+        self._outcomes: list[_Outcome] = []  # settled, not yet completed or released
+        self._settled = trio.Event()
+        self._flush_lock = trio.Lock()
         self._stopping = trio.Event()
         self._drain: float | None = None
         self._results_count = 0
         self._robots_put: set[str] = set()
+        self._put_keys: set[str] = set()  # frontier keys this worker's completes have put
         self._http = http
         self._own_http = http is None
 
@@ -216,19 +225,34 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Crawl until `stop()`; then finish the batches in flight and return."""
+        """Crawl until `stop()`; then finish the fetches in flight, complete what they found,
+        and return."""
         http = self._http or new_client()
         self._http = http
         try:
             await self._catch_up_results_count()
             async with trio.open_nursery() as background:
-                background.start_soon(self._follow_robots)
+                if not self.settings.ignore_robots:
+                    background.start_soon(self._follow_robots)
                 if self.publish is not None:
                     background.start_soon(self._publish_stats)
-                async with trio.open_nursery() as batches:
-                    await self._claim_loop(batches)
-                    if self._drain is not None:
-                        batches.cancel_scope.deadline = trio.current_time() + self._drain
+                background.start_soon(self._complete_loop)
+                try:
+                    async with trio.open_nursery() as fetches:
+                        await self._claim_loop(fetches)
+                        if self._drain is not None:
+                            fetches.cancel_scope.deadline = trio.current_time() + self._drain
+                finally:
+                    # Fetches cut short by the drain time go back to the queue; what finished
+                    # is completed.
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        try:
+                            if self._unsettled:
+                                await self.client.release(self.name, list(self._unsettled), 0.0)
+                                self._unsettled.clear()
+                            await self._flush()
+                        except Exception as exc:  # their leases run out; others take them
+                            log.warning("could not settle the last pages: %s", exc)
                 background.cancel_scope.cancel()
             if self.publish is not None:
                 with trio.move_on_after(1):
@@ -240,13 +264,19 @@ class Worker:
 
     # -- the claim loop --------------------------------------------------------------------
 
-    async def _claim_loop(self, batches: trio.Nursery) -> None:
+    async def _claim_loop(self, fetches: trio.Nursery) -> None:
+        """Claim whenever at least half a batch of fetch slots is free (or nothing is in
+        flight), so that one claim, and later one complete, carries many URLs."""
         s = self.settings
         idle = IDLE_POLL
+        low = max(1, min(s.batch, s.concurrency) // 2)
         while not self._stopping.is_set():
             if s.max_pages is not None and self._results_count >= s.max_pages:
                 await self._sleep_or_stop(0.5)
                 continue
+            while self._slots.value < low and self._slots.value < s.concurrency:
+                await self._slot_freed.wait()
+                self._slot_freed = trio.Event()
             await self._slots.acquire()
             room = 1
             while room < s.batch and self._slots.value > 0:
@@ -265,41 +295,48 @@ class Worker:
                 idle = min(idle * 1.5, 0.5)
                 continue
             idle = IDLE_POLL
-            batches.start_soon(self._run_batch, claimed)
+            self.stats.in_flight += len(claimed)
+            for item in claimed:
+                self._unsettled.add(item.id)
+                fetches.start_soon(self._process, item)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with trio.move_on_after(seconds):
             await self._stopping.wait()
 
-    async def _run_batch(self, claimed: list[Any]) -> None:
-        outcomes: list[_Outcome] = []
-        self.stats.in_flight += len(claimed)
-        try:
-            async with trio.open_nursery() as nursery:
-                for item in claimed:
-                    nursery.start_soon(self._process, item, outcomes)
-        except BaseException:
-            # Cancelled while fetching (a stop that ran out of time): give back what is left.
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                settled = {o.id for o in outcomes}
-                left = [c.id for c in claimed if c.id not in settled]
-                if left:
-                    await self.client.release(self.name, left, 0.0)
+    async def _complete_loop(self) -> None:
+        """Complete what the fetches settled, all of it at once: while one complete is in
+        flight the next one gathers every page that finishes meanwhile (and the fetching goes
+        on)."""
+        while True:
+            await self._settled.wait()
+            self._settled = trio.Event()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Release the retries, then complete the rest in one proposal."""
+        async with self._flush_lock:
+            outcomes, self._outcomes = self._outcomes, []
+            if outcomes:
                 await self._settle(outcomes)
-            raise
-        await self._settle(outcomes)
 
     async def _settle(self, outcomes: list[_Outcome]) -> None:
-        """Release the retries, then complete the rest in one proposal."""
+        releases: dict[float, list[int]] = {}
         for o in outcomes:
             if o.release_after is not None:
-                await self.client.release(self.name, [o.id], o.release_after)
+                releases.setdefault(o.release_after, []).append(o.id)
+        for delay, ids in releases.items():
+            await self.client.release(self.name, ids, delay)
         done = [o for o in outcomes if o.release_after is None]
         if not done:
             return
         results = [o.result for o in done if o.result is not None]
         robots = [o.robots for o in done if o.robots is not None]
-        links = [item for o in done for item in o.links]
+        links: dict[str, Any] = {}
+        for o in done:
+            for item in o.links:
+                if item.key not in self._put_keys:
+                    links.setdefault(item.key, item)
         append: dict[str, list[bytes]] = {}
         if results:
             append[RESULTS] = results
@@ -309,15 +346,24 @@ class Worker:
             self.name,
             [o.id for o in done],
             append=append or None,
-            put={FRONTIER: links} if links else None,
+            put={FRONTIER: list(links.values())} if links else None,
         )
+        self._remember_put(links)
         first = (answer.get("appended") or {}).get(RESULTS)
         if first is not None:
             self._results_count = max(self._results_count, first + len(results))
         if robots:
             self._robots_asked.set()
 
-    async def _process(self, item: Any, outcomes: list[_Outcome]) -> None:
+    def _remember_put(self, keys: Iterable[str]) -> None:
+        """Remember keys the queue has seen, so that links found again are not put again:
+        the queue would drop them (its seen-set is the authority), after a Raft round, an
+        fsync and a lookup per item on every replica. Bounded: forgotten keys are just put."""
+        if len(self._put_keys) > PUT_MEMORY:
+            self._put_keys.clear()
+        self._put_keys.update(keys)
+
+    async def _process(self, item: Any) -> None:
         try:
             outcome = await self._handle(item)
         except Exception as exc:  # a bug in a page's handling must not lose the item
@@ -326,8 +372,11 @@ class Worker:
             outcome = _Outcome(item.id, release_after=5.0)
         finally:
             self._slots.release()
+            self._slot_freed.set()
             self.stats.in_flight -= 1
-        outcomes.append(outcome)
+        self._unsettled.discard(item.id)
+        self._outcomes.append(outcome)
+        self._settled.set()
 
     async def _handle(self, item: Any) -> _Outcome:
         try:
@@ -556,6 +605,8 @@ class Worker:
         items: list[Any] = []
         pages: list[Any] = []
         for link in links:
+            if link in self._put_keys:
+                continue
             if not self.scope.allows(link, depth + 1) or is_trap(link, self.traps):
                 continue
             host = host_key(link)

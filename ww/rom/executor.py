@@ -389,7 +389,8 @@ class Executor:
             self.python,
             "-P",
             "-m",
-            "ww.rom.guest",
+            # Its waiters fork before ww.rom is imported (ww.rom_pidns), or it is the guest.
+            "ww.rom_pidns" if "--pidns" in options else "ww.rom.guest",
             "--fd",
             str(child_sock.fileno()),
             "--cid",

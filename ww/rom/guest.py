@@ -3,11 +3,11 @@
 A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR]
 [--home PATH] [--pidns] (--rom-fd FD | ROM_FILE) [-- ARGS...]`; with `--pidns` (the host made
 a PID namespace for its children) the ROM runs in that namespace, two forks down (see
-`_enter_pid_namespace`). With `--landlock` it confines that process by the host's Landlock
-rules before anything else. The guest validates the ROM, checks its `requires`, makes its
-modules importable from the validated archive (in memory, nothing is extracted), opens a
-capability connection over the inherited socket FD and calls `main` with the host's bootstrap
-capability (a `Ref`).
+`ww.rom_pidns`, which a host runs instead so that the forks come before the imports). With
+`--landlock` it confines that process by the host's Landlock rules before anything else. The
+guest validates the ROM, checks its `requires`, makes its modules importable from the
+validated archive (in memory, nothing is extracted), opens a capability connection over the
+inherited socket FD and calls `main` with the host's bootstrap capability (a `Ref`).
 
 Exit codes: 0 when main returns None, the value when it returns an int, the code of
 `sys.exit(n)`, 1 (traceback on stderr) when it raises or when the host hangs up before main
@@ -22,17 +22,12 @@ not given: `--volume DIR`, `--home PATH`).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
 import logging
-import os
-import select
-import signal
 import socket
 import sys
 import traceback
@@ -279,67 +274,6 @@ def _load(invocation: _Invocation) -> Rom:
     return rom
 
 
-def _enter_pid_namespace(host_fd: int) -> None:
-    """Run the ROM in the PID namespace the host made for this process's children (`--pidns`).
-
-    A process that unshared its PID namespace cannot start threads (clone answers EINVAL), and
-    trio needs them (name resolution, `to_thread`), so the ROM runs two forks down: this
-    process forks the namespace's init, which forks the ROM's process and reaps whatever is
-    orphaned in the namespace. When the ROM's process ends, the init hands its wait status up
-    through a pipe and exits, and the kernel kills everything left in the namespace, so nothing
-    the ROM started outlives it. This process then exits as the ROM did (killed by the same
-    signal, or with the same code). Both waiters ignore the signals the host stops a process
-    with: they reach the ROM through its process group, and a SIGKILL takes all three."""
-    parent = os.pidfd_open(os.getpid())
-    status_r, status_w = os.pipe()
-    if os.fork():
-        os.close(status_w)
-        os.close(parent)
-        os.close(host_fd)
-        _ignore_stop_signals()
-        status = _read_all(status_r)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(-1, 0)
-        code = os.waitstatus_to_exitcode(int.from_bytes(status, "big")) if status else 1
-        if code < 0:
-            signal.signal(-code, signal.SIG_DFL)
-            os.kill(os.getpid(), -code)
-        os._exit(code)
-    # The namespace's init: pid 1 there.
-    os.close(status_r)
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if select.select([parent], [], [], 0)[0]:  # the waiter ended before that was set
-        os._exit(1)
-    os.close(parent)
-    rom = os.fork()
-    if rom == 0:
-        os.close(status_w)
-        return
-    try:
-        os.close(host_fd)
-        _ignore_stop_signals()
-        while True:
-            pid, wait_status = os.waitpid(-1, 0)
-            if pid == rom:
-                os.write(status_w, wait_status.to_bytes(4, "big"))
-                break
-    finally:
-        os._exit(0)
-
-
-def _ignore_stop_signals() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 64):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-
-
 def _confine(rules: str) -> None:
     """Apply the host's Landlock rules to this process, the ROM's, before any of its code."""
     from ww.rom.sandbox import SandboxError, apply_landlock
@@ -395,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         invocation = _parse(sys.argv[1:] if argv is None else argv)
         if invocation.pidns:
-            _enter_pid_namespace(invocation.fd)
+            from ww.rom_pidns import enter_pid_namespace
+
+            enter_pid_namespace(invocation.fd)
         if invocation.landlock is not None:
             _confine(invocation.landlock)
         rom = _load(invocation)
