@@ -30,8 +30,15 @@ from typing import Any
 
 import trio
 
-from ww.queue.commands import Claimed, Command, Item, Query, claimed_from_answer, encode
-from ww.queue.replica import GROUP
+from ww.queue.commands import (
+    GROUP,
+    Claimed,
+    Command,
+    Item,
+    Query,
+    claimed_from_answer,
+    encode,
+)
 from ww.rpc import CapabilityError, ConnectionLost, RemoteError
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 __all__ = [
+    "GROUP",
     "MAX_BATCH",
     "MAX_INT",
     "MAX_TIME",
@@ -35,6 +36,9 @@ __all__ = [
     "item_to_map",
     "stamp",
 ]
+
+GROUP = "raft/v1"
+"""Where a host serves the queue's replica: /<peer id>/GROUP."""
 
 OPS = frozenset(
     {"create", "put", "claim", "complete", "release", "limit", "append", "cursor", "trim", "tick"}

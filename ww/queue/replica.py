@@ -39,7 +39,7 @@ from typing import Any
 
 import trio
 
-from ww.queue.commands import OPS, QUERIES, Command, CommandError, decode, one_line, stamp
+from ww.queue.commands import GROUP, OPS, QUERIES, Command, CommandError, decode, one_line, stamp
 from ww.queue.snapshots import Marker, SnapshotFileError, SnapshotFiles
 from ww.queue.transport import RaftRpc, WwTransport, node_id_of
 from ww.raft.disk import DiskStorage
@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GROUP", "AppliedState", "QueueReplica", "ReplicaOptions", "node_id_of"]
 
-GROUP = "raft/v1"
 CHECKPOINT_INTERVAL = 1.0
 """A replica copies its WAL into the database (in a worker thread) at most this often
 (seconds), after a commit."""
