@@ -485,7 +485,7 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=10_000,
         help="the replicas' snapshot interval in entries (for --scale; they also snapshot "
-        "every 64 MiB of entries)",
+        "every 16 MiB of entries)",
     )
     return p.parse_args()
 

@@ -71,10 +71,12 @@ class ReplicaOptions:
     request_timeout: float = 5.0
     snapshot_interval: int = 10_000
     compaction_margin: int = 1_000
-    snapshot_bytes: int | None = 64 << 20
+    snapshot_bytes: int | None = 16 << 20
     """A snapshot is also taken once the entries applied since the last one hold this many
     bytes, and at most a quarter of that stays in the log behind it (the log is held in
-    memory: this bounds it when entries are large)."""
+    memory: this bounds it when entries are large). The log is a replica's largest holder of
+    memory under large entries: at 64 MiB a replica peaked near 150 MB RSS, at 16 MiB near
+    100 MB, at the cost of copying the database four times as often."""
     fsync: bool = True
     persist_in_thread: bool = True
     direct: bool = True
