@@ -50,6 +50,7 @@ from time import perf_counter
 from typing import Any
 
 import trio
+from raft_throughput import process_cpu  # a ROM's CPU includes the waiters above it
 
 HOST = "127.0.0.1"
 SIZES = (100, 10_000)
@@ -229,12 +230,6 @@ async def drain(stream: trio.abc.ReceiveStream) -> None:
         pass
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @asynccontextmanager
 async def client(address: tuple[str, int]) -> AsyncIterator[Any]:
     from ww.auth import open_client_stream
@@ -301,11 +296,11 @@ async def one_ww_run(
         runs.append(("calls", "dial", count))
     for mode, how, n in runs:
         pids = {"host A": a.pid, "host B": b.pid, "ROM B": server_pid}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        before = {name: process_cpu(pid) for name, pid in pids.items()}
         params = [mode, how, peer_b, *map(str, (size, n, args.inflight))]
         driver = await host_a.spawn(rom, params)
         code = await driver.wait()
-        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        after = {name: process_cpu(pid) for name, pid in pids.items()}
         out = (await host_a.logs((await driver.info())["pid"])).decode(errors="replace")
         if code != 0:
             raise RuntimeError(f"driver ROM exited with {code}:\n{out}")
