@@ -158,7 +158,7 @@ async def ww_system(spare: int = 0, options: tuple[str, ...] = ()) -> AsyncItera
                             current[0] = await (await root.walk(path)).load()
                             elections[0] += 1
 
-            pids = [p.pid for p in procs] + rom_pids
+            pids = [p.pid for p in procs]  # each host's process tree holds its replica ROM
             yield System("ww", submit, pids, rom_pids, hosts, tmp, elections)
     finally:
         with trio.CancelScope(shield=True):
@@ -306,7 +306,7 @@ async def measure(system: System, workload: str, args: argparse.Namespace) -> Re
 
     async def mark_start() -> None:
         await trio.sleep_until(start)
-        cpu0[0] = sum(process_cpu(p) for p in system.pids)
+        cpu0[0] = sum(process_cpu(p, tree=True) for p in system.pids)
 
     with trio.move_on_at(end):
         async with trio.open_nursery() as nursery:
@@ -317,7 +317,7 @@ async def measure(system: System, workload: str, args: argparse.Namespace) -> Re
             else:
                 for i in range(args.consumers if batch == 1 else args.batch_consumers):
                     nursery.start_soon(cycle_worker, i, batch)
-    cpu = sum(process_cpu(p) for p in system.pids) - cpu0[0]
+    cpu = sum(process_cpu(p, tree=True) for p in system.pids) - cpu0[0]
     seconds = trio.current_time() - start
     return Result(system.name, workload, counted[0], seconds, cpu)
 

@@ -267,11 +267,11 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (all their threads),
-    from /proc."""
+def process_cpu(pid: int, *, tree: bool = False) -> float:
+    """User + system CPU seconds of a process (all its threads), with `tree` also of its live
+    descendants, from /proc."""
     total = 0.0
-    for member in process_tree(pid):
+    for member in process_tree(pid) if tree else [pid]:
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
