@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import msgpack
 import trio
 
+from ww.durable import fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -70,15 +72,8 @@ class ExportState:
             ) from None
 
     def save(self, path: Path) -> None:
-        fresh = path.with_name(path.name + ".new")
-        with open(fresh, "w") as f:
-            json.dump(
-                {"offset": self.offset, "length": self.length, "warc_length": self.warc_length}, f
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(fresh, path)
-        _fsync_dir(path.parent)
+        state = {"offset": self.offset, "length": self.length, "warc_length": self.warc_length}
+        write_atomic(path, json.dumps(state).encode())
 
 
 def decode_result(data: bytes) -> dict[str, Any] | None:
@@ -254,7 +249,7 @@ def drop_urls(jsonl: Path, state_path: Path, urls: set[str]) -> int:
         f.flush()
         os.fsync(f.fileno())
     os.replace(fresh, jsonl)
-    _fsync_dir(jsonl.parent)
+    fsync_dir(jsonl.parent)
     ExportState(state.offset, sum(len(x) for x in kept), state.warc_length).save(state_path)
     return dropped
 
@@ -316,11 +311,3 @@ def _warc_date(fetched_at: Any) -> str | None:
     except ValueError:
         return None
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ww.durable import fsync_dir, write_atomic
 
 log = logging.getLogger("ww.host")
 
@@ -148,35 +149,19 @@ class RestartStore:
 
     def save(self, record: RestartRecord) -> None:
         """Write `record` durably (replacing one with its id)."""
-        path = self.root / f"{record.id}.json"
-        tmp = path.with_name(f".{record.id}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(json.dumps(record.to_json(), sort_keys=True).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self._fsync_dir()
+        data = json.dumps(record.to_json(), sort_keys=True).encode()
+        write_atomic(self.root / f"{record.id}.json", data)
         self._cids[record.id] = record.cid
 
     def remove(self, id: str) -> None:
         self._cids.pop(id, None)
         (self.root / f"{id}.json").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
-            self._fsync_dir()
+            fsync_dir(self.root)
 
     def cids(self) -> set[str]:
         """Content ids of the ROMs that records name: the ROM cache keeps them."""
         return set(self._cids.values())
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _line(e: BaseException) -> str:

@@ -37,6 +37,8 @@ from typing import BinaryIO
 
 import msgpack
 
+from ww.durable import fsync_dir
+
 __all__ = ["Marker", "Receiver", "SnapshotFileError", "SnapshotFiles", "read_chunks"]
 
 logger = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ class SnapshotFiles:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except Exception:  # a failed copy leaves no file: the next snapshot is taken anew
             logger.exception("cannot write snapshot file %s", final)
             tmp.unlink(missing_ok=True)
@@ -177,7 +179,7 @@ class Receiver:
         os.fsync(f.fileno())
         f.close()
         os.replace(self.partial, self._files.path(self.marker))
-        _fsync_dir(self._files.dir)
+        fsync_dir(self._files.dir)
         self.done = True
 
     def abort(self) -> None:
@@ -206,11 +208,3 @@ def read_chunks(path: Path, size: int = CHUNK) -> Generator[bytes, None, tuple[i
 
 def _sha256() -> hashlib._Hash:
     return hashlib.sha256()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ww.durable import fsync_dir
 from ww.queue.commands import (
     CommandError,
     ItemFields,
@@ -1219,7 +1220,7 @@ class QueueState:
         for suffix in ("-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._conn = self._open(self.path, False)
         if not self._autocheckpoint:
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -1274,11 +1275,3 @@ def _topic_row(t: _Topic) -> tuple[Any, ...]:
 def _remove_db(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

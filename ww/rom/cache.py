@@ -10,12 +10,12 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from ww.durable import write_atomic
 from ww.rom.archive import Rom, RomError
 
 __all__ = ["ROM_CACHE_LIMIT", "RomCache", "check_count"]
@@ -92,16 +92,7 @@ class RomCache:
         """The cache file of `rom`, written (durably) unless an intact copy is there."""
         path = self.path(rom.cid)
         if _sha256_of(path) != rom.cid:
-            tmp = path.with_name(f".{rom.cid}.{secrets.token_hex(4)}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(rom.data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            write_atomic(path, rom.data)
         self._sizes[rom.cid] = len(rom.data)
         self._used(rom.cid, path)
         self._evict(keep=rom.cid)
@@ -145,11 +136,3 @@ def _sha256_of(path: Path) -> str | None:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except FileNotFoundError:
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
