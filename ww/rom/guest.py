@@ -1,13 +1,13 @@
 """The guest side: run a ROM's `async def main(host, args)`.
 
 A host spawns each ROM as `python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR]
-[--home PATH] [--pidns] (--rom-fd FD | ROM_FILE) [-- ARGS...]`; with `--pidns` (the host made
-a PID namespace for its children) the ROM runs in that namespace, two forks down (see
-`ww.rom_pidns`, which a host runs instead so that the forks come before the imports). With
-`--landlock` it confines that process by the host's Landlock rules before anything else. The
-guest validates the ROM, checks its `requires`, makes its modules importable from the
-validated archive (in memory, nothing is extracted), opens a capability connection over the
-inherited socket FD and calls `main` with the host's bootstrap capability (a `Ref`).
+[--home PATH] [--landlock RULES] (--rom-fd FD | ROM_FILE) [-- ARGS...]` (or, when it made a
+PID namespace for the child's children, as `python -m ww.rom_pidns --pidns ...`, which runs the
+guest two forks down, in that namespace). With `--landlock` it confines that process by the
+host's Landlock rules before anything else. The guest validates the ROM, checks its
+`requires`, makes its modules importable from the validated archive (in memory, nothing is
+extracted), opens a capability connection over the inherited socket FD and calls `main` with
+the host's bootstrap capability (a `Ref`).
 
 Exit codes: 0 when main returns None, the value when it returns an int, the code of
 `sys.exit(n)`, 1 (traceback on stderr) when it raises or when the host hangs up before main
@@ -204,15 +204,14 @@ class _Invocation:
     volume: Path | None = None
     home: str | None = None
     rom_fd: int | None = None
-    pidns: bool = False
     landlock: str | None = None
 
 
 _USAGE = (
-    "usage: python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR] [--home PATH] [--pidns]"
+    "usage: python -m ww.rom.guest --fd FD [--cid CID] [--volume DIR] [--home PATH]"
     " [--landlock RULES] (--rom-fd FD | ROM_FILE) [-- ARGS...]"
 )
-_OPTIONS = ("--fd", "--rom-fd", "--cid", "--volume", "--home", "--pidns", "--landlock")
+_OPTIONS = ("--fd", "--rom-fd", "--cid", "--volume", "--home", "--landlock")
 
 
 def _parse(argv: Sequence[str]) -> _Invocation:
@@ -222,12 +221,8 @@ def _parse(argv: Sequence[str]) -> _Invocation:
     volume: Path | None = None
     home: str | None = None
     landlock: str | None = None
-    pidns = False
     rest = list(argv)
     while rest and rest[0] in _OPTIONS:
-        if rest[0] == "--pidns":
-            pidns, rest = True, rest[1:]
-            continue
         if len(rest) < 2:
             raise RomError(_USAGE)
         flag, value, rest = rest[0], rest[1], rest[2:]
@@ -253,7 +248,7 @@ def _parse(argv: Sequence[str]) -> _Invocation:
         raise RomError(_USAGE)
     if rest and rest[0] == "--":
         rest = rest[1:]
-    return _Invocation(fd, cid, path, rest, volume, home, rom_fd, pidns, landlock)
+    return _Invocation(fd, cid, path, rest, volume, home, rom_fd, landlock)
 
 
 def _load(invocation: _Invocation) -> Rom:
@@ -328,10 +323,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m ww.rom.guest`; returns the exit code."""
     try:
         invocation = _parse(sys.argv[1:] if argv is None else argv)
-        if invocation.pidns:
-            from ww.rom_pidns import enter_pid_namespace
-
-            enter_pid_namespace(invocation.fd)
         if invocation.landlock is not None:
             _confine(invocation.landlock)
         rom = _load(invocation)
