@@ -8,9 +8,11 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +212,7 @@ async def test_retries_on_5xx_and_429_with_retry_after(
     down = rows[canonicalize(site.url(A, "/down"))]
     assert down["status"] == 500 and down["attempts"] == 3
     assert len(site.hits(A, "/down")) == 3
+    assert summary_counts(run.stderr) == counts_of(run.rows)
 
 
 async def test_redirects_are_followed_and_recorded_and_loops_are_errors(
@@ -689,3 +692,83 @@ async def test_a_crawl_on_a_cluster_with_a_key(
     )
     assert run.code == 0, run.stderr
     assert sorted(run.urls) == sorted(reachable(site, (A, "/")))
+
+
+# -- the summary ------------------------------------------------------------------------------
+
+SUMMARY = re.compile(
+    r"crawled ([\d,]+) pages in .*?; failed ([\d,]+), retried ([\d,]+); .*; status (.*)$",
+    re.MULTILINE,
+)
+
+
+def summary_counts(stderr: str) -> tuple[int, int, int, dict[str, int]]:
+    """(crawled, failed, retried, status codes) from the summary line `ww-crawl` printed."""
+    match = SUMMARY.search(stderr)
+    assert match is not None, stderr
+    crawled, failed, retried = (int(match[i].replace(",", "")) for i in (1, 2, 3))
+    codes = {}
+    if match[4].strip() != "—":
+        for part in match[4].split("  "):
+            code, n = part.split(": ")
+            codes[code] = int(n.replace(",", ""))
+    return crawled, failed, retried, codes
+
+
+def counts_of(rows: list[dict[str, Any]]) -> tuple[int, int, int, dict[str, int]]:
+    """What the summary should say of these results: a failure is an error or a status of 400
+    or more; a retry is an attempt after a result's first."""
+    failed = sum(1 for r in rows if r["error"] is not None or (r["status"] or 0) >= 400)
+    retried = sum(r["attempts"] - 1 for r in rows)
+    codes = Counter(str(r["status"]) for r in rows if r["status"] is not None)
+    return len(rows), failed, retried, dict(codes)
+
+
+async def test_the_summary_counts_a_failure_that_ends_the_crawl(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    site = Site()
+    site.page("/", host=A)
+    site.robots("User-agent: *\nDisallow: /\n", host=A)
+    await serve(nursery, site, A)
+    run = await crawl(tmp_path, [site.url(A, "/")])
+    assert run.code == 0, run.stderr
+    assert [r["error"] for r in run.rows] == ["disallowed by robots.txt"]
+    assert summary_counts(run.stderr) == counts_of(run.rows) == (1, 1, 0, {})
+
+
+async def test_the_summary_counts_the_failures_of_the_fetches_a_stop_waits_for(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Ctrl-C ends the crawl while fetches are in flight; they fail afterwards (a timeout) and
+    their results are written: the summary counts them."""
+    site = Site()
+    site.page("/", host=A, links=["/slow"])
+    site.trickle("/slow", interval=0.1, host=A)
+    await serve(nursery, site, A)
+    argv = crawl_argv(tmp_path, [site.url(A, "/")], "--retries", "0")
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    stderr = bytearray()
+    try:
+        async with trio.open_nursery() as reading:
+
+            async def read_stderr() -> None:
+                assert process.stderr is not None
+                async for chunk in process.stderr:
+                    stderr.extend(chunk)
+
+            reading.start_soon(read_stderr)
+            with trio.fail_after(CRAWL_TIMEOUT):
+                while not site.hits(A, "/slow"):  # it times out 2 s later
+                    await trio.sleep(0.01)
+                process.send_signal(signal.SIGINT)
+                await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 130, stderr.decode(errors="replace")
+    rows = read_rows(tmp_path / "out.jsonl")
+    slow = {r["url"]: r for r in rows}[canonicalize(site.url(A, "/slow"))]
+    assert "timeout" in slow["error"]
+    assert summary_counts(stderr.decode()) == counts_of(rows)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from ww.crawler.export import Exporter, ExportError, drop_urls
+from ww.crawler.export import Exporter, ExportError, ResultCounts, drop_urls
 
 
 class Log:
@@ -58,6 +59,31 @@ async def test_a_limit_exports_only_the_first_results(tmp_path: Path) -> None:
     await e.catch_up(Log(6), 6)
     e.close()
     assert len(urls(out)) == 3
+
+
+async def test_the_counts_cover_exactly_the_lines_written(tmp_path: Path) -> None:
+    log = Log(0)
+    records = [
+        {"url": "u0", "status": 200, "error": None, "attempts": 1, "size": 100},
+        {"url": "u1", "status": None, "error": "disallowed by robots.txt", "attempts": 1},
+        {"url": "u2", "status": 404, "error": None, "attempts": 1, "size": 10},
+        {"url": "u3", "status": 200, "error": None, "attempts": 3, "size": 5},
+        {"url": "u4", "status": 503, "error": None, "attempts": 2, "size": 1},  # past the limit
+    ]
+    log.records = [msgpack.packb(r) for r in records]
+    e = Exporter(tmp_path / "r.jsonl", tmp_path / "s.json", limit=4)
+    await e.catch_up(log, 5)
+    e.close()
+    assert e.counts == ResultCounts(
+        results=4, failed=2, retried=2, bytes=115, status=Counter({"200": 2, "404": 1})
+    )
+    assert e.counts.results == e.written == len(urls(tmp_path / "r.jsonl"))
+
+
+def test_counts_take_a_mistyped_field_as_absent() -> None:
+    counts = ResultCounts()
+    counts.add({"url": "u", "status": "200", "attempts": "2", "size": True, "error": None})
+    assert counts == ResultCounts(results=1)
 
 
 async def test_a_file_shorter_than_its_checkpoint_is_refused(tmp_path: Path) -> None:

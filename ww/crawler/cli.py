@@ -753,7 +753,19 @@ class Crawl:
             with contextlib.suppress(Exception):
                 self.dashboard.frontier = await self.client.stats(FRONTIER)
                 self.dashboard.results = await self.client.stats(RESULTS)
-            print(summary(self.dashboard.view()), file=sys.stderr)
+            # The counts come from the results written, which the exporter has all seen; the
+            # workers' stats messages stopped being followed when the crawl ended, and miss
+            # whatever happened since their last one.
+            counts = exporter.counts
+            view = dataclasses.replace(
+                self.dashboard.view(),
+                done=counts.results,
+                failed=counts.failed,
+                retried=counts.retried,
+                bytes=counts.bytes,
+                status=tuple(sorted(counts.status.items())),
+            )
+            print(summary(view), file=sys.stderr)
         elapsed = time.monotonic() - self.started
         limit = self.settings.max_pages
         lines = exporter.offset if limit is None else min(exporter.offset, limit)

@@ -15,8 +15,9 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ __all__ = [
     "ExportError",
     "ExportState",
     "Exporter",
+    "ResultCounts",
     "decode_result",
     "drop_urls",
     "result_line",
@@ -89,6 +91,33 @@ def decode_result(data: bytes) -> dict[str, Any] | None:
     return record
 
 
+@dataclass(slots=True)
+class ResultCounts:
+    """What a series of result records holds: how many; how many failed (an error, or a status
+    of 400 or more); the attempts they took after each one's first; the bytes fetched; the
+    status codes. A field of the wrong type counts as absent."""
+
+    results: int = 0
+    failed: int = 0
+    retried: int = 0
+    bytes: int = 0
+    status: Counter[str] = field(default_factory=Counter)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        status = _count_field(record.get("status"))
+        self.results += 1
+        if record.get("error") is not None or (status or 0) >= 400:
+            self.failed += 1
+        self.retried += max(0, (_count_field(record.get("attempts")) or 1) - 1)
+        self.bytes += _count_field(record.get("size")) or 0
+        if status is not None:
+            self.status[str(status)] += 1
+
+
+def _count_field(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def result_line(record: Mapping[str, Any]) -> bytes:
     """One JSON Lines line: the record's public fields (those not starting with `_`)."""
     public = {k: v for k, v in record.items() if not str(k).startswith("_")}
@@ -124,6 +153,7 @@ class Exporter:
         self.state_path = state_path
         self.limit = limit
         self.written = 0  # lines written by this exporter (this run)
+        self.counts = ResultCounts()  # of the lines written by this exporter
         state = ExportState.load(state_path) if resume else None
         self.state = state or ExportState()
         self._out = self._open(jsonl, self.state.length, "JSON Lines")
@@ -168,6 +198,7 @@ class Exporter:
             return
         self._out.write(result_line(record))
         self.written += 1
+        self.counts.add(record)
         if self._warc_writer is not None:
             write_warc(self._warc_writer, record)
 
