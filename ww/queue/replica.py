@@ -76,7 +76,7 @@ class ReplicaOptions:
     bytes, and at most a quarter of that stays in the log behind it (the log is held in
     memory: this bounds it when entries are large). The log is a replica's largest holder of
     memory under large entries: at 64 MiB a replica peaked near 150 MB RSS, at 16 MiB near
-    100 MB, at the cost of copying the database four times as often."""
+    100 MB. Taking a snapshot copies nothing (`ww.queue.snapshots`)."""
     fsync: bool = True
     persist_in_thread: bool = True
     direct: bool = True
