@@ -1,6 +1,6 @@
-"""Raft snapshots of the queue as files: markers, copies made in a thread, transfers checked
-end to end, pruning only behind a complete stored snapshot, and restarts after a crash at
-each point."""
+"""Raft snapshots of the queue as files: markers, copies written only when one is sent,
+transfers checked end to end, pruning only behind a stored snapshot, and restarts after a
+crash at each point."""
 
 from __future__ import annotations
 
@@ -38,24 +38,38 @@ def filled(tmp_path: Path, n: int = 30) -> Driver:
     return q
 
 
-def test_a_snapshot_file_is_a_complete_copy_under_its_name_only_when_written(
+def test_a_snapshot_file_is_written_once_and_under_its_name_only_when_complete(
     tmp_path: Path,
 ) -> None:
     q = filled(tmp_path)
-    files = SnapshotFiles(tmp_path / "snapshots")
     seen_while_copying: list[bool] = []
 
     def copy(dest: Path) -> None:
         seen_while_copying.append(files.complete(marker_of(q.index)))
         q.state.copy_to(dest)
 
-    marker = files.take(copy, q.index)
-    files.join()
+    files = SnapshotFiles(tmp_path / "snapshots", copy)
+    marker = marker_of(q.index)
+    assert files.ensure(marker) == files.path(marker)
+    assert files.ensure(marker) == files.path(marker)  # there already: not written again
     assert seen_while_copying == [False]
-    assert files.complete(marker) and sorted(p.name for p in files.dir.iterdir()) == [marker.file]
+    assert sorted(p.name for p in files.dir.iterdir()) == [marker.file]
     copy_state = QueueState(files.path(marker))
     assert copy_state.digest() == q.state.digest()
     copy_state.close()
+
+
+def test_a_copy_that_fails_leaves_no_file_and_says_why(tmp_path: Path) -> None:
+    def copy(dest: Path) -> None:
+        dest.write_bytes(b"half a database")
+        raise OSError("No space left on device")
+
+    files = SnapshotFiles(tmp_path, copy)
+    with pytest.raises(SnapshotFileError, match="No space left on device"):
+        files.ensure(marker_of(7))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SnapshotFileError, match="is missing"):
+        SnapshotFiles(tmp_path).ensure(marker_of(7))  # one that only receives files
 
 
 def marker_of(index: int) -> Marker:
@@ -118,9 +132,9 @@ def test_restore_installs_the_named_file_and_prunes_older_ones(tmp_path: Path) -
     (tmp_path / "a").mkdir()
     q = filled(tmp_path / "a")
     q.ok(Command.put("t", [Item(b"more")]))
-    leader_files = SnapshotFiles(tmp_path / "a" / "snapshots")
-    marker = leader_files.take(q.state.copy_to, q.index)
-    leader_files.join()
+    leader_files = SnapshotFiles(tmp_path / "a" / "snapshots", q.state.copy_to)
+    marker = marker_of(q.index)
+    leader_files.ensure(marker)
 
     (tmp_path / "b").mkdir()
     follower = QueueState(tmp_path / "b" / "queue.db")
@@ -134,42 +148,59 @@ def test_restore_installs_the_named_file_and_prunes_older_ones(tmp_path: Path) -
     assert not old.exists() and files.complete(marker)
 
 
-def test_a_restart_rewrites_a_snapshot_file_lost_while_it_was_copied(tmp_path: Path) -> None:
+def test_a_database_at_or_past_the_snapshot_is_not_replaced_and_needs_no_file(
+    tmp_path: Path,
+) -> None:
     q = filled(tmp_path)
-    q.state.commit()
+    q.ok(Command.put("t", [Item(b"more")]))
     files = SnapshotFiles(tmp_path / "snapshots")
     applied = AppliedState(q.state, files)
-    marker = Marker.for_index(q.index)  # stored in Raft, but the copy never finished
-    applied.ensure_snapshot_file(marker.encode())
-    assert files.complete(marker)
-    copy_state = QueueState(files.path(marker))
-    assert copy_state.applied_index == q.index
-    copy_state.close()
+    digest = q.state.digest()
+    for index in (q.index, q.index - 1):  # no file for either
+        applied.check_snapshot(marker_of(index).encode())
+        applied.restore(marker_of(index).encode())
+    assert q.state.digest() == digest and list(files.dir.iterdir()) == []
+
+
+def test_a_restart_behind_a_received_snapshot_installs_its_file(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    q = filled(tmp_path / "a")
+    marker = SnapshotFiles(tmp_path / "a" / "snapshots", q.state.copy_to)
+    received = SnapshotFiles(tmp_path / "b")
+    received.path(marker_of(q.index)).write_bytes(marker.ensure(marker_of(q.index)).read_bytes())
+    behind = QueueState(tmp_path / "queue-b.db")  # stored the snapshot, died before installing
+    applied = AppliedState(behind, received)
+    applied.check_snapshot(marker_of(q.index).encode())
+    applied.restore(marker_of(q.index).encode())
+    assert behind.applied_index == q.index and behind.digest() == q.state.digest()
 
 
 def test_a_restart_behind_a_lost_snapshot_file_says_what_to_do(tmp_path: Path) -> None:
     q = filled(tmp_path)
     applied = AppliedState(q.state, SnapshotFiles(tmp_path / "snapshots"))
     with pytest.raises(SnapshotFileError, match="missing and the database is behind it"):
-        applied.ensure_snapshot_file(Marker.for_index(q.index + 5).encode())
+        applied.check_snapshot(Marker.for_index(q.index + 5).encode())
 
 
-def test_a_snapshot_commits_syncs_and_prunes_once_the_next_commit_sees_it_complete(
+def test_a_snapshot_syncs_copies_nothing_and_prunes_older_files_at_the_next_commit(
     tmp_path: Path,
 ) -> None:
     q = Driver(tmp_path / "queue.db")
     q.state = QueueState(q.path, autocommit=False)
-    files = SnapshotFiles(tmp_path / "snapshots")
+    files = SnapshotFiles(tmp_path / "snapshots", q.state.copy_to)
     applied = AppliedState(q.state, files)
     first = Marker.decode((q.ok(Command.put("t", [Item(b"a")])), applied.snapshot())[1])
-    files.join()
+    assert not files.complete(first)  # taking a snapshot copies nothing
+    reopened = QueueState(q.path)  # ... but made the state durable
+    assert reopened.applied_index == first.index
+    reopened.close()
+    files.ensure(first)  # a follower needed it
     applied.commit()
     q.ok(Command.put("t", [Item(b"b")]))
     second = Marker.decode(applied.snapshot())
-    files.join()
-    assert files.complete(first) and files.complete(second)
-    applied.commit()  # Raft stored `second` before this Ready: `first` can go
-    assert not files.complete(first) and files.complete(second)
-    reopened = QueueState(files.path(second))
+    assert files.complete(first) and not files.complete(second)
+    applied.commit()  # Raft stored `second` during this Ready: `first` can go
+    assert not files.complete(first)
+    reopened = QueueState(files.ensure(second))
     assert reopened.query({"op": "stats", "topic": "t"})["ready"] == 2
     reopened.close()

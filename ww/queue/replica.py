@@ -76,7 +76,7 @@ class ReplicaOptions:
     bytes, and at most a quarter of that stays in the log behind it (the log is held in
     memory: this bounds it when entries are large). The log is a replica's largest holder of
     memory under large entries: at 64 MiB a replica peaked near 150 MB RSS, at 16 MiB near
-    100 MB, at the cost of copying the database four times as often."""
+    100 MB. Taking a snapshot copies nothing (`ww.queue.snapshots`)."""
     fsync: bool = True
     persist_in_thread: bool = True
     direct: bool = True
@@ -114,7 +114,7 @@ class AppliedState:
         self.changed = trio.Event()
         to_file = all(hasattr(state, m) for m in ("copy_to", "sync", "restore_from"))
         self.files = files if to_file else None
-        self._taken: Marker | None = None  # a snapshot file not yet known to be in storage
+        self._taken: Marker | None = None  # a snapshot whose older files are not yet pruned
         self._checkpointing: threading.Thread | None = None
         self._checkpointed = time.monotonic()
 
@@ -135,9 +135,8 @@ class AppliedState:
             commit()
             self._committed = now
             self._maybe_checkpoint(now)
-        if self._taken is not None and self.files is not None and self.files.complete(self._taken):
-            # Raft stored the snapshot taken during an earlier Ready, and its file is
-            # complete: the older files can go.
+        if self._taken is not None and self.files is not None:
+            # Raft's storage names the snapshot taken during this Ready: older files can go.
             self.files.prune(self._taken)
             self._taken = None
         self._wake()
@@ -163,46 +162,43 @@ class AppliedState:
             logger.exception("checkpoint failed")
 
     def join(self) -> None:
-        """Wait for the copies running in worker threads (snapshot, checkpoint)."""
-        if self.files is not None:
-            self.files.join()
+        """Wait for a checkpoint running in a worker thread."""
         if self._checkpointing is not None:
             self._checkpointing.join()
 
     def snapshot(self) -> bytes:
         if self.files is None:
             return self.state.snapshot()
-        # Durable before Raft compacts the log behind it; the copy is made in a thread.
+        # Durable before Raft compacts the log behind it. The database is the snapshot: a
+        # copy of it is written only when a follower needs one (`SnapshotFiles.ensure`).
         self.state.sync()  # type: ignore[attr-defined]
-        self._taken = self.files.take(self.state.copy_to, self.applied_index)  # type: ignore[attr-defined]
+        self._taken = Marker.for_index(self.applied_index)
         return self._taken.encode()
 
     def restore(self, data: bytes) -> None:
-        self.join()  # no copy or checkpoint of the database being replaced is running
+        self.join()  # no checkpoint of the database being replaced is running
         if self.files is None or data[:16] == b"SQLite format 3\x00":
             self.state.restore(data)  # a snapshot held in memory
         else:
             marker = Marker.decode(data)
-            self.state.restore_from(self.files.path(marker))  # type: ignore[attr-defined]
+            if self.applied_index < marker.index:  # else the database holds it already
+                with self.files.lock:  # no copy of the database being replaced is running
+                    self.state.restore_from(self.files.path(marker))  # type: ignore[attr-defined]
             self.files.prune(marker)  # Raft's storage names this one now
         self._wake()
 
-    def ensure_snapshot_file(self, data: bytes) -> None:
-        """On start: write the file of Raft's stored snapshot again if a crash lost it while
-        it was being copied (the database is at or past the snapshot then, as it was synced
-        before the snapshot was stored)."""
+    def check_snapshot(self, data: bytes) -> None:
+        """On start: refuse, with what to do, a stored snapshot that the database is behind
+        and whose file is gone (the replica could not install it)."""
         if self.files is None or data[:16] == b"SQLite format 3\x00":
             return
         marker = Marker.decode(data)
-        if self.files.complete(marker):
-            return
-        if self.applied_index < marker.index:
+        if self.applied_index < marker.index and not self.files.complete(marker):
             raise SnapshotFileError(
                 f"{self.files.path(marker)} is missing and the database is behind it (applied "
                 f"index {self.applied_index} < {marker.index}); move the volume away and add "
                 "the replica again"
             )
-        self.files.ensure(self.state.copy_to, marker)  # type: ignore[attr-defined]
 
     def _wake(self) -> None:
         self.changed.set()
@@ -277,11 +273,11 @@ class QueueReplica:
             )
         else:
             state = self._state_arg
-        self.files = SnapshotFiles(self.volume / "snapshots")
+        self.files = SnapshotFiles(self.volume / "snapshots", getattr(state, "copy_to", None))
         self.state = AppliedState(state, self.files, self.options.commit_interval)
         snap = self.storage.snapshot()
         if not snap.is_empty():
-            self.state.ensure_snapshot_file(snap.data)
+            self.state.check_snapshot(snap.data)
         o = self.options
         config = Config(
             id=self.node_id,
@@ -346,7 +342,7 @@ class QueueReplica:
 
     async def _close(self) -> None:
         if self.state is not None:
-            await trio.to_thread.run_sync(self.state.join)  # a snapshot or checkpoint running
+            await trio.to_thread.run_sync(self.state.join)  # a checkpoint running
         if self.state is not None:
             close = getattr(self.state.state, "close", None)
             if close is not None:

@@ -1,26 +1,28 @@
 """Raft snapshots of the queue as files in the replica's volume, named by a small marker.
 
 A replica's Raft snapshot data is not the database but a marker (msgpack
-`{"file": NAME, "index": I}`) naming a copy of the database in `<volume>/snapshots/`, so
-neither taking, storing, sending nor installing a snapshot holds the database in memory:
+`{"file": NAME, "index": I}`) that stands for the database at index I or later, so neither
+taking, storing, sending nor installing a snapshot holds the database in memory:
 
-- taking (`SnapshotFiles.take`): the state is committed, and a worker thread copies the
-  database through a connection of its own (SQLite's backup API, which reads one consistent
-  committed state) into `NAME.tmp`, fsyncs it and renames it to `NAME`; the Raft loop goes on
-  meanwhile. The copy holds the state at index I or later: the queue's state machine refuses
-  entries at or below its own applied index, so entries the copy already holds are not
-  applied twice after it is installed.
-- sending: the transport waits for `NAME` to be complete and streams it in chunks, then a
-  trailer with its size and SHA-256;
+- taking: the state is committed and made durable (its applied index is in the same
+  transaction), and that is all: the database itself is the snapshot, so taking one costs
+  no copy, however large the state;
+- sending (`SnapshotFiles.ensure`, in a worker thread): only when a follower needs the
+  snapshot is the database copied, through a connection of its own (SQLite's backup API,
+  which reads one consistent committed state), into `NAME.tmp`, fsynced and renamed to
+  `NAME`; the Raft loop goes on meanwhile. The transport streams it in chunks, then a
+  trailer with its size and SHA-256. The copy holds the state at index I or later: the
+  queue's state machine refuses entries at or below its own applied index, so entries the
+  copy already holds are not applied twice after it is installed;
 - receiving (`Receiver`): the chunks go to `NAME.partial`, which is checked against the
   trailer, fsynced and renamed to `NAME`; only then is the snapshot message handed to Raft;
 - installing: the state machine copies the named file into place (`restore_from`, which checks
-  the database before it replaces the current one).
+  the database before it replaces the current one), unless its database is at or past I.
 
 Crashes: a file appears under its final name only when complete; older files are removed
-(`prune`) only once a newer complete one is named by Raft's storage. A replica that restarts
-with the named file missing (it died while copying) writes it again from its database, which
-is at or past the snapshot (`ensure`).
+(`prune`) only once Raft's storage names a newer snapshot, which the database is at or past.
+A replica that restarts with its database behind the stored snapshot installs the received
+file, which is kept until then.
 """
 
 from __future__ import annotations
@@ -83,12 +85,15 @@ class Marker:
 
 
 class SnapshotFiles:
-    """The snapshot files of one replica, in `directory`."""
+    """The snapshot files of one replica, in `directory`. `copy(path)` writes the current
+    state (at the last snapshot's index or later) to a file; without it, files only arrive."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, copy: Callable[[Path], None] | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._copying: threading.Thread | None = None
+        self._write = copy
+        self.lock = threading.Lock()
+        """Held while a file is written from the database; hold it to replace the database."""
 
     def path(self, marker: Marker) -> Path:
         return self.dir / marker.file
@@ -96,43 +101,28 @@ class SnapshotFiles:
     def complete(self, marker: Marker) -> bool:
         return self.path(marker).exists()
 
-    def take(self, copy: Callable[[Path], None], index: int) -> Marker:
-        """Start `copy(path)` (which writes the state at `index` or later to a file) in a
-        worker thread; the marker of the file it makes. A copy still running from the last
-        snapshot is waited for first."""
-        self.join()
-        marker = Marker.for_index(index)
-        thread = threading.Thread(
-            target=self._copy, args=(copy, marker), name=f"snapshot {index}", daemon=True
-        )
-        self._copying = thread
-        thread.start()
-        return marker
-
-    def ensure(self, copy: Callable[[Path], None], marker: Marker) -> None:
-        """Write the file `marker` names now if it is missing."""
-        if not self.complete(marker):
-            logger.info("writing the missing snapshot file %s again", marker.file)
-            self._copy(copy, marker)
-
-    def join(self) -> None:
-        if self._copying is not None:
-            self._copying.join()
-            self._copying = None
-
-    def _copy(self, copy: Callable[[Path], None], marker: Marker) -> None:
-        final = self.path(marker)
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            tmp.unlink(missing_ok=True)
-            copy(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            fsync_dir(self.dir)
-        except Exception:  # a failed copy leaves no file: the next snapshot is taken anew
-            logger.exception("cannot write snapshot file %s", final)
-            tmp.unlink(missing_ok=True)
+    def ensure(self, marker: Marker) -> Path:
+        """The file `marker` names, written from the database first if it is missing (blocks:
+        call it in a worker thread). Raises SnapshotFileError when it cannot be written."""
+        with self.lock:
+            final = self.path(marker)
+            if final.exists():
+                return final
+            if self._write is None:
+                raise SnapshotFileError(f"snapshot file {marker.file} is missing")
+            logger.info("writing snapshot file %s", marker.file)
+            tmp = final.with_name(final.name + ".tmp")
+            try:
+                tmp.unlink(missing_ok=True)
+                self._write(tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                fsync_dir(self.dir)
+            except Exception as e:  # nothing under the final name; the next send tries again
+                tmp.unlink(missing_ok=True)
+                raise SnapshotFileError(f"cannot write snapshot file {final}: {e}") from None
+            return final
 
     def receiver(self, marker: Marker) -> Receiver:
         """Where an incoming copy of the file `marker` names is written."""
@@ -140,7 +130,7 @@ class SnapshotFiles:
 
     def prune(self, keep: Marker) -> None:
         """Remove the snapshot files older than `keep` (the one Raft's storage names, which
-        must be complete), and temporary or partial files left below it."""
+        the database is at or past), and temporary or partial files left below it."""
         for path in self.dir.iterdir():
             m = _NAME.match(path.name)
             if m is not None and int(m[1]) < keep.index:

@@ -206,11 +206,9 @@ class WwTransport:
         batch_bytes: int = 1 << 20,
         chunk_size: int = 1 << 20,
         files: SnapshotFiles | None = None,
-        file_wait: float = 60.0,
     ) -> None:
         self._host = host
         self._files = files
-        self._file_wait = file_wait
         self._group = group.strip("/")
         self.node_id = node_id
         self._on_unreachable = on_unreachable
@@ -364,14 +362,12 @@ class WwTransport:
 
     async def _push_file(self, rpc: Any, message: bytes, marker: Marker) -> bool:
         """Send the snapshot message, its file in chunks (never the whole file at once), then
-        the file's size and digest. Waits for a file still being copied."""
+        the file's size and digest. The file is written from the database first if need be."""
         assert self._files is not None
-        with trio.move_on_after(self._file_wait):
-            while not self._files.complete(marker):
-                await trio.sleep(0.05)
         try:
-            chunks = read_chunks(self._files.path(marker), self._chunk_size)
-        except OSError as e:  # not written (yet), or a newer snapshot replaced it
+            path = await trio.to_thread.run_sync(self._files.ensure, marker)
+            chunks = read_chunks(path, self._chunk_size)
+        except (OSError, SnapshotFileError) as e:  # a newer snapshot replaced it, or no room
             logger.info("snapshot file %s cannot be sent: %s", marker.file, e)
             return False
         try:
