@@ -18,13 +18,14 @@ import trio
 
 from ww.crawler.handler import load_handler
 from ww.crawler.settings import CrawlSettings
-from ww.crawler.worker import CONTROL_TOPIC, STATS_TOPIC, Worker
-from ww.queue.client import QueueClient
+from ww.crawler.worker import CONTROL_TOPIC, STATS_TOPIC, Worker, wait_until_set_up
+from ww.queue.client import QueueClient, QueueError
 
 log = logging.getLogger("ww-crawl.worker")
 
 DRAIN = 10.0  # seconds the batches in flight get to finish after "stop"
 SIGTERM_DRAIN = 1.5  # the host kills a process 2 s after SIGTERM
+START_TIMEOUT = 120.0  # how long to wait for the Raft group and the crawl's topics
 
 
 async def main(host: Any, args: list[str]) -> int:
@@ -51,7 +52,14 @@ async def main(host: Any, args: list[str]) -> int:
         data = await (await root.walk(opts.handler)).load()
         handler_cm = load_handler(bytes(data))
         handler = handler_cm.__enter__()
-    client = await QueueClient.connect(host, group=opts.group)
+    client = await _connect(host, opts.group)
+    if client is None:
+        print(
+            f"no crawl was set up in the Raft group {opts.group} within {START_TIMEOUT:g} s; "
+            "see `ww run roms/raft status`",
+            file=sys.stderr,
+        )
+        return 1
     worker = Worker(
         client, settings, opts.name, host_id=peer, handler=handler, publish=stats.publish
     )
@@ -68,6 +76,23 @@ async def main(host: Any, args: list[str]) -> int:
             handler_cm.__exit__(None, None, None)
     log.info("worker %s stopped: %d pages", opts.name, worker.stats.pages)
     return 0
+
+
+async def _connect(host: Any, group: str) -> QueueClient | None:
+    """A client of the group once the crawl is set up in it (the workers of a new crawl are
+    spawned while its replicas start), or None after START_TIMEOUT."""
+    client = None
+    with trio.move_on_after(START_TIMEOUT):
+        while client is None:
+            try:
+                client = await QueueClient.connect(host, group=group)
+            except QueueError:  # no replica serves yet
+                await trio.sleep(0.05)
+        await wait_until_set_up(client)
+        return client
+    if client is not None:
+        await client.aclose()
+    return None
 
 
 async def _stop_on_signal(worker: Worker) -> None:

@@ -96,6 +96,21 @@ async def client(cluster: list[HostProcess], group: Group) -> AsyncIterator[Queu
         await c.aclose()
 
 
+async def test_a_new_group_elects_its_first_voter_without_an_election_timeout(
+    cluster: list[HostProcess], nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Election timeouts of 10-20 s: only the first voter's campaign elects a leader sooner.
+    slow = ReplicaOptions(tick_interval=0.1, election_tick=100, request_timeout=2.0)
+    g = Group(nursery, tmp_path / "volumes")
+    voters = [h.peer for h in cluster]
+    for host in reversed(cluster):  # the first voter starts last
+        await g.start(host, voters, slow)
+    await wait_for(lambda: g.leader() is not None, timeout=5)
+    assert g.leader() == voters[0]
+    for scope in g.scopes.values():
+        scope.cancel()
+
+
 async def test_put_claim_complete_read_through_the_leader(client: QueueClient) -> None:
     assert await client.create("urls")
     assert await client.create("pages", kind="log")

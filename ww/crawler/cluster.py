@@ -389,16 +389,21 @@ async def connect_queue(cluster: Cluster, *, timeout: float = 60.0) -> Any:
 async def spawn_workers(
     cluster: Cluster, settings_arg: str, *, per_host: int = 1, handler_path: str | None = None
 ) -> list[Any]:
-    """Spawn `per_host` worker ROMs on every host; returns their Process capabilities."""
+    """Spawn `per_host` worker ROMs on every host, all at once; returns their Process
+    capabilities. A worker waits for the crawl to be set up in the queue before it claims."""
     rom = build("crawler")
     root = await cluster.host.root()
-    processes = []
-    for peer in cluster.peers:
-        for n in range(per_host):
-            name = f"{peer[:8]}-w{n}"
-            args = ["--settings", settings_arg, "--name", name, "--group", GROUP]
-            if handler_path is not None:
-                args += ["--handler", handler_path]
-            anchor = await root.walk(f"/{peer}/{WORKERS}/w{n}")
-            processes.append(await anchor.spawn(rom, args))
+    slots = [(peer, n) for peer in cluster.peers for n in range(per_host)]
+    processes: list[Any] = [None] * len(slots)
+
+    async def spawn(i: int, peer: str, n: int) -> None:
+        args = ["--settings", settings_arg, "--name", f"{peer[:8]}-w{n}", "--group", GROUP]
+        if handler_path is not None:
+            args += ["--handler", handler_path]
+        anchor = await root.walk(f"/{peer}/{WORKERS}/w{n}")
+        processes[i] = await anchor.spawn(rom, args)
+
+    async with trio.open_nursery() as nursery:
+        for i, (peer, n) in enumerate(slots):
+            nursery.start_soon(spawn, i, peer, n)
     return processes

@@ -54,6 +54,7 @@ __all__ = [
     "frontier_item",
     "retry_item",
     "robots_item",
+    "wait_until_set_up",
 ]
 
 FRONTIER = "crawl.frontier"
@@ -87,6 +88,20 @@ class QueueLike(Protocol):
     ) -> Any: ...
     async def read(self, topic: str, offset: int, n: int) -> list[tuple[int, bytes]]: ...
     async def stats(self, topic: str) -> dict[str, Any]: ...
+
+
+async def wait_until_set_up(client: QueueLike, poll: float = 0.05) -> None:
+    """Return once the crawl's topics exist in the queue: the CLI records the settings in
+    CONFIG after creating every topic and before putting the seeds."""
+    from ww.queue.client import QueueError
+
+    while True:
+        try:
+            if (await client.stats(CONFIG)).get("appended", 0) > 0:
+                return
+        except QueueError:  # no such topic yet, or no leader yet
+            pass
+        await trio.sleep(poll)
 
 
 def frontier_item(url: str, depth: int, referrer: str | None) -> Any:

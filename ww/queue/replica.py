@@ -20,8 +20,9 @@ may succeed later, e.g. after an election); a malformed request never stops the 
 
 The Raft node id of a replica is derived from its peer id (`node_id_of`). The initial voters
 are given when the group is created (`voters`, peer ids: each of them bootstraps with the same
-configuration); a replica started without them starts empty and waits to be added (as a
-learner, then a voter: `add`).
+configuration; the first of them campaigns as soon as a quorum of them serve, instead of
+waiting out an election timeout); a replica started without them starts empty and waits to
+be added (as a learner, then a voter: `add`).
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ class QueueReplica:
         self.state: AppliedState | None = None
         self.storage: DiskStorage | None = None
         self.files: SnapshotFiles | None = None
+        self._new_group = False
 
     # -- running ----------------------------------------------------------------------------
 
@@ -273,6 +275,8 @@ class QueueReplica:
             )
         else:
             state = self._state_arg
+        hard_state, _ = self.storage.initial_state()
+        self._new_group = bool(self.voters) and hard_state.term == 0
         self.files = SnapshotFiles(self.volume / "snapshots", getattr(state, "copy_to", None))
         self.state = AppliedState(state, self.files, self.options.commit_interval)
         snap = self.storage.snapshot()
@@ -334,6 +338,8 @@ class QueueReplica:
                     "replica %s (node %d) serving at %s", self.peer, self.node_id, self.home
                 )
                 task_status.started()
+                if self._new_group and self.voters[0] == self.peer:
+                    nursery.start_soon(self._first_election)
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -361,6 +367,32 @@ class QueueReplica:
                 await self._refresh_peers()
             except Exception as e:  # the host is going away; the next try tells
                 logger.debug("cannot read the cluster view: %s", e)
+
+    async def _first_election(self) -> None:
+        """The first voter of a new group campaigns as soon as a quorum of the voters serve,
+        rather than after an election timeout. Campaigning is always safe in Raft; if this
+        one fails, the election timeouts elect a leader as they would have."""
+        assert self.driver is not None
+        others = [p for p in self.voters if p != self.peer]
+        needed = len(self.voters) // 2  # besides this one
+        root = await self.host.root()
+
+        async def serves(peer: str) -> bool:
+            try:
+                anchor = await root.walk(f"/{peer}/{self.group}/rpc")
+                return await anchor.load() is not None
+            except Exception:  # its host or the way there is not up yet
+                return False
+
+        def bootstrapped() -> bool:  # the voters' entries of a new log are applied
+            status = self.driver.status()  # type: ignore[union-attr]
+            return status.applied >= status.hard_state.commit
+
+        with trio.move_on_after(self.options.tick_interval * self.options.election_tick):
+            while not bootstrapped() or sum([await serves(p) for p in others]) < needed:
+                await trio.sleep(0.02)
+            if not self.driver.replica.leader:  # none elected meanwhile
+                await self.driver.campaign()
 
     async def _refresh_peers(self) -> None:
         hosts = await (await self.host.view()).hosts()

@@ -128,11 +128,18 @@ class Crawl:
         self.started = time.monotonic()
 
     async def run(self, resume: bool) -> int:
-        from ww.crawler.cluster import connect_queue, spawn_workers, start_queue
+        from ww.crawler.cluster import connect_queue, start_queue
         from ww.crawler.export import Exporter
         from ww.crawler.worker import CONTROL_TOPIC, RESULTS
 
-        self.client = await start_queue(self.cluster, resume=resume)
+        # A new crawl on an embedded cluster has nothing to check in the queue first: its
+        # workers start (a process each, imports, a connection) while the replicas elect a
+        # leader, and wait for the topics set_up creates.
+        early = not resume and not self.args.cluster
+        async with trio.open_nursery() as nursery:
+            if early:
+                nursery.start_soon(self._spawn_workers)
+            self.client = await start_queue(self.cluster, resume=resume)
         try:
             if resume:
                 self.settings = await resumed_settings(
@@ -149,13 +156,8 @@ class Crawl:
                 limit=self.settings.max_pages,
             )
             try:
-                handler_path = await self._share_handler()
-                self.workers = await spawn_workers(
-                    self.cluster,
-                    self.settings.encode(),
-                    per_host=self.args.workers,
-                    handler_path=handler_path,
-                )
+                if not early:
+                    await self._spawn_workers()
                 log.info(
                     "crawling with %d workers on %d hosts; results go to %s",
                     len(self.workers),
@@ -234,6 +236,16 @@ class Crawl:
             if not running:
                 return
             await trio.sleep(0.1)
+
+    async def _spawn_workers(self) -> None:
+        from ww.crawler.cluster import spawn_workers
+
+        self.workers = await spawn_workers(
+            self.cluster,
+            self.settings.encode(),
+            per_host=self.args.workers,
+            handler_path=await self._share_handler(),
+        )
 
     async def _share_handler(self) -> str | None:
         if self.handler_rom is None:
