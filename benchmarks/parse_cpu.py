@@ -1,0 +1,117 @@
+"""CPU per page of a worker's parsing, link canonicalization and record building.
+
+    python benchmarks/parse_cpu.py SITE_DIR --port PORT [--repeat 3] [--limit N]
+
+SITE_DIR is a site written by benchmarks/crawl.py (SITE_DIR/<host>/p/*.html), served at
+http://<host>:PORT/. Each page is read from disk once; then, per repeat, with the URL memo
+emptied first (as in a freshly started worker):
+
+- parse: `parse_html` over every page;
+- links: every link ref of every page to its canonical URL, as `parse_html` does
+  (`canonicalize(urljoin(page, ref))`);
+- record: `make_record` and `msgpack.packb` of every parsed page.
+
+Prints the median `time.process_time` per page of each, in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urljoin
+
+import msgpack
+from selectolax.lexbor import LexborHTMLParser
+
+from ww.crawler.fetch import FetchResult
+from ww.crawler.parse import Page, parse_html
+from ww.crawler.record import make_record
+from ww.crawler.urls import _canonicalize, canonicalize
+
+CONTENT_TYPE = "text/html"
+
+
+def load(site: Path, port: int, limit: int | None) -> list[tuple[str, bytes]]:
+    pages: list[tuple[str, bytes]] = []
+    for host_dir in sorted(p for p in site.iterdir() if p.is_dir()):
+        for path in sorted((host_dir / "p").glob("*.html")):
+            pages.append((f"http://{host_dir.name}:{port}/p/{path.name}", path.read_bytes()))
+    pages.sort(key=lambda p: p[0].rsplit("/", 1)[1])  # interleave the hosts, as a crawl does
+    return pages[:limit] if limit else pages
+
+
+def per_page(seconds: float, n: int) -> float:
+    return seconds / n * 1000
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("site", type=Path)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None)
+    args = p.parse_args()
+    pages = load(args.site, args.port, args.limit)
+    refs = [
+        (url, [n.attributes.get("href") or "" for n in LexborHTMLParser(body).css("a[href]")])
+        for url, body in pages
+    ]
+    n_refs = sum(len(r) for _, r in refs)
+    times: dict[str, list[float]] = {"parse": [], "links": [], "record": []}
+    parsed: list[tuple[str, bytes, Page]] = []
+    for _ in range(args.repeat):
+        _canonicalize.cache_clear()
+        t0 = time.process_time()
+        parsed = [
+            (url, body, parse_html(body, url, content_type=CONTENT_TYPE)) for url, body in pages
+        ]
+        times["parse"].append(time.process_time() - t0)
+
+        _canonicalize.cache_clear()
+        t0 = time.process_time()
+        for url, page_refs in refs:
+            for ref in page_refs:
+                with contextlib.suppress(ValueError):
+                    canonicalize(urljoin(url, ref))
+        times["links"].append(time.process_time() - t0)
+
+        t0 = time.process_time()
+        for url, body, page in parsed:
+            result = FetchResult(
+                url=url,
+                final_url=url,
+                status=200,
+                headers=(("content-type", CONTENT_TYPE),),
+                content_type=CONTENT_TYPE,
+                body=body,
+                size=len(body),
+                sha256="0" * 64,
+            )
+            record = make_record(
+                url,
+                depth=1,
+                referrer=url,
+                fetched_at=time.time(),
+                attempts=0,
+                worker="w",
+                result=result,
+                page=page,
+                links=list(page.links),
+            )
+            msgpack.packb(record)
+        times["record"].append(time.process_time() - t0)
+    print(f"{len(pages)} pages, {n_refs} link refs, median of {args.repeat}:", file=sys.stderr)
+    for name, ts in times.items():
+        print(
+            f"  {name:13s} {per_page(statistics.median(ts), len(pages)):.4f} ms a page",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
