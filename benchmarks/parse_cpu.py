@@ -8,7 +8,7 @@ emptied first (as in a freshly started worker):
 
 - parse: `parse_html` over every page;
 - links: every link ref of every page to its canonical URL, as `parse_html` does
-  (`canonicalize(urljoin(page, ref))`);
+  (`link_resolver(page)(ref)`, the same as `canonicalize(urljoin(page, ref))`);
 - record: `make_record` and `msgpack.packb` of every parsed page.
 
 Prints the median `time.process_time` per page of each, in ms.
@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urljoin
 
 import msgpack
 from selectolax.lexbor import LexborHTMLParser
@@ -30,7 +29,7 @@ from selectolax.lexbor import LexborHTMLParser
 from ww.crawler.fetch import FetchResult
 from ww.crawler.parse import Page, parse_html
 from ww.crawler.record import make_record
-from ww.crawler.urls import _canonicalize, canonicalize
+from ww.crawler.urls import _canonicalize, link_resolver
 
 CONTENT_TYPE = "text/html"
 
@@ -74,9 +73,10 @@ def main() -> int:
         _canonicalize.cache_clear()
         t0 = time.process_time()
         for url, page_refs in refs:
+            resolve = link_resolver(url)
             for ref in page_refs:
                 with contextlib.suppress(ValueError):
-                    canonicalize(urljoin(url, ref))
+                    resolve(ref)
         times["links"].append(time.process_time() - t0)
 
         t0 = time.process_time()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urljoin
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from ww.crawler.urls import (
     canonicalize,
     host_key,
     is_trap,
+    link_resolver,
 )
 
 
@@ -203,6 +206,81 @@ def test_links_that_are_canonical_already_take_the_fast_path(url: str) -> None:
 )
 def test_urls_not_canonical_yet_go_to_w3lib(url: str) -> None:
     assert _canonical_as_is(url) is None
+
+
+_REF_PIECES = [
+    "a",
+    "b.html",
+    "B",
+    "0",
+    "~",
+    "-",
+    "_",
+    "!$&'()*+,=@",
+    ".",
+    "..",
+    "...",
+    "/",
+    "//",
+    "?",
+    "?a=1",
+    "?b=2&a=1",
+    "?",
+    "#",
+    "#x",
+    "#",
+    ":",
+    ";p",
+    "%2e",
+    "%41",
+    " ",
+    "\t",
+    "\\",
+    "ä",
+    "http:",
+    "https:",
+    "HTTP:",
+    "//a.b",
+    "mailto:",
+]
+_BASES = [
+    "http://a.b/",
+    "http://a.b/p/x.html",
+    "http://a.b:8080/p/q/",
+    "https://a.b/p/x.html?q=1",
+    "http://a.b",
+    "http://a.b/p/x.html#f",
+    "http://a.b/p//x.html",
+    "http://a.b/p/../x.html",
+    "http://A.b/p/x.html",
+    "http://a.b/p/x;y/z",
+]
+
+
+@settings(max_examples=4000)
+@given(
+    base=st.sampled_from(_BASES),
+    ref=st.lists(st.sampled_from(_REF_PIECES), min_size=1, max_size=6).map("".join) | _edge_urls(),
+)
+@example("http://a.b/p/x.html", "q/y.html?b=1#top")
+def test_link_resolver_agrees_with_urljoin_and_canonicalize(base: str, ref: str) -> None:
+    try:
+        expected: str | None = canonicalize(urljoin(base, ref))
+    except ValueError:
+        expected = None
+    try:
+        got: str | None = link_resolver(base)(ref)
+    except ValueError:
+        got = None
+    assert got == expected
+
+
+def test_link_resolver_appends_plain_links_to_the_directory_of_a_canonical_page() -> None:
+    resolve = link_resolver("http://a.b:8080/p/x.html?q=1")
+    assert resolve("y.html") == "http://a.b:8080/p/y.html"
+    assert resolve("/y.html?b=2&a=1#f") == "http://a.b:8080/y.html?a=1&b=2"
+    assert resolve("../y.html") == "http://a.b:8080/y.html"
+    assert resolve("https://c.d/") == "https://c.d/"
 
 
 def test_urls_within_the_limits_are_not_traps() -> None:

@@ -23,7 +23,7 @@ from w3lib.encoding import (
     read_bom,
 )
 
-from .urls import canonicalize
+from .urls import link_resolver
 
 if TYPE_CHECKING:
     from .fetch import FetchResult
@@ -141,6 +141,7 @@ def parse_html(
     if base_node is not None:
         base = urljoin(url, (base_node.attributes.get("href") or "").strip())
 
+    resolve = link_resolver(base)
     follow: dict[str, None] = {}
     held: dict[str, None] = {}
     for node in tree.css(_LINKS):
@@ -150,7 +151,7 @@ def parse_html(
         if not ref or ref.startswith("#") or ref.lower().startswith(_SKIP_SCHEMES):
             continue
         try:
-            link = canonicalize(urljoin(base, ref))
+            link = resolve(ref)
         except ValueError:
             continue
         rel = (attrs.get("rel") or "").lower().split()

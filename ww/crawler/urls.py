@@ -9,13 +9,14 @@ with the scheme's default port dropped as well.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from w3lib.url import canonicalize_url
 
-__all__ = ["TrapLimits", "canonicalize", "host_key", "is_trap"]
+__all__ = ["TrapLimits", "canonicalize", "host_key", "is_trap", "link_resolver"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
@@ -31,6 +32,15 @@ _AS_IS = re.compile(
     rf"(?:\?({_UNRESERVED}+={_UNRESERVED}*(?:&{_UNRESERVED}+={_UNRESERVED}*)*))?"
     r"(?:#.*)?"
 )
+
+# A link that `urljoin` would only append to its page's directory (or, with a leading "/", to
+# its origin): path segments without ":" (a scheme), ";" (parameters), escapes or empty
+# segments, then an optional query and fragment. Dot segments are checked in `link_resolver`.
+_SEGMENT = r"[A-Za-z0-9!$&'()*+,.=@_~-]+"
+_PLAIN_REF = re.compile(
+    rf"(/?){_SEGMENT}(?:/{_SEGMENT})*/?(?:\?[A-Za-z0-9._~=&-]+)?(?:#[A-Za-z0-9._~-]+)?"
+)
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:[/?#]|$)")
 
 
 def canonicalize(url: str) -> str:
@@ -100,6 +110,25 @@ def _canonicalize_w3lib(url: str) -> str:
         userinfo = canon.username + (f":{canon.password}" if canon.password is not None else "")
         netloc = f"{userinfo}@{netloc}"
     return urlunsplit((scheme, netloc, canon.path or "/", canon.query, ""))
+
+
+def link_resolver(base: str) -> Callable[[str], str]:
+    """A function from a link's reference (stripped) on a page at `base` to its canonical URL:
+    `canonicalize(urljoin(base, ref))`, ValueError alike. For a canonical `base`, plain
+    relative references are joined by appending them, without `urljoin`."""
+    if _canonical_as_is(base) != base or "//" in base[base.index("//") + 2 :]:
+        return lambda ref: canonicalize(urljoin(base, ref))
+    directory = base[: base.rindex("/") + 1]
+    origin = base[: base.index("/", base.index("//") + 2)]
+
+    def resolve(ref: str) -> str:
+        if _PLAIN_REF.fullmatch(ref) is not None and _DOT_SEGMENT.search(ref) is None:
+            return _canonicalize((origin if ref[0] == "/" else directory) + ref)
+        if ref.startswith(("http://", "https://")) and _canonical_as_is(ref) is not None:
+            return _canonicalize(ref)
+        return canonicalize(urljoin(base, ref))
+
+    return resolve
 
 
 def host_key(url: str) -> str:
