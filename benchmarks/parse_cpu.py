@@ -9,7 +9,9 @@ emptied first (as in a freshly started worker):
 - parse: `parse_html` over every page;
 - links: every link ref of every page to its canonical URL, as `parse_html` does
   (`link_resolver(page)(ref)`, the same as `canonicalize(urljoin(page, ref))`);
-- record: `make_record` and `msgpack.packb` of every parsed page.
+- record: `make_record` and `msgpack.packb` of every parsed page;
+- follow: `Worker._follow` on the links of every parsed page (scope, trap guards, frontier
+  items), by a worker that has put nothing yet (same-host scope, robots.txt ignored).
 
 Prints the median `time.process_time` per page of each, in ms.
 """
@@ -29,7 +31,9 @@ from selectolax.lexbor import LexborHTMLParser
 from ww.crawler.fetch import FetchResult
 from ww.crawler.parse import Page, parse_html
 from ww.crawler.record import make_record
+from ww.crawler.settings import CrawlSettings
 from ww.crawler.urls import _canonicalize, link_resolver
+from ww.crawler.worker import Worker
 
 CONTENT_TYPE = "text/html"
 
@@ -60,7 +64,7 @@ def main() -> int:
         for url, body in pages
     ]
     n_refs = sum(len(r) for _, r in refs)
-    times: dict[str, list[float]] = {"parse": [], "links": [], "record": []}
+    times: dict[str, list[float]] = {"parse": [], "links": [], "record": [], "follow": []}
     parsed: list[tuple[str, bytes, Page]] = []
     for _ in range(args.repeat):
         _canonicalize.cache_clear()
@@ -104,6 +108,14 @@ def main() -> int:
             )
             msgpack.packb(record)
         times["record"].append(time.process_time() - t0)
+
+        seeds = tuple(sorted({url.split("/p/")[0] + "/" for url, _ in pages}))
+        worker = Worker(None, CrawlSettings(seeds=seeds, ignore_robots=True), "w")  # type: ignore[arg-type]
+        t0 = time.process_time()
+        for url, _, page in parsed:
+            items = worker._follow(url, 1, list(page.links))
+            worker._remember_put(item.key for item in items)
+        times["follow"].append(time.process_time() - t0)
     print(f"{len(pages)} pages, {n_refs} link refs, median of {args.repeat}:", file=sys.stderr)
     for name, ts in times.items():
         print(

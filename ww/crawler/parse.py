@@ -44,6 +44,7 @@ _SKIP_SCHEMES = ("mailto:", "javascript:", "tel:", "data:", "ftp:", "file:", "ab
 _INVISIBLE = ["script", "style", "noscript", "template"]
 _LINKS = "a[href], area[href], frame[src], iframe[src]"
 _BOT_TOKEN = "ww-crawl"
+_ASCII_SPACES = ("\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")  # but " "
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,9 @@ def parse_html(
 
     tree.strip_tags(_INVISIBLE)
     root = tree.body if tree.body is not None else tree.root
-    text = " ".join(root.text(separator=" ").split()) if root is not None else ""
+    text = (
+        _squeeze(root.text(separator=" ", strip=True, skip_empty=True)) if root is not None else ""
+    )
     return Page(
         url=url,
         encoding=encoding,
@@ -175,6 +178,22 @@ def parse_html(
         noindex=noindex,
         nofollow=nofollow,
     )
+
+
+def _squeeze(text: str) -> str:
+    """`" ".join(text.split())`, without splitting a text that has single spaces only.
+
+    The text of a page is its text nodes, each stripped, joined by spaces: the same words as
+    its nodes joined as they are, and most often with nothing left to squeeze."""
+    if (
+        text.isascii()
+        and "  " not in text
+        and not any(space in text for space in _ASCII_SPACES)
+        and not text.startswith(" ")
+        and not text.endswith(" ")
+    ):
+        return text
+    return " ".join(text.split())
 
 
 def parse_fetched(result: FetchResult, *, max_text: int = DEFAULT_MAX_TEXT) -> Page | None:
