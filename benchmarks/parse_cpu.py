@@ -1,10 +1,11 @@
-"""CPU per page of a worker's parsing, link canonicalization and record building.
+"""CPU per page of a worker's parsing, link canonicalization, record building and following.
 
-    python benchmarks/parse_cpu.py SITE_DIR --port PORT [--repeat 3] [--limit N]
+    python benchmarks/parse_cpu.py [--site DIR --port PORT] [--repeat 3] [--limit N]
 
-SITE_DIR is a site written by benchmarks/crawl.py (SITE_DIR/<host>/p/*.html), served at
-http://<host>:PORT/. Each page is read from disk once; then, per repeat, with the URL memo
-emptied first (as in a freshly started worker):
+The pages are those of crawl.py's site: generated into a temporary directory (20,000 pages,
+its default seed), or read from DIR (DIR/<host>/p/*.html, a site crawl.py kept, with the port
+it was served on, which only goes into the URLs). Each page is read once; then, per repeat,
+with the URL memo emptied first (as in a freshly started worker):
 
 - parse: `parse_html` over every page;
 - links: every link ref of every page to its canonical URL, as `parse_html` does
@@ -22,6 +23,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,12 +55,19 @@ def per_page(seconds: float, n: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("site", type=Path)
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--site", type=Path, help="a site crawl.py kept (default: generate one)")
+    p.add_argument("--port", type=int, default=8000, help="the port the site was served on")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--limit", type=int, default=None)
     args = p.parse_args()
-    pages = load(args.site, args.port, args.limit)
+    if args.site is None:
+        from crawl import generate_site  # benchmarks/crawl.py
+
+        with tempfile.TemporaryDirectory() as tmp:
+            generate_site(Path(tmp), 20_000, 0, seed=1)
+            pages = load(Path(tmp), args.port, args.limit)
+    else:
+        pages = load(args.site, args.port, args.limit)
     refs = [
         (url, [n.attributes.get("href") or "" for n in LexborHTMLParser(body).css("a[href]")])
         for url, body in pages
