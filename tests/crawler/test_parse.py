@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from selectolax.lexbor import LexborHTMLParser
 
 from ww.crawler.fetch import FetchResult
 from ww.crawler.parse import decode_html, is_html, parse_fetched, parse_html, robots_directives
@@ -114,6 +117,62 @@ def test_title_and_visible_text_without_scripts_styles_and_templates() -> None:
     )
     assert page.title == "The Title"
     assert page.text == "Head one two three four"
+
+
+# Pages of words, single spaces and tags (text the fast path keeps as it is), with one odd
+# piece put anywhere in most of them: other white space, runs of it, non-ASCII, entities.
+_PLAIN_PIECES = ["word", "wé", " ", "<p>", "</p>", "<b>", "</b>", "<br>", "<div>", "</div>"]
+_ODD_PIECES = [
+    "  ",
+    "\n",
+    "\t",
+    "\r",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x1d",
+    "\x1e",
+    "\x1f",
+    "\xa0",
+    "\x85",
+    "\u2028",
+    "\u3000",
+    "&nbsp;",
+    "&#11;",
+    "&#13;",
+    "&#x1c;",
+    "<!-- c -->",
+    "<script>s</script>",
+    "<pre> a  b </pre>",
+    "<body>",
+    "</body>",
+    "<head>",
+    "<title>t</title>",
+    "\u4e2d",
+]
+
+
+@st.composite
+def _pages(draw: st.DrawFn) -> str:
+    pieces = draw(st.lists(st.sampled_from(_PLAIN_PIECES), max_size=20))
+    if draw(st.integers(0, 4)) > 0:
+        pieces.insert(draw(st.integers(0, len(pieces))), draw(st.sampled_from(_ODD_PIECES)))
+    return "".join(pieces)
+
+
+def _text_split_and_joined(html: str) -> str:
+    tree = LexborHTMLParser(html)
+    tree.strip_tags(["script", "style", "noscript", "template"])
+    root = tree.body if tree.body is not None else tree.root
+    return " ".join(root.text(separator=" ").split()) if root is not None else ""
+
+
+@settings(max_examples=1500)
+@given(html=_pages())
+@example(html="<p>one two</p>\n<p>three</p>")
+def test_text_is_the_words_of_the_text_nodes_joined_by_single_spaces(html: str) -> None:
+    page = parse_html(html.encode(), URL, content_type="text/html; charset=utf-8")
+    assert page.text == _text_split_and_joined(html)
 
 
 def test_text_is_capped_at_max_text() -> None:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from urllib.parse import urljoin
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ww.crawler.urls import TrapLimits, canonicalize, host_key, is_trap
+from ww.crawler.urls import (
+    TrapLimits,
+    _canonical_as_is,
+    _canonicalize_w3lib,
+    canonicalize,
+    host_key,
+    is_trap,
+    link_resolver,
+)
 
 
 @pytest.mark.parametrize(
@@ -88,6 +98,189 @@ def test_canonicalize_is_idempotent(scheme: str, host: str, port: str, rest: str
     once = canonicalize(url)
     assert canonicalize(once) == once
     assert "#" not in once
+
+
+# URLs at the fast path's edge: canonical-looking ones built from parts that are often
+# right (so the fast path takes many), with near misses among the parts (default ports, empty
+# and dot segments, unsorted or blank query arguments, xn-- labels); in half of them one token
+# is put anywhere (escapes, dots, parameters, userinfo, non-ASCII, ...), in a quarter one
+# character is made upper case.
+_LABELS = ["a", "ex", "xn--bcher-kva", "xn--zz", "_x", "b-", "-", "1", "127"]
+_SEGMENTS = ["a", "B", "0", "...", ".a", "a.html", "~", "-", "_", "!$&'()*+,=:@", "", ".", ".."]
+_ARGS = ["a", "b", "B", "0", "~", ".", "-", "_", ""]
+_TOKENS = [
+    "A",
+    "%2e",
+    "%41",
+    "%7e",
+    "%",
+    ";",
+    ".",
+    "..",
+    "/",
+    "//",
+    "/./",
+    "/../",
+    "?",
+    "&",
+    "=",
+    "#",
+    "@",
+    ":",
+    ":80",
+    ":443",
+    ":0",
+    " ",
+    "\t",
+    "\\",
+    "|",
+    "[",
+    "]",
+    "ä",
+    "+",
+]
+
+
+@st.composite
+def _edge_urls(draw: st.DrawFn) -> str:
+    scheme = draw(st.sampled_from(["http", "https"]))
+    host = ".".join(draw(st.lists(st.sampled_from(_LABELS), min_size=1, max_size=4)))
+    port = draw(st.sampled_from(["", "", ":8080", ":1", ":65535", ":80", ":443", ":065"]))
+    segments = draw(st.lists(st.sampled_from(_SEGMENTS), max_size=4))
+    url = f"{scheme}://{host}{port}" + "".join("/" + seg for seg in segments)
+    pairs = draw(st.none() | st.lists(st.tuples(*[st.sampled_from(_ARGS)] * 2), max_size=3))
+    if pairs is not None:
+        url += "?" + "&".join(f"{k}={v}" for k, v in pairs)
+    if draw(st.booleans()):
+        url += "#" + draw(st.text(max_size=4))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(url)))
+        url = url[:at] + draw(st.sampled_from(_TOKENS)) + url[at:]
+    if draw(st.integers(0, 3)) == 0:
+        at = draw(st.integers(0, len(url) - 1))
+        url = url[:at] + url[at].upper() + url[at + 1 :]
+    return url
+
+
+@settings(max_examples=4000)
+@given(url=_edge_urls())
+@example("http://a:8080/p/1.html?b=1&c=2#x")
+def test_the_fast_path_agrees_with_w3lib(url: str) -> None:
+    fast = _canonical_as_is(url)
+    if fast is not None:
+        assert fast == _canonicalize_w3lib(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.2:8080/p/00001.html",
+        "https://example.com/a/b.html?a=1&b=2#top",
+        "http://www.example.com",
+        "http://example.com/a//b#",
+        "http://xn--bcher-kva.de/~user/index.php?id=7",
+    ],
+)
+def test_links_that_are_canonical_already_take_the_fast_path(url: str) -> None:
+    fast = _canonical_as_is(url)
+    assert fast is not None
+    assert fast == _canonicalize_w3lib(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "HTTP://example.com/",
+        "http://Example.com/",
+        "http://example.com:80/",
+        "http://example.com:0080/",
+        "http://example.com./",
+        "http://a@example.com/",
+        "http://example.com/a/../b",
+        "http://example.com/%7e",
+        "http://example.com/a;p",
+        "http://example.com/?b=1&a=2",
+        "http://example.com/?a",
+        "http://example.com/?",
+    ],
+)
+def test_urls_not_canonical_yet_go_to_w3lib(url: str) -> None:
+    assert _canonical_as_is(url) is None
+
+
+_REF_PIECES = [
+    "a",
+    "b.html",
+    "B",
+    "0",
+    "~",
+    "-",
+    "_",
+    "!$&'()*+,=@",
+    ".",
+    "..",
+    "...",
+    "/",
+    "//",
+    "?",
+    "?a=1",
+    "?b=2&a=1",
+    "?",
+    "#",
+    "#x",
+    "#",
+    ":",
+    ";p",
+    "%2e",
+    "%41",
+    " ",
+    "\t",
+    "\\",
+    "ä",
+    "http:",
+    "https:",
+    "HTTP:",
+    "//a.b",
+    "mailto:",
+]
+_BASES = [
+    "http://a.b/",
+    "http://a.b/p/x.html",
+    "http://a.b:8080/p/q/",
+    "https://a.b/p/x.html?q=1",
+    "http://a.b",
+    "http://a.b/p/x.html#f",
+    "http://a.b/p//x.html",
+    "http://a.b/p/../x.html",
+    "http://A.b/p/x.html",
+    "http://a.b/p/x;y/z",
+]
+
+
+@settings(max_examples=4000)
+@given(
+    base=st.sampled_from(_BASES),
+    ref=st.lists(st.sampled_from(_REF_PIECES), min_size=1, max_size=6).map("".join) | _edge_urls(),
+)
+@example("http://a.b/p/x.html", "q/y.html?b=1#top")
+def test_link_resolver_agrees_with_urljoin_and_canonicalize(base: str, ref: str) -> None:
+    try:
+        expected: str | None = canonicalize(urljoin(base, ref))
+    except ValueError:
+        expected = None
+    try:
+        got: str | None = link_resolver(base)(ref)
+    except ValueError:
+        got = None
+    assert got == expected
+
+
+def test_link_resolver_appends_plain_links_to_the_directory_of_a_canonical_page() -> None:
+    resolve = link_resolver("http://a.b:8080/p/x.html?q=1")
+    assert resolve("y.html") == "http://a.b:8080/p/y.html"
+    assert resolve("/y.html?b=2&a=1#f") == "http://a.b:8080/y.html?a=1&b=2"
+    assert resolve("../y.html") == "http://a.b:8080/y.html"
+    assert resolve("https://c.d/") == "https://c.d/"
 
 
 def test_urls_within_the_limits_are_not_traps() -> None:

@@ -23,7 +23,7 @@ from w3lib.encoding import (
     read_bom,
 )
 
-from .urls import canonicalize
+from .urls import link_resolver
 
 if TYPE_CHECKING:
     from .fetch import FetchResult
@@ -44,6 +44,7 @@ _SKIP_SCHEMES = ("mailto:", "javascript:", "tel:", "data:", "ftp:", "file:", "ab
 _INVISIBLE = ["script", "style", "noscript", "template"]
 _LINKS = "a[href], area[href], frame[src], iframe[src]"
 _BOT_TOKEN = "ww-crawl"
+_ASCII_SPACES = ("\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")  # but " "
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ def parse_html(
     if base_node is not None:
         base = urljoin(url, (base_node.attributes.get("href") or "").strip())
 
+    resolve = link_resolver(base)
     follow: dict[str, None] = {}
     held: dict[str, None] = {}
     for node in tree.css(_LINKS):
@@ -150,7 +152,7 @@ def parse_html(
         if not ref or ref.startswith("#") or ref.lower().startswith(_SKIP_SCHEMES):
             continue
         try:
-            link = canonicalize(urljoin(base, ref))
+            link = resolve(ref)
         except ValueError:
             continue
         rel = (attrs.get("rel") or "").lower().split()
@@ -163,7 +165,9 @@ def parse_html(
 
     tree.strip_tags(_INVISIBLE)
     root = tree.body if tree.body is not None else tree.root
-    text = " ".join(root.text(separator=" ").split()) if root is not None else ""
+    text = (
+        _squeeze(root.text(separator=" ", strip=True, skip_empty=True)) if root is not None else ""
+    )
     return Page(
         url=url,
         encoding=encoding,
@@ -174,6 +178,22 @@ def parse_html(
         noindex=noindex,
         nofollow=nofollow,
     )
+
+
+def _squeeze(text: str) -> str:
+    """`" ".join(text.split())`, without splitting a text that has single spaces only.
+
+    The text of a page is its text nodes, each stripped, joined by spaces: the same words as
+    its nodes joined as they are, and most often with nothing left to squeeze."""
+    if (
+        text.isascii()
+        and "  " not in text
+        and not any(space in text for space in _ASCII_SPACES)
+        and not text.startswith(" ")
+        and not text.endswith(" ")
+    ):
+        return text
+    return " ".join(text.split())
 
 
 def parse_fetched(result: FetchResult, *, max_text: int = DEFAULT_MAX_TEXT) -> Page | None:

@@ -9,16 +9,38 @@ with the scheme's default port dropped as well.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from w3lib.url import canonicalize_url
 
-__all__ = ["TrapLimits", "canonicalize", "host_key", "is_trap"]
+__all__ = ["TrapLimits", "canonicalize", "host_key", "is_trap", "link_resolver"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+_UNRESERVED = r"[A-Za-z0-9._~-]"
+# A URL that is canonical already, but for a fragment or an empty path: lower-case scheme and
+# host name (ASCII, no trailing dot), no userinfo, a port without leading zeros, a path of
+# characters w3lib leaves alone (no percent escapes, no ";" parameters), a query of
+# key=value pairs of unreserved characters. Dot segments, the default port and the order of
+# the query's pairs are checked in `_canonical_as_is`. (w3lib keeps "//" in a path.)
+_AS_IS = re.compile(
+    r"(https?)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([1-9][0-9]{0,4}))?"
+    r"(/[A-Za-z0-9!$&'()*+,.:=@_~/-]*)?"
+    rf"(?:\?({_UNRESERVED}+={_UNRESERVED}*(?:&{_UNRESERVED}+={_UNRESERVED}*)*))?"
+    r"(?:#.*)?"
+)
+
+# A link that `urljoin` would only append to its page's directory (or, with a leading "/", to
+# its origin): path segments without ":" (a scheme), ";" (parameters), escapes or empty
+# segments, then an optional query and fragment. Dot segments are checked in `link_resolver`.
+_SEGMENT = r"[A-Za-z0-9!$&'()*+,.=@_~-]+"
+_PLAIN_REF = re.compile(
+    rf"(/?){_SEGMENT}(?:/{_SEGMENT})*/?(?:\?[A-Za-z0-9._~=&-]+)?(?:#[A-Za-z0-9._~-]+)?"
+)
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:[/?#]|$)")
 
 
 def canonicalize(url: str) -> str:
@@ -28,8 +50,38 @@ def canonicalize(url: str) -> str:
 
 @lru_cache(maxsize=32_768)
 def _canonicalize(url: str) -> str:
-    # Memoized: pages of a site link to the same URLs over and over (navigation, footers),
-    # and w3lib's canonical form is the largest part of parsing a page's links.
+    # Memoized: pages of a site link to the same URLs over and over (navigation, footers).
+    # Most links are canonical already: those skip w3lib, the largest part of parsing links.
+    as_is = _canonical_as_is(url)
+    return as_is if as_is is not None else _canonicalize_w3lib(url)
+
+
+def _canonical_as_is(url: str) -> str | None:
+    """The canonical form of a URL that has it already (its fragment dropped, an empty path
+    made "/"), or None when the URL needs `_canonicalize_w3lib`."""
+    m = _AS_IS.fullmatch(url)
+    if m is None:
+        return None
+    scheme, host, port, path, query = m.groups()
+    if port is not None and (int(port) > 65_535 or int(port) == _DEFAULT_PORTS[scheme]):
+        return None
+    if path is None:
+        path = "/"
+    elif "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
+        return None
+    if query is None:
+        query = ""
+    else:
+        if "&" in query:
+            pairs = [tuple(pair.split("=", 1)) for pair in query.split("&")]
+            if pairs != sorted(pairs):
+                return None
+        query = "?" + query
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{scheme}://{netloc}{path}{query}"
+
+
+def _canonicalize_w3lib(url: str) -> str:
     try:
         parts = urlsplit(url)
         port = parts.port  # ValueError on a port that is not a number or out of range
@@ -58,6 +110,25 @@ def _canonicalize(url: str) -> str:
         userinfo = canon.username + (f":{canon.password}" if canon.password is not None else "")
         netloc = f"{userinfo}@{netloc}"
     return urlunsplit((scheme, netloc, canon.path or "/", canon.query, ""))
+
+
+def link_resolver(base: str) -> Callable[[str], str]:
+    """A function from a link's reference (stripped) on a page at `base` to its canonical URL:
+    `canonicalize(urljoin(base, ref))`, ValueError alike. For a canonical `base`, plain
+    relative references are joined by appending them, without `urljoin`."""
+    if _canonical_as_is(base) != base or "//" in base[base.index("//") + 2 :]:
+        return lambda ref: canonicalize(urljoin(base, ref))
+    directory = base[: base.rindex("/") + 1]
+    origin = base[: base.index("/", base.index("//") + 2)]
+
+    def resolve(ref: str) -> str:
+        if _PLAIN_REF.fullmatch(ref) is not None and _DOT_SEGMENT.search(ref) is None:
+            return _canonicalize((origin if ref[0] == "/" else directory) + ref)
+        if ref.startswith(("http://", "https://")) and _canonical_as_is(ref) is not None:
+            return _canonicalize(ref)
+        return canonicalize(urljoin(base, ref))
+
+    return resolve
 
 
 def host_key(url: str) -> str:
