@@ -277,3 +277,57 @@ async def test_follow_yields_records_as_they_commit(client: QueueClient) -> None
     with pytest.raises(QueueError):
         async for _ in client.follow("no-such-log", 0):
             pass
+
+
+async def test_the_client_dials_the_other_replicas_hosts_and_not_its_own(
+    cluster: list[HostProcess], group: Group
+) -> None:
+    async with cluster[0].connect() as host:
+        client = await QueueClient.connect(host, timeout=15)
+        others = {h.peer for h in cluster[1:]}
+        await wait_for(lambda: set(client.dialed()) == others)
+        assert all(conn is not host.connection for conn in client.dialed().values())
+        assert await client.create("urls")
+        assert (await client.put("urls", [Item(b"a")])).added == 1
+        connections = list(client.dialed().values())
+        await client.aclose()
+        assert client.dialed() == {}
+        assert all(conn.closed.is_set() for conn in connections)
+
+
+async def test_without_direct_the_client_goes_through_its_host(
+    cluster: list[HostProcess], group: Group
+) -> None:
+    async with cluster[0].connect() as host:
+        client = await QueueClient.connect(host, timeout=15, direct=False)
+        assert await client.create("urls")
+        assert (await client.put("urls", [Item(b"a")])).added == 1
+        assert client.dialed() == {}
+        await client.aclose()
+
+
+async def test_losing_the_dialed_connection_loses_and_repeats_no_write(
+    cluster: list[HostProcess], group: Group
+) -> None:
+    leader = group.leader()
+    via = next(h for h in cluster if h.peer != leader)
+    async with via.connect() as host:
+        client = await QueueClient.connect(host, timeout=15)
+        await wait_for(lambda: leader in client.dialed())
+        lost = client.dialed()[leader]
+        await client.create("log", kind="log")
+        answered = trio.Event()
+
+        async def append(n: int) -> None:
+            await client.append("log", [b"%d" % n])
+            answered.set()
+
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(append, n)
+            await answered.wait()
+            await lost.aclose()
+        records = await client.read("log", 0, 100)
+        assert sorted(int(r) for _, r in records) == list(range(40))
+        await wait_for(lambda: client.dialed().get(leader) not in (None, lost))
+        await client.aclose()
