@@ -148,6 +148,7 @@ class QueueClient:
 
     async def aclose(self) -> None:
         """Release the replicas and close the connections of the client's own."""
+        self._direct = False  # a call still running opens no new connection
         replicas, self._replicas = self._replicas, {}
         for ref in replicas.values():
             with contextlib.suppress(*_GONE):
