@@ -4,6 +4,7 @@ reaches the others through the anchors, as the Raft ROM does."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from ww.queue.replica import QueueReplica, ReplicaOptions
 from ww.queue.snapshots import Marker
 from ww.queue.state import QueueState
 from ww.raft.types import Message, MessageType, Snapshot, SnapshotMetadata
+from ww.rom import build_rom
+from ww.rom.sandbox import landlock_abi
 
 FAST = ReplicaOptions(
     tick_interval=0.02, election_tick=10, clock_interval=0.2, request_timeout=2.0, chunk_size=4096
@@ -331,3 +334,44 @@ async def test_losing_the_dialed_connection_loses_and_repeats_no_write(
         assert sorted(int(r) for _, r in records) == list(range(40))
         await wait_for(lambda: client.dialed().get(leader) not in (None, lost))
         await client.aclose()
+
+
+CLIENT_ROM = """
+import trio
+from ww.queue.client import Item, QueueClient
+
+async def main(host, args):
+    client = await QueueClient.connect(host, timeout=15)
+    added = (await client.put("from-rom", [Item(b"a", key="a")])).added
+    with trio.move_on_after(3):
+        while len(client.dialed()) < 2:
+            await trio.sleep(0.05)
+    added += (await client.put("from-rom", [Item(b"b", key="b")])).added
+    print("RESULT", added, len(client.dialed()), flush=True)
+    await client.aclose()
+"""
+
+
+@pytest.mark.skipif(landlock_abi() < 4, reason="needs Landlock ABI 4 or later")
+@pytest.mark.parametrize(("permissions", "dialed"), [(["net.connect"], 2), ([], 0)])
+async def test_a_rom_dials_with_net_connect_and_goes_through_its_host_without(
+    cluster: list[HostProcess],
+    group: Group,
+    tmp_path: Path,
+    permissions: list[str],
+    dialed: int,
+) -> None:
+    src = tmp_path / "client-rom"
+    src.mkdir()
+    (src / "rom.toml").write_text(
+        'name = "client"\nversion = "1"\nentry = "client:main"\n'
+        f'requires = ["trio", "msgpack", "ww.queue"]\npermissions = {json.dumps(permissions)}\n'
+    )
+    (src / "client.py").write_text(CLIENT_ROM)
+    async with cluster[0].connect() as host:
+        process = await host.spawn(build_rom(src), [])
+        code = await process.wait()
+        logs = (await process.logs()).decode()
+    line = next((x for x in logs.splitlines() if x.startswith("RESULT")), None)
+    assert code == 0 and line is not None, logs
+    assert line.split()[1:] == ["2", str(dialed)]
