@@ -4,6 +4,7 @@ reaches the others through the anchors, as the Raft ROM does."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from ww.queue.replica import QueueReplica, ReplicaOptions
 from ww.queue.snapshots import Marker
 from ww.queue.state import QueueState
 from ww.raft.types import Message, MessageType, Snapshot, SnapshotMetadata
+from ww.rom import build_rom
+from ww.rom.sandbox import landlock_abi
 
 FAST = ReplicaOptions(
     tick_interval=0.02, election_tick=10, clock_interval=0.2, request_timeout=2.0, chunk_size=4096
@@ -292,3 +295,98 @@ async def test_follow_yields_records_as_they_commit(client: QueueClient) -> None
     with pytest.raises(QueueError):
         async for _ in client.follow("no-such-log", 0):
             pass
+
+
+async def test_the_client_dials_the_other_replicas_hosts_and_not_its_own(
+    cluster: list[HostProcess], group: Group
+) -> None:
+    async with cluster[0].connect() as host:
+        client = await QueueClient.connect(host, timeout=15)
+        others = {h.peer for h in cluster[1:]}
+        await wait_for(lambda: set(client.dialed()) == others)
+        assert all(conn is not host.connection for conn in client.dialed().values())
+        assert await client.create("urls")
+        assert (await client.put("urls", [Item(b"a")])).added == 1
+        connections = list(client.dialed().values())
+        await client.aclose()
+        assert client.dialed() == {}
+        assert all(conn.closed.is_set() for conn in connections)
+
+
+async def test_without_direct_the_client_goes_through_its_host(
+    cluster: list[HostProcess], group: Group
+) -> None:
+    async with cluster[0].connect() as host:
+        client = await QueueClient.connect(host, timeout=15, direct=False)
+        assert await client.create("urls")
+        assert (await client.put("urls", [Item(b"a")])).added == 1
+        assert client.dialed() == {}
+        await client.aclose()
+
+
+async def test_losing_the_dialed_connection_loses_and_repeats_no_write(
+    cluster: list[HostProcess], group: Group
+) -> None:
+    leader = group.leader()
+    via = next(h for h in cluster if h.peer != leader)
+    async with via.connect() as host:
+        client = await QueueClient.connect(host, timeout=15)
+        await wait_for(lambda: leader in client.dialed())
+        lost = client.dialed()[leader]
+        await client.create("log", kind="log")
+        answered = trio.Event()
+
+        async def append(n: int) -> None:
+            await client.append("log", [b"%d" % n])
+            answered.set()
+
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(append, n)
+            await answered.wait()
+            await lost.aclose()
+        records = await client.read("log", 0, 100)
+        assert sorted(int(r) for _, r in records) == list(range(40))
+        await wait_for(lambda: client.dialed().get(leader) not in (None, lost))
+        await client.aclose()
+
+
+CLIENT_ROM = """
+import trio
+from ww.queue.client import Item, QueueClient
+
+async def main(host, args):
+    client = await QueueClient.connect(host, timeout=15)
+    added = (await client.put("from-rom", [Item(b"a", key="a")])).added
+    with trio.move_on_after(3):
+        while len(client.dialed()) < 2:
+            await trio.sleep(0.05)
+    added += (await client.put("from-rom", [Item(b"b", key="b")])).added
+    print("RESULT", added, len(client.dialed()), flush=True)
+    await client.aclose()
+"""
+
+
+@pytest.mark.skipif(landlock_abi() < 4, reason="needs Landlock ABI 4 or later")
+@pytest.mark.parametrize(("permissions", "dialed"), [(["net.connect"], 2), ([], 0)])
+async def test_a_rom_dials_with_net_connect_and_goes_through_its_host_without(
+    cluster: list[HostProcess],
+    group: Group,
+    tmp_path: Path,
+    permissions: list[str],
+    dialed: int,
+) -> None:
+    src = tmp_path / "client-rom"
+    src.mkdir()
+    (src / "rom.toml").write_text(
+        'name = "client"\nversion = "1"\nentry = "client:main"\n'
+        f'requires = ["trio", "msgpack", "ww.queue"]\npermissions = {json.dumps(permissions)}\n'
+    )
+    (src / "client.py").write_text(CLIENT_ROM)
+    async with cluster[0].connect() as host:
+        process = await host.spawn(build_rom(src), [])
+        code = await process.wait()
+        logs = (await process.logs()).decode()
+    line = next((x for x in logs.splitlines() if x.startswith("RESULT")), None)
+    assert code == 0 and line is not None, logs
+    assert line.split()[1:] == ["2", str(dialed)]

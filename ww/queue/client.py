@@ -9,11 +9,20 @@
 
 It finds the replicas of the group by walking `/<peer>/<group>/request` for the hosts in the
 cluster view, sends each request to the leader (following "not leader" answers), and lets
-many requests be in flight at once: each call is independent. Every write carries this
-client's id and a sequence number; a request that got no answer (the leader changed, timed
-out, its host went away) is sent again with the same id and number, so the state machine
-applies it once and answers the retry with its first answer. `ack` tells the state machine
-which answers the client has, so it can forget them.
+many requests be in flight at once: each call is independent.
+
+Once a replica answered through `host`, the client dials that replica's host (`ww.dial`) and
+reaches the replica over that connection of its own from then on, kept open for every call
+until `aclose()`: a request is then not relayed by the client's host as well (one process
+hop less each way). Where it cannot dial (a ROM without the `net.connect` permission, a host
+address this process cannot reach) it goes on through `host`, as it does for every call
+with `direct=False`. Losing that connection is losing the replica: the client forgets it,
+finds it again and retries.
+
+Every write carries this client's id and a sequence number; a request that got no answer
+(the leader changed, timed out, its host went away) is sent again with the same id and
+number, so the state machine applies it once and answers the retry with its first answer.
+`ack` tells the state machine which answers the client has, so it can forget them.
 
 An answer with "error" raises `QueueError` (one line); a request that no leader answered
 within `timeout` seconds raises it too.
@@ -23,13 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from ww.dial import dial
 from ww.queue.commands import (
     GROUP,
     Claimed,
@@ -39,7 +50,7 @@ from ww.queue.commands import (
     claimed_from_answer,
     encode,
 )
-from ww.rpc import CapabilityError, ConnectionLost, RemoteError
+from ww.rpc import CapabilityError, Connection, ConnectionLost, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +58,9 @@ __all__ = ["Claimed", "Item", "PutResult", "QueueClient", "QueueError"]
 
 DISCOVERY_TIMEOUT = 1.0
 """How long to wait for one host's anchor when looking for the replicas."""
+
+DIAL_TIMEOUT = 5.0
+"""How long a connection of the client's own to a replica's host may take to open."""
 
 _GONE = (RemoteError, ConnectionLost, CapabilityError, OSError)
 """What a call on a replica raises when the replica, its host or the way there is gone."""
@@ -67,6 +81,17 @@ class PutResult:
     duplicates: int
 
 
+@dataclass(slots=True, eq=False)
+class _Link:
+    """A connection of the client's own to one host, held open by a task of its own."""
+
+    root: Any = None
+    """The far host's root anchor while the connection is open."""
+    connection: Connection | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
 class QueueClient:
     """A client of one replica group. Make it with `await QueueClient.connect(host)`."""
 
@@ -78,8 +103,12 @@ class QueueClient:
         client_id: str | None = None,
         timeout: float = 30.0,
         attempt_timeout: float = 10.0,
+        direct: bool = True,
     ) -> None:
         self._host = host
+        self._direct = direct
+        self._links: dict[str, _Link] = {}  # peer id -> connection to its host
+        self._home: str | None = None  # the peer id of `host` (never dialed: it is there)
         self.group = group.strip("/")
         self.client_id = client_id or uuid.uuid4().hex
         self.timeout = timeout
@@ -91,13 +120,26 @@ class QueueClient:
 
     @classmethod
     async def connect(
-        cls, host: Any, group: str = GROUP, *, client_id: str | None = None, timeout: float = 30.0
+        cls,
+        host: Any,
+        group: str = GROUP,
+        *,
+        client_id: str | None = None,
+        timeout: float = 30.0,
+        direct: bool = True,
     ) -> QueueClient:
-        """A client of the group `group` (a path below each host, e.g. "raft/v1") reached
-        through `host`. Raises QueueError when no replica of it is found."""
-        client = cls(host, group, client_id=client_id, timeout=timeout)
-        await client._discover()
+        """A client of the group `group` (a path below each host, e.g. "raft/v1") found
+        through `host`, reaching each replica over a connection of its own to the replica's
+        host (`direct=False`: through `host`). Raises QueueError when no replica is found."""
+        client = cls(host, group, client_id=client_id, timeout=timeout, direct=direct)
+        try:
+            await client._discover()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            raise
         if not client._replicas:
+            await client.aclose()
             raise QueueError(
                 f"no replica of {client.group} found in the cluster; "
                 "start one with `ww run roms/raft start`"
@@ -105,10 +147,26 @@ class QueueClient:
         return client
 
     async def aclose(self) -> None:
+        """Release the replicas and close the connections of the client's own."""
+        self._direct = False  # a call still running opens no new connection
         replicas, self._replicas = self._replicas, {}
         for ref in replicas.values():
             with contextlib.suppress(*_GONE):
                 await ref.release()
+        links, self._links = self._links, {}
+        for link in links.values():
+            link.scope.cancel()
+        for link in links.values():
+            await link.done.wait()
+
+    def dialed(self) -> dict[str, Connection]:
+        """The open connections of the client's own, by the peer id of the host at the far
+        end: the replicas on those hosts are reached over them."""
+        return {
+            peer: link.connection
+            for peer, link in self._links.items()
+            if link.connection is not None and link.root is not None
+        }
 
     async def __aenter__(self) -> QueueClient:
         return self
@@ -331,6 +389,8 @@ class QueueClient:
         """Find the replicas: `/<peer>/<group>/request` for the hosts in the view."""
         root = await self._host.root()
         peers = await root.ls()
+        if self._home is None:
+            self._home = await self._host.id()
 
         async def look(peer: str) -> None:
             # A host killed a moment ago is still in the view; do not wait long for it.
@@ -343,19 +403,61 @@ class QueueClient:
                     nursery.start_soon(look, peer)
 
     async def _anchor(self, peer: str, name: str) -> Any:
-        """The capability at `/<peer>/<group>/<name>` (cached for "request")."""
+        """The capability at `/<peer>/<group>/<name>` (cached for "request"): over the
+        connection of the client's own to `peer`'s host when it is open, else through the
+        client's host (and then, once a replica answered there, that connection is opened)."""
         if name == "request" and peer in self._replicas:
             return self._replicas[peer]
-        root = await self._host.root()
-        anchor = await root.walk(f"/{peer}/{self.group}/{name}")
-        ref = await anchor.load()
-        if ref is None or isinstance(ref, bytes):
-            raise CapabilityError(f"no replica of {self.group} on {peer}")
+        link = self._links.get(peer)
+        if link is not None and link.root is not None:
+            root = link.root
+        else:
+            root = await self._host.root()
+        ref = await _load(root, f"/{peer}/{self.group}/{name}")
         if name == "request":
             self._replicas[peer] = ref
+            if self._direct and link is None and self._home not in (None, peer):
+                link = self._links[peer] = _Link()
+                trio.lowlevel.spawn_system_task(self._hold, peer, link, name=f"queue link {peer}")
         return ref
+
+    async def _hold(self, peer: str, link: _Link) -> None:
+        """Dial `peer`'s host, reach its replica over that connection from then on, and hold
+        the connection open until it closes or the client closes.
+
+        It runs as a system task, so that the connection outlives the call that opened it
+        without asking the client's user for a nursery. Whatever goes wrong here only leaves
+        the client going through its own host."""
+        try:
+            with link.scope:
+                link.scope.deadline = trio.current_time() + DIAL_TIMEOUT
+                async with dial(self._host, peer) as far:
+                    root = await far.root()
+                    ref = await _load(root, f"/{peer}/{self.group}/request")
+                    link.scope.deadline = math.inf
+                    link.root, link.connection = root, far.connection
+                    if peer in self._replicas:
+                        self._replicas[peer] = ref
+                    await far.connection.closed.wait()
+                    if self._replicas.get(peer) is ref:
+                        del self._replicas[peer]  # found again (and dialed again) when needed
+        except Exception as e:  # it cannot be dialed, has no replica, or the connection broke
+            logger.debug("connection to host %s: %s", peer, e)
+        finally:
+            link.root = None
+            if self._links.get(peer) is link:
+                del self._links[peer]
+            link.done.set()
 
     def _forget(self, peer: str) -> None:
         self._replicas.pop(peer, None)
         if self._leader == peer:
             self._leader = None
+
+
+async def _load(root: Any, path: str) -> Any:
+    anchor = await root.walk(path)
+    ref = await anchor.load()
+    if ref is None or isinstance(ref, bytes):
+        raise CapabilityError(f"no replica at {path}")
+    return ref
