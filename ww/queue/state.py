@@ -8,12 +8,12 @@ autocommit=False one per `commit()`), so after a crash the database is at some a
 and the entries after it are applied again from the Raft log.
 
 Work topics: an item is ready (state 0), leased (1) or delayed (2, not_before in the future);
-a done item is deleted (its key stays in the seen-set, which holds a 16-byte digest of each
-key). Each (topic, partition key) has a row in `parts` with its counters, its limits and two
-derived columns that keep claim cheap: `cand` (the key's oldest ready item id while the key
-may be claimed now) and `wake` (the time the key may be claimed again while only its minimum
-interval holds it back). Items without a partition key each count as a key of their own: no
-limits apply to them.
+a done item is deleted (its key stays in the seen-set, which holds each key's first 32 bytes
+and a 16-byte digest of it). Each (topic, partition key) has a row in `parts` with its
+counters, its limits and two derived columns that keep claim cheap: `cand` (the key's oldest
+ready item id while the key may be claimed now) and `wake` (the time the key may be claimed
+again while only its minimum interval holds it back). Items without a partition key each
+count as a key of their own: no limits apply to them.
 
 Client sessions: the answer of each (client, seq) is kept until the client acknowledges it
 (`ack`: every seq below it is answered), for at most SESSION_IDLE seconds of log time without
@@ -23,6 +23,7 @@ the last ANSWER_WINDOW seqs of a client.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -53,7 +54,7 @@ __all__ = ["SESSION_IDLE", "SESSION_LIMIT", "QueueState", "QueueStateError"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SESSION_IDLE = 3600.0  # seconds of log time after which an idle client session is forgotten
 SESSION_LIMIT = 10_000  # client sessions remembered at most (the least recently used goes)
 ANSWER_WINDOW = 10_000  # answers a session keeps: seq n acknowledges those below n - 9,999
@@ -63,8 +64,11 @@ LOG_SHIFT = 40  # a log record's rowid is topic_id << LOG_SHIFT | offset
 MAX_OFFSET = 2**LOG_SHIFT - 1
 CACHE_KIB = 32_768  # SQLite page cache per connection
 CHECKPOINT_PAGES = 8_192  # WAL pages that trigger a checkpoint into the database file
+PIECE = 128  # rows in one multi-row INSERT at most
+SEEN_PREFIX = 32  # bytes of a key kept in front of its digest in the seen-set
 
 READY, LEASED, DELAYED = 0, 1, 2
+ITEM_MARKS = "(?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)"  # a new item row
 
 SCHEMA = """
 CREATE TABLE meta(id INTEGER PRIMARY KEY CHECK (id = 0), version INT NOT NULL,
@@ -499,13 +503,14 @@ class QueueState:
         # One pass over the seen-set per key: insert the digests (sorted: neighbours in the
         # index touch fewer pages) and learn from RETURNING which ones were new.
         new: set[bytes] = set()
-        for chunk in _chunks(sorted(set(digests.values()))):
+        tid = topic.id
+        for chunk in _pieces(sorted(set(digests.values()))):
             new.update(
                 h
                 for (h,) in conn.execute(
-                    f"INSERT OR IGNORE INTO seen VALUES {','.join(['(?, ?)'] * len(chunk))} "
-                    "RETURNING h",
-                    [v for h in chunk for v in (topic.id, h)],
+                    _values_sql("INSERT OR IGNORE INTO seen VALUES ", "(?, ?)", len(chunk))
+                    + " RETURNING h",
+                    [v for h in chunk for v in (tid, h)],
                 )
             )
         topic.seen += len(new)
@@ -522,7 +527,6 @@ class QueueState:
         rows: list[tuple[Any, ...]] = []
         heads: dict[str | None, list[int]] = {}  # partition -> [ready count, min ready id]
         next_id = self._next_item
-        tid = topic.id
         for payload, key, partition, not_before in fresh:
             if not_before is not None and not_before > now:
                 rows.append((next_id, tid, parts[partition].id, DELAYED, payload, key, not_before))
@@ -536,7 +540,11 @@ class QueueState:
                 else:
                     head[0] += 1
             next_id += 1
-        conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)", rows)
+        for chunk in _pieces(rows):
+            conn.execute(
+                _values_sql("INSERT INTO items VALUES ", ITEM_MARKS, len(chunk)),
+                [v for row in chunk for v in row],
+            )
         added = next_id - self._next_item
         self._next_item = next_id
         for pkey, (count, first) in heads.items():
@@ -1242,9 +1250,27 @@ class QueueState:
 
 
 def _key_digest(key: str) -> bytes:
-    """What the seen-set stores of a key: 16 bytes of BLAKE2b (a false duplicate needs a
-    128-bit collision), so a million keys take some 30 MB whatever the keys' length."""
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    """What the seen-set stores of a key: its first SEEN_PREFIX bytes (UTF-8), then 16 bytes of
+    BLAKE2b of the whole key. A false duplicate needs a 128-bit collision; a key takes at
+    most 48 bytes whatever its length; and keys that share a prefix (the URLs of one host,
+    numbered keys) sit side by side in the index, so a batch of them dirties few pages."""
+    b = key.encode("utf-8", "surrogatepass")
+    return b[:SEEN_PREFIX] + hashlib.blake2b(b, digest_size=16).digest()
+
+
+def _pieces(values: list[Any]) -> Iterable[list[Any]]:
+    """`values` in pieces of powers of two up to PIECE: few statements, few distinct texts."""
+    i, n = 0, len(values)
+    while i < n:
+        size = min(PIECE, 1 << ((n - i).bit_length() - 1))
+        yield values[i : i + size]
+        i += size
+
+
+@functools.cache
+def _values_sql(head: str, marks: str, n: int) -> str:
+    """`head` followed by `n` copies of the row `marks` (an INSERT of n rows)."""
+    return head + ",".join([marks] * n)
 
 
 def _chunks(values: list[Any], size: int = 500) -> Iterable[list[Any]]:
