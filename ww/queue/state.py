@@ -248,6 +248,7 @@ class QueueState:
         self._applied: int = row[0]
         self._clock: float = row[1]
         self._next_item: int = row[2]
+        self._meta_dirty = False  # whether the three differ from the meta row
         self._unknown_due()
 
     def _unknown_due(self) -> None:
@@ -279,13 +280,10 @@ class QueueState:
             conn.execute("BEGIN")
         try:
             self._applied = index
+            self._meta_dirty = True
             answer = self._apply(data)
-            conn.execute(
-                "UPDATE meta SET applied = ?, clock = ?, next_item = ?",
-                (self._applied, self._clock, self._next_item),
-            )
             if self._autocommit:
-                conn.execute("COMMIT")
+                self.commit()
         except BaseException as exc:
             # Only a failing database gets here: forget everything not yet committed.
             self._forget_topics()
@@ -304,7 +302,17 @@ class QueueState:
     def commit(self) -> None:
         """Make the entries applied so far durable (with autocommit=False; else a no-op)."""
         if self._conn.in_transaction:
+            self._write_meta()
             self._conn.execute("COMMIT")
+
+    def _write_meta(self) -> None:
+        """Write the applied index, clock and item counter: once per transaction, in it."""
+        if self._meta_dirty:
+            self._conn.execute(
+                "UPDATE meta SET applied = ?, clock = ?, next_item = ?",
+                (self._applied, self._clock, self._next_item),
+            )
+            self._meta_dirty = False
 
     def _apply(self, data: bytes) -> dict[str, Any]:
         try:
@@ -682,11 +690,14 @@ class QueueState:
         if len(set(ids)) != len(ids):
             raise CommandError("ids must not repeat")
         found: dict[int, tuple[int, int, int, str | None]] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
+        for chunk in _pieces(ids):
             for row in self._conn.execute(
-                "SELECT id, topic, part, state, consumer FROM items "
-                f"WHERE id IN ({','.join('?' * len(chunk))})",
+                _values_sql(
+                    "SELECT id, topic, part, state, consumer FROM items WHERE id IN (",
+                    "?",
+                    len(chunk),
+                    ")",
+                ),
                 chunk,
             ):
                 found[row[0]] = row[1:]
@@ -731,7 +742,10 @@ class QueueState:
             raise CommandError("complete: append and put must be maps of topic to a list")
         rows = self._owned(consumer, ids)
         self._take(rows)
-        self._conn.executemany("DELETE FROM items WHERE id = ?", [(r[0],) for r in rows])
+        for chunk in _pieces([r[0] for r in rows]):
+            self._conn.execute(
+                _values_sql("DELETE FROM items WHERE id IN (", "?", len(chunk), ")"), chunk
+            )
         for _, topic_id, _, _ in rows:
             self._topic_by_id(topic_id).done += 1
         appended: dict[str, int] = {}
@@ -1002,7 +1016,9 @@ class QueueState:
             "VALUES (?, ?, 0, 0.0, 0, 0) RETURNING id",
             (topic.id, pkey),
         ).fetchone()
-        return self._part(part_id)
+        return self._cached_part(
+            (part_id, topic.id, pkey, 0, None, 0.0, 0, 0, None, None, None, None)
+        )
 
     def _flush_parts(self) -> None:
         """Write the changed part rows; the indexed cand/wake only where they changed."""
@@ -1241,6 +1257,7 @@ class QueueState:
     def digest(self) -> bytes:
         """A hash of every row of every table in key order: equal on replicas at the same
         applied index."""
+        self._write_meta()
         h = hashlib.blake2b(digest_size=32)
         for table, order in TABLES.items():
             h.update(table.encode())
@@ -1268,9 +1285,9 @@ def _pieces(values: list[Any]) -> Iterable[list[Any]]:
 
 
 @functools.cache
-def _values_sql(head: str, marks: str, n: int) -> str:
-    """`head` followed by `n` copies of the row `marks` (an INSERT of n rows)."""
-    return head + ",".join([marks] * n)
+def _values_sql(head: str, marks: str, n: int, tail: str = "") -> str:
+    """`head`, `n` copies of `marks` (a row of an INSERT, or `?` in a list), `tail`."""
+    return head + ",".join([marks] * n) + tail
 
 
 def _chunks(values: list[Any], size: int = 500) -> Iterable[list[Any]]:
