@@ -8,12 +8,12 @@ autocommit=False one per `commit()`), so after a crash the database is at some a
 and the entries after it are applied again from the Raft log.
 
 Work topics: an item is ready (state 0), leased (1) or delayed (2, not_before in the future);
-a done item is deleted (its key stays in the seen-set, which holds each key's first 32 bytes
-and a 16-byte digest of it). Each (topic, partition key) has a row in `parts` with its
-counters, its limits and two derived columns that keep claim cheap: `cand` (the key's oldest
-ready item id while the key may be claimed now) and `wake` (the time the key may be claimed
-again while only its minimum interval holds it back). Items without a partition key each
-count as a key of their own: no limits apply to them.
+a done item is deleted (its key stays in the seen-set, which holds a 16-byte digest of each
+key after a short prefix that keeps related keys together: see `_key_digest`). Each (topic,
+partition key) has a row in `parts` with its counters, its limits and two derived columns
+that keep claim cheap: `cand` (the key's oldest ready item id while the key may be claimed
+now) and `wake` (the time the key may be claimed again while only its minimum interval holds
+it back). Items without a partition key each count as a key of their own: no limits apply to them.
 
 Client sessions: the answer of each (client, seq) is kept until the client acknowledges it
 (`ack`: every seq below it is answered), for at most SESSION_IDLE seconds of log time without
@@ -65,7 +65,7 @@ MAX_OFFSET = 2**LOG_SHIFT - 1
 CACHE_KIB = 32_768  # SQLite page cache per connection
 CHECKPOINT_PAGES = 8_192  # WAL pages that trigger a checkpoint into the database file
 PIECE = 128  # rows in one multi-row INSERT at most
-SEEN_PREFIX = 32  # bytes of a key kept in front of its digest in the seen-set
+SEEN_PREFIX = 16  # bytes of a key (not a URL) kept in front of its digest in the seen-set
 
 READY, LEASED, DELAYED = 0, 1, 2
 ITEM_MARKS = "(?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)"  # a new item row
@@ -1267,12 +1267,20 @@ class QueueState:
 
 
 def _key_digest(key: str) -> bytes:
-    """What the seen-set stores of a key: its first SEEN_PREFIX bytes (UTF-8), then 16 bytes of
-    BLAKE2b of the whole key. A false duplicate needs a 128-bit collision; a key takes at
-    most 48 bytes whatever its length; and keys that share a prefix (the URLs of one host,
-    numbered keys) sit side by side in the index, so a batch of them dirties few pages."""
+    """What the seen-set stores of a key: where it sits in the index, then 16 bytes of BLAKE2b
+    of the whole key (a false duplicate needs a 128-bit collision; at most 32 bytes a key).
+
+    Where it sits: for a URL (a key with "://"), a 4-byte hash of its scheme and host; for
+    any other key, its first SEEN_PREFIX bytes. So the keys a batch puts together (the URLs
+    of a few hosts, numbered keys) share leaf pages of the index rather than each landing on a
+    random one, which a commit would write and a large seen-set would have to read."""
     b = key.encode("utf-8", "surrogatepass")
-    return b[:SEEN_PREFIX] + hashlib.blake2b(b, digest_size=16).digest()
+    digest = hashlib.blake2b(b, digest_size=16).digest()
+    scheme = b.find(b"://")
+    if scheme < 0:
+        return b[:SEEN_PREFIX] + digest
+    end = b.find(b"/", scheme + 3)
+    return hashlib.blake2b(b if end < 0 else b[:end], digest_size=4).digest() + digest
 
 
 def _pieces(values: list[Any]) -> Iterable[list[Any]]:
