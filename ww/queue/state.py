@@ -65,6 +65,7 @@ MAX_OFFSET = 2**LOG_SHIFT - 1
 CACHE_KIB = 32_768  # SQLite page cache per connection
 CHECKPOINT_PAGES = 8_192  # WAL pages that trigger a checkpoint into the database file
 PIECE = 128  # rows in one multi-row INSERT at most
+STATEMENTS = 1024  # prepared statements cached per connection (each piece size is one)
 SEEN_PREFIX = 16  # bytes of a key (not a URL) kept in front of its digest in the seen-set
 
 READY, LEASED, DELAYED = 0, 1, 2
@@ -189,12 +190,14 @@ class QueueState:
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         # The topics (a small table) stay cached between entries; what was last written of
-        # each is kept to write only changes. Part rows are cached while one entry applies.
+        # each is kept to write only changes. Part rows are cached while one entry applies,
+        # except each topic's part of items without a partition key, which stays cached too.
         self._topics: dict[str, _Topic] = {}
         self._topics_by_id: dict[int, _Topic] = {}
         self._topic_rows: dict[int, tuple[Any, ...]] = {}
         self._parts: dict[int, _Part] = {}
-        self._part_rows: dict[int, tuple[Any, ...]] = {}  # the rows as loaded
+        self._part_rows: dict[int, tuple[Any, ...]] = {}  # the rows as loaded or last written
+        self._loose: dict[int, _Part] = {}  # topic id -> its part without a partition key
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -208,7 +211,9 @@ class QueueState:
 
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, cached_statements=STATEMENTS
+            )
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -287,8 +292,7 @@ class QueueState:
         except BaseException as exc:
             # Only a failing database gets here: forget everything not yet committed.
             self._forget_topics()
-            self._parts.clear()
-            self._part_rows.clear()
+            self._forget_parts()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._load_meta()
@@ -335,8 +339,7 @@ class QueueState:
         except Exception as exc:
             self._conn.execute("ROLLBACK TO op")
             self._forget_topics()
-            self._parts.clear()
-            self._part_rows.clear()
+            self._forget_parts()
             self._next_item = saved_next
             if isinstance(exc, _Refused):
                 answer = exc.answer
@@ -974,8 +977,7 @@ class QueueState:
             row = self._conn.execute(
                 f"SELECT {PART_COLS} FROM parts WHERE id = ?", (part_id,)
             ).fetchone()
-            part = self._parts[part_id] = _Part(*row)
-            self._part_rows[part_id] = row
+            part = self._cached_part(row)
         return part
 
     def _cached_part(self, row: tuple[Any, ...]) -> _Part:
@@ -983,7 +985,14 @@ class QueueState:
         if part is None:
             part = self._parts[row[0]] = _Part(*row)
             self._part_rows[row[0]] = row
+            if part.pkey is None:
+                self._loose[part.topic] = part
         return part
+
+    def _forget_parts(self) -> None:
+        self._parts.clear()
+        self._part_rows.clear()
+        self._loose.clear()
 
     def _parts_for(self, topic: _Topic, pkeys: list[str | None]) -> dict[str | None, _Part]:
         """The parts of these partition keys, created (in order of appearance) if new."""
@@ -1002,6 +1011,8 @@ class QueueState:
         return found
 
     def _find_part(self, topic: _Topic, pkey: str | None) -> _Part | None:
+        if pkey is None and topic.id in self._loose:
+            return self._loose[topic.id]
         row = self._conn.execute(
             f"SELECT {PART_COLS} FROM parts WHERE topic = ? AND pkey IS ?", (topic.id, pkey)
         ).fetchone()
@@ -1042,8 +1053,8 @@ class QueueState:
             )
         if derived:
             self._conn.executemany("UPDATE parts SET cand = ?, wake = ? WHERE id = ?", derived)
-        self._parts.clear()
-        self._part_rows.clear()
+        self._parts = {p.id: p for p in self._loose.values()}
+        self._part_rows = {p.id: _part_row(p) for p in self._loose.values()}
 
     def _flush(self) -> None:
         """Write the rows changed while applying this entry."""
@@ -1250,8 +1261,7 @@ class QueueState:
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         self._forget_topics()
-        self._parts.clear()
-        self._part_rows.clear()
+        self._forget_parts()
         logger.info("%s: restored a snapshot at applied index %d", self.path, self._applied)
 
     def digest(self) -> bytes:
@@ -1284,12 +1294,10 @@ def _key_digest(key: str) -> bytes:
 
 
 def _pieces(values: list[Any]) -> Iterable[list[Any]]:
-    """`values` in pieces of powers of two up to PIECE: few statements, few distinct texts."""
-    i, n = 0, len(values)
-    while i < n:
-        size = min(PIECE, 1 << ((n - i).bit_length() - 1))
-        yield values[i : i + size]
-        i += size
+    """`values` in pieces of PIECE and one of the rest: as many distinct statement texts as
+    the statement cache holds (STATEMENTS)."""
+    for i in range(0, len(values), PIECE):
+        yield values[i : i + PIECE]
 
 
 @functools.cache
@@ -1313,6 +1321,13 @@ def _first(pair: tuple[int, Any]) -> int:
 
 def _name_order(name: Any) -> tuple[str, str]:
     return (type(name).__name__, str(name))
+
+
+def _part_row(p: _Part) -> tuple[Any, ...]:
+    return (
+        p.id, p.topic, p.pkey, p.own, p.max_leased, p.min_interval, p.ready, p.leased,
+        p.last_claim, p.head, p.cand, p.wake,
+    )  # fmt: skip
 
 
 def _topic_row(t: _Topic) -> tuple[Any, ...]:
