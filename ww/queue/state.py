@@ -478,6 +478,10 @@ class QueueState:
 
     def _make_ready(self, topic: _Topic, part: _Part, item_id: int) -> None:
         self._conn.execute("UPDATE items SET state = 0 WHERE id = ?", (item_id,))
+        self._count_ready(topic, part, item_id)
+
+    def _count_ready(self, topic: _Topic, part: _Part, item_id: int) -> None:
+        """Count `item_id` as ready in `topic` and `part` (its row already says so)."""
         topic.ready += 1
         part.ready += 1
         if part.head is None or item_id < part.head:
@@ -770,24 +774,23 @@ class QueueState:
         delay = as_time(cmd.get("delay", 0.0), "delay", 0.0)
         rows = self._owned(consumer, ids)
         self._take(rows)
-        not_before = self._clock + delay
+        if delay > 0:
+            not_before = self._clock + delay
+            head = "UPDATE items SET state = 2, not_before = ?, consumer = NULL, deadline = NULL "
+        else:
+            not_before = None
+            head = "UPDATE items SET state = 0, not_before = ?, consumer = NULL, deadline = NULL "
+        for chunk in _pieces([r[0] for r in rows]):
+            self._conn.execute(
+                _values_sql(head + "WHERE id IN (", "?", len(chunk), ")"), (not_before, *chunk)
+            )
         for item_id, topic_id, part_id, _ in rows:
-            topic, part = self._topic_by_id(topic_id), self._part(part_id)
-            if delay > 0:
-                self._conn.execute(
-                    "UPDATE items SET state = 2, not_before = ?, consumer = NULL, "
-                    "deadline = NULL WHERE id = ?",
-                    (not_before, item_id),
-                )
+            topic = self._topic_by_id(topic_id)
+            if not_before is not None:
                 topic.delayed += 1
                 self._due_ready = min(self._due_ready, not_before)
             else:
-                self._conn.execute(
-                    "UPDATE items SET not_before = NULL, consumer = NULL, deadline = NULL "
-                    "WHERE id = ?",
-                    (item_id,),
-                )
-                self._make_ready(topic, part, item_id)
+                self._count_ready(topic, self._part(part_id), item_id)
         return {"released": len(rows)}
 
     def _limit(self, cmd: dict[str, Any]) -> dict[str, Any]:
