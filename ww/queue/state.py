@@ -1297,8 +1297,8 @@ def _key_digest(key: str) -> bytes:
 
 
 def _pieces(values: list[Any]) -> Iterable[list[Any]]:
-    """`values` in pieces of PIECE and one of the rest: as many distinct statement texts as
-    the statement cache holds (STATEMENTS)."""
+    """`values` in pieces of at most PIECE: a statement over a piece has at most PIECE
+    texts, which the connection's statement cache (STATEMENTS) keeps prepared."""
     for i in range(0, len(values), PIECE):
         yield values[i : i + PIECE]
 
