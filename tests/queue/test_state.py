@@ -43,6 +43,25 @@ def test_put_counts_duplicates_by_key_across_batches_and_within_one(q: Driver) -
     assert (s["kind"], s["ready"], s["seen"]) == ("work", 3, 2)
 
 
+def test_keys_that_share_a_long_prefix_are_told_apart(q: Driver) -> None:
+    base = "https://example.org/" + "p" * 200
+    keys = [base + "1", base + "2", base[:10], base[:19], base[:40], "é" * 40 + "x", "é" * 40 + "y"]
+    put = Command.put("w", [Item(k.encode(), key=k) for k in keys])
+    assert q(put) == {"added": len(keys), "duplicates": 0}
+    assert q(put) == {"added": 0, "duplicates": len(keys)}
+
+
+def test_a_large_batch_keeps_its_order_and_its_duplicates(q: Driver) -> None:
+    keys = [f"k{i % 963}" for i in range(1000)]  # the last 37 repeat the first
+    assert q(Command.put("w", [Item(k.encode(), key=k) for k in keys])) == {
+        "added": 963,
+        "duplicates": 37,
+    }
+    got = claimed_from_answer(q.ok(Command.claim("w", "c", 1000, 60.0)))
+    assert [(c.payload, c.key) for c in got] == [(k.encode(), k) for k in keys[:963]]
+    assert [c.id for c in got] == sorted(c.id for c in got)
+
+
 def test_a_key_stays_seen_after_its_item_is_done(q: Driver) -> None:
     q.ok(Command.put("w", [Item(b"a", key="k")]))
     ids = q.claim_ids("w")
@@ -653,6 +672,21 @@ def test_a_database_with_a_damaged_page_is_refused(tmp_path: Path) -> None:
     with pytest.raises(QueueStateError) as info:
         QueueState(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_database_of_another_schema_version_is_refused_with_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "queue.db"
+    QueueState(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET version = ?", (state_module.SCHEMA_VERSION - 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(QueueStateError) as info:
+        QueueState(path)
+    message = str(info.value)
+    assert "schema version" in message and "move it away" in message and "\n" not in message
 
 
 def test_another_sqlite_database_is_refused(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ and the entries after it are applied again from the Raft log.
 
 Work topics: an item is ready (state 0), leased (1) or delayed (2, not_before in the future);
 a done item is deleted (its key stays in the seen-set, which holds a 16-byte digest of each
-key). Each (topic, partition key) has a row in `parts` with its counters, its limits and two
-derived columns that keep claim cheap: `cand` (the key's oldest ready item id while the key
-may be claimed now) and `wake` (the time the key may be claimed again while only its minimum
-interval holds it back). Items without a partition key each count as a key of their own: no
-limits apply to them.
+key after a short prefix that keeps related keys together: see `_key_digest`). Each (topic,
+partition key) has a row in `parts` with its counters, its limits and two derived columns
+that keep claim cheap: `cand` (the key's oldest ready item id while the key may be claimed
+now) and `wake` (the time the key may be claimed again while only its minimum interval holds
+it back). Items without a partition key each count as a key of their own: no limits apply to them.
 
 Client sessions: the answer of each (client, seq) is kept until the client acknowledges it
 (`ack`: every seq below it is answered), for at most SESSION_IDLE seconds of log time without
@@ -23,6 +23,7 @@ the last ANSWER_WINDOW seqs of a client.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -53,7 +54,7 @@ __all__ = ["SESSION_IDLE", "SESSION_LIMIT", "QueueState", "QueueStateError"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SESSION_IDLE = 3600.0  # seconds of log time after which an idle client session is forgotten
 SESSION_LIMIT = 10_000  # client sessions remembered at most (the least recently used goes)
 ANSWER_WINDOW = 10_000  # answers a session keeps: seq n acknowledges those below n - 9,999
@@ -63,8 +64,12 @@ LOG_SHIFT = 40  # a log record's rowid is topic_id << LOG_SHIFT | offset
 MAX_OFFSET = 2**LOG_SHIFT - 1
 CACHE_KIB = 32_768  # SQLite page cache per connection
 CHECKPOINT_PAGES = 8_192  # WAL pages that trigger a checkpoint into the database file
+PIECE = 128  # rows in one multi-row INSERT at most
+STATEMENTS = 1024  # prepared statements cached per connection (each piece size is one)
+SEEN_PREFIX = 16  # bytes of a key (not a URL) kept in front of its digest in the seen-set
 
 READY, LEASED, DELAYED = 0, 1, 2
+ITEM_MARKS = "(?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)"  # a new item row
 
 SCHEMA = """
 CREATE TABLE meta(id INTEGER PRIMARY KEY CHECK (id = 0), version INT NOT NULL,
@@ -185,12 +190,14 @@ class QueueState:
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         # The topics (a small table) stay cached between entries; what was last written of
-        # each is kept to write only changes. Part rows are cached while one entry applies.
+        # each is kept to write only changes. Part rows are cached while one entry applies,
+        # except each topic's part of items without a partition key, which stays cached too.
         self._topics: dict[str, _Topic] = {}
         self._topics_by_id: dict[int, _Topic] = {}
         self._topic_rows: dict[int, tuple[Any, ...]] = {}
         self._parts: dict[int, _Part] = {}
-        self._part_rows: dict[int, tuple[Any, ...]] = {}  # the rows as loaded
+        self._part_rows: dict[int, tuple[Any, ...]] = {}  # the rows as loaded or last written
+        self._loose: dict[int, _Part] = {}  # topic id -> its part without a partition key
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -204,7 +211,9 @@ class QueueState:
 
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, cached_statements=STATEMENTS
+            )
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -244,6 +253,7 @@ class QueueState:
         self._applied: int = row[0]
         self._clock: float = row[1]
         self._next_item: int = row[2]
+        self._meta_dirty = False  # whether the three differ from the meta row
         self._unknown_due()
 
     def _unknown_due(self) -> None:
@@ -275,18 +285,14 @@ class QueueState:
             conn.execute("BEGIN")
         try:
             self._applied = index
+            self._meta_dirty = True
             answer = self._apply(data)
-            conn.execute(
-                "UPDATE meta SET applied = ?, clock = ?, next_item = ?",
-                (self._applied, self._clock, self._next_item),
-            )
             if self._autocommit:
-                conn.execute("COMMIT")
+                self.commit()
         except BaseException as exc:
             # Only a failing database gets here: forget everything not yet committed.
             self._forget_topics()
-            self._parts.clear()
-            self._part_rows.clear()
+            self._forget_parts()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._load_meta()
@@ -300,7 +306,17 @@ class QueueState:
     def commit(self) -> None:
         """Make the entries applied so far durable (with autocommit=False; else a no-op)."""
         if self._conn.in_transaction:
+            self._write_meta()
             self._conn.execute("COMMIT")
+
+    def _write_meta(self) -> None:
+        """Write the applied index, clock and item counter: once per transaction, in it."""
+        if self._meta_dirty:
+            self._conn.execute(
+                "UPDATE meta SET applied = ?, clock = ?, next_item = ?",
+                (self._applied, self._clock, self._next_item),
+            )
+            self._meta_dirty = False
 
     def _apply(self, data: bytes) -> dict[str, Any]:
         try:
@@ -323,8 +339,7 @@ class QueueState:
         except Exception as exc:
             self._conn.execute("ROLLBACK TO op")
             self._forget_topics()
-            self._parts.clear()
-            self._part_rows.clear()
+            self._forget_parts()
             self._next_item = saved_next
             if isinstance(exc, _Refused):
                 answer = exc.answer
@@ -463,6 +478,10 @@ class QueueState:
 
     def _make_ready(self, topic: _Topic, part: _Part, item_id: int) -> None:
         self._conn.execute("UPDATE items SET state = 0 WHERE id = ?", (item_id,))
+        self._count_ready(topic, part, item_id)
+
+    def _count_ready(self, topic: _Topic, part: _Part, item_id: int) -> None:
+        """Count `item_id` as ready in `topic` and `part` (its row already says so)."""
         topic.ready += 1
         part.ready += 1
         if part.head is None or item_id < part.head:
@@ -499,13 +518,14 @@ class QueueState:
         # One pass over the seen-set per key: insert the digests (sorted: neighbours in the
         # index touch fewer pages) and learn from RETURNING which ones were new.
         new: set[bytes] = set()
-        for chunk in _chunks(sorted(set(digests.values()))):
+        tid = topic.id
+        for chunk in _pieces(sorted(set(digests.values()))):
             new.update(
                 h
                 for (h,) in conn.execute(
-                    f"INSERT OR IGNORE INTO seen VALUES {','.join(['(?, ?)'] * len(chunk))} "
-                    "RETURNING h",
-                    [v for h in chunk for v in (topic.id, h)],
+                    _values_sql("INSERT OR IGNORE INTO seen VALUES ", "(?, ?)", len(chunk))
+                    + " RETURNING h",
+                    [v for h in chunk for v in (tid, h)],
                 )
             )
         topic.seen += len(new)
@@ -522,7 +542,6 @@ class QueueState:
         rows: list[tuple[Any, ...]] = []
         heads: dict[str | None, list[int]] = {}  # partition -> [ready count, min ready id]
         next_id = self._next_item
-        tid = topic.id
         for payload, key, partition, not_before in fresh:
             if not_before is not None and not_before > now:
                 rows.append((next_id, tid, parts[partition].id, DELAYED, payload, key, not_before))
@@ -536,7 +555,11 @@ class QueueState:
                 else:
                     head[0] += 1
             next_id += 1
-        conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL)", rows)
+        for chunk in _pieces(rows):
+            conn.execute(
+                _values_sql("INSERT INTO items VALUES ", ITEM_MARKS, len(chunk)),
+                [v for row in chunk for v in row],
+            )
         added = next_id - self._next_item
         self._next_item = next_id
         for pkey, (count, first) in heads.items():
@@ -674,11 +697,14 @@ class QueueState:
         if len(set(ids)) != len(ids):
             raise CommandError("ids must not repeat")
         found: dict[int, tuple[int, int, int, str | None]] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
+        for chunk in _pieces(ids):
             for row in self._conn.execute(
-                "SELECT id, topic, part, state, consumer FROM items "
-                f"WHERE id IN ({','.join('?' * len(chunk))})",
+                _values_sql(
+                    "SELECT id, topic, part, state, consumer FROM items WHERE id IN (",
+                    "?",
+                    len(chunk),
+                    ")",
+                ),
                 chunk,
             ):
                 found[row[0]] = row[1:]
@@ -723,7 +749,10 @@ class QueueState:
             raise CommandError("complete: append and put must be maps of topic to a list")
         rows = self._owned(consumer, ids)
         self._take(rows)
-        self._conn.executemany("DELETE FROM items WHERE id = ?", [(r[0],) for r in rows])
+        for chunk in _pieces([r[0] for r in rows]):
+            self._conn.execute(
+                _values_sql("DELETE FROM items WHERE id IN (", "?", len(chunk), ")"), chunk
+            )
         for _, topic_id, _, _ in rows:
             self._topic_by_id(topic_id).done += 1
         appended: dict[str, int] = {}
@@ -745,24 +774,23 @@ class QueueState:
         delay = as_time(cmd.get("delay", 0.0), "delay", 0.0)
         rows = self._owned(consumer, ids)
         self._take(rows)
-        not_before = self._clock + delay
+        if delay > 0:
+            not_before = self._clock + delay
+            head = "UPDATE items SET state = 2, not_before = ?, consumer = NULL, deadline = NULL "
+        else:
+            not_before = None
+            head = "UPDATE items SET state = 0, not_before = ?, consumer = NULL, deadline = NULL "
+        for chunk in _pieces([r[0] for r in rows]):
+            self._conn.execute(
+                _values_sql(head + "WHERE id IN (", "?", len(chunk), ")"), (not_before, *chunk)
+            )
         for item_id, topic_id, part_id, _ in rows:
-            topic, part = self._topic_by_id(topic_id), self._part(part_id)
-            if delay > 0:
-                self._conn.execute(
-                    "UPDATE items SET state = 2, not_before = ?, consumer = NULL, "
-                    "deadline = NULL WHERE id = ?",
-                    (not_before, item_id),
-                )
+            topic = self._topic_by_id(topic_id)
+            if not_before is not None:
                 topic.delayed += 1
                 self._due_ready = min(self._due_ready, not_before)
             else:
-                self._conn.execute(
-                    "UPDATE items SET not_before = NULL, consumer = NULL, deadline = NULL "
-                    "WHERE id = ?",
-                    (item_id,),
-                )
-                self._make_ready(topic, part, item_id)
+                self._count_ready(topic, self._part(part_id), item_id)
         return {"released": len(rows)}
 
     def _limit(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -952,8 +980,7 @@ class QueueState:
             row = self._conn.execute(
                 f"SELECT {PART_COLS} FROM parts WHERE id = ?", (part_id,)
             ).fetchone()
-            part = self._parts[part_id] = _Part(*row)
-            self._part_rows[part_id] = row
+            part = self._cached_part(row)
         return part
 
     def _cached_part(self, row: tuple[Any, ...]) -> _Part:
@@ -961,7 +988,14 @@ class QueueState:
         if part is None:
             part = self._parts[row[0]] = _Part(*row)
             self._part_rows[row[0]] = row
+            if part.pkey is None:
+                self._loose[part.topic] = part
         return part
+
+    def _forget_parts(self) -> None:
+        self._parts.clear()
+        self._part_rows.clear()
+        self._loose.clear()
 
     def _parts_for(self, topic: _Topic, pkeys: list[str | None]) -> dict[str | None, _Part]:
         """The parts of these partition keys, created (in order of appearance) if new."""
@@ -980,6 +1014,8 @@ class QueueState:
         return found
 
     def _find_part(self, topic: _Topic, pkey: str | None) -> _Part | None:
+        if pkey is None and topic.id in self._loose:
+            return self._loose[topic.id]
         row = self._conn.execute(
             f"SELECT {PART_COLS} FROM parts WHERE topic = ? AND pkey IS ?", (topic.id, pkey)
         ).fetchone()
@@ -994,7 +1030,9 @@ class QueueState:
             "VALUES (?, ?, 0, 0.0, 0, 0) RETURNING id",
             (topic.id, pkey),
         ).fetchone()
-        return self._part(part_id)
+        return self._cached_part(
+            (part_id, topic.id, pkey, 0, None, 0.0, 0, 0, None, None, None, None)
+        )
 
     def _flush_parts(self) -> None:
         """Write the changed part rows; the indexed cand/wake only where they changed."""
@@ -1018,8 +1056,8 @@ class QueueState:
             )
         if derived:
             self._conn.executemany("UPDATE parts SET cand = ?, wake = ? WHERE id = ?", derived)
-        self._parts.clear()
-        self._part_rows.clear()
+        self._parts = {p.id: p for p in self._loose.values()}
+        self._part_rows = {p.id: _part_row(p) for p in self._loose.values()}
 
     def _flush(self) -> None:
         """Write the rows changed while applying this entry."""
@@ -1226,13 +1264,13 @@ class QueueState:
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._load_meta()
         self._forget_topics()
-        self._parts.clear()
-        self._part_rows.clear()
+        self._forget_parts()
         logger.info("%s: restored a snapshot at applied index %d", self.path, self._applied)
 
     def digest(self) -> bytes:
         """A hash of every row of every table in key order: equal on replicas at the same
         applied index."""
+        self._write_meta()
         h = hashlib.blake2b(digest_size=32)
         for table, order in TABLES.items():
             h.update(table.encode())
@@ -1242,9 +1280,33 @@ class QueueState:
 
 
 def _key_digest(key: str) -> bytes:
-    """What the seen-set stores of a key: 16 bytes of BLAKE2b (a false duplicate needs a
-    128-bit collision), so a million keys take some 30 MB whatever the keys' length."""
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    """What the seen-set stores of a key: where it sits in the index, then 16 bytes of BLAKE2b
+    of the whole key (a false duplicate needs a 128-bit collision; at most 32 bytes a key).
+
+    Where it sits: for a URL (a key with "://"), a 4-byte hash of its scheme and host; for
+    any other key, its first SEEN_PREFIX bytes. So the keys a batch puts together (the URLs
+    of a few hosts, numbered keys) share leaf pages of the index rather than each landing on a
+    random one, which a commit would write and a large seen-set would have to read."""
+    b = key.encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(b, digest_size=16).digest()
+    scheme = b.find(b"://")
+    if scheme < 0:
+        return b[:SEEN_PREFIX] + digest
+    end = b.find(b"/", scheme + 3)
+    return hashlib.blake2b(b if end < 0 else b[:end], digest_size=4).digest() + digest
+
+
+def _pieces(values: list[Any]) -> Iterable[list[Any]]:
+    """`values` in pieces of at most PIECE: a statement over a piece has at most PIECE
+    texts, which the connection's statement cache (STATEMENTS) keeps prepared."""
+    for i in range(0, len(values), PIECE):
+        yield values[i : i + PIECE]
+
+
+@functools.cache
+def _values_sql(head: str, marks: str, n: int, tail: str = "") -> str:
+    """`head`, `n` copies of `marks` (a row of an INSERT, or `?` in a list), `tail`."""
+    return head + ",".join([marks] * n) + tail
 
 
 def _chunks(values: list[Any], size: int = 500) -> Iterable[list[Any]]:
@@ -1262,6 +1324,13 @@ def _first(pair: tuple[int, Any]) -> int:
 
 def _name_order(name: Any) -> tuple[str, str]:
     return (type(name).__name__, str(name))
+
+
+def _part_row(p: _Part) -> tuple[Any, ...]:
+    return (
+        p.id, p.topic, p.pkey, p.own, p.max_leased, p.min_interval, p.ready, p.leased,
+        p.last_claim, p.head, p.cand, p.wake,
+    )  # fmt: skip
 
 
 def _topic_row(t: _Topic) -> tuple[Any, ...]:
