@@ -59,6 +59,11 @@ __all__ = ["Claimed", "Item", "PutResult", "QueueClient", "QueueError"]
 DISCOVERY_TIMEOUT = 1.0
 """How long to wait for one host's anchor when looking for the replicas."""
 
+ADMIN_TIMEOUT = 120.0
+"""How long `add`, `remove` and `transfer` may take: an `add` waits on the leader until the
+new replica has caught up (`ReplicaOptions.catch_up_timeout`, 60 s), which for a large state
+means copying the database and sending it."""
+
 DIAL_TIMEOUT = 5.0
 """How long a connection of the client's own to a replica's host may take to open."""
 
@@ -327,18 +332,21 @@ class QueueClient:
 
     async def _admin(self, method: str, peer: str) -> dict[str, Any]:
         await self._discover()
-        return await self._send(method, peer)
+        return await self._send(method, peer, ADMIN_TIMEOUT)
 
-    async def _send(self, method: str, arg: Any) -> dict[str, Any]:
-        """Call `method(arg)` on the leader until it answers; retried requests are the same."""
-        deadline = trio.current_time() + self.timeout
+    async def _send(self, method: str, arg: Any, timeout: float | None = None) -> dict[str, Any]:
+        """Call `method(arg)` on the leader until it answers; retried requests are the same.
+        Each attempt may take `timeout` seconds, all of them together as much or `self.timeout`
+        (default: `attempt_timeout` and `self.timeout`)."""
+        attempt_timeout = self.attempt_timeout if timeout is None else timeout
+        deadline = trio.current_time() + max(self.timeout, timeout or 0.0)
         last = "no replica answered"
         while True:
             peer = self._leader or await self._any_peer(deadline)
             try:
                 ref = await self._anchor(peer, "request")
                 with trio.fail_after(
-                    min(self.attempt_timeout, max(deadline - trio.current_time(), 0.01))
+                    min(attempt_timeout, max(deadline - trio.current_time(), 0.01))
                 ):
                     answer = await ref.call(method, arg)
             except (*_GONE, trio.TooSlowError) as e:
@@ -366,7 +374,7 @@ class QueueClient:
     async def _pause(self, deadline: float, last: str) -> None:
         if trio.current_time() >= deadline:
             raise QueueError(
-                f"no leader of {self.group} answered within {self.timeout:g} s ({last}); "
+                f"no leader of {self.group} answered in time ({last}); "
                 "see `ww run roms/raft status`"
             )
         await trio.sleep(min(0.05, max(deadline - trio.current_time(), 0)))
