@@ -12,6 +12,7 @@ from ww.crawler.urls import (
     TrapLimits,
     _canonical_as_is,
     _canonicalize_w3lib,
+    _host_key_split,
     canonicalize,
     host_key,
     is_trap,
@@ -169,6 +170,23 @@ def test_the_fast_path_agrees_with_w3lib(url: str) -> None:
     fast = _canonical_as_is(url)
     if fast is not None:
         assert fast == _canonicalize_w3lib(url)
+
+
+@settings(max_examples=2000)
+@given(url=_edge_urls())
+@example("http://a:65536/")
+@example("http://user@a:8080/")
+@example("http://a.:8080/")
+def test_host_key_without_urlsplit_agrees_with_urlsplit(url: str) -> None:
+    try:
+        expected: str | type[ValueError] = _host_key_split(url)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: str | type[ValueError] = host_key(url)
+    except ValueError:
+        got = ValueError
+    assert got == expected
 
 
 @pytest.mark.parametrize(

@@ -81,14 +81,13 @@ class Scope:
         """Why `url` at `depth` is out of scope, or None when it is in scope."""
         if self.max_depth is not None and depth > self.max_depth:
             return f"deeper than --max-depth {self.max_depth}"
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
+        if not url[:8].lower().startswith(("http://", "https://")):
             return "not an http(s) URL"
         if self.mode == "same-host" and host_key(url) not in self._hosts:
             return "on another host than the seeds"
         if (
             self.mode == "same-domain"
-            and registrable_domain(parts.hostname or "") not in self._domains
+            and registrable_domain(urlsplit(url).hostname or "") not in self._domains
         ):
             return "on another domain than the seeds"
         if self._allow and not any(p.search(url) for p in self._allow):

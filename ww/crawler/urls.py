@@ -131,9 +131,27 @@ def link_resolver(base: str) -> Callable[[str], str]:
     return resolve
 
 
+# The scheme and host[:port] of a URL whose host key is written in it as it is: a lower-case
+# name without a trailing dot or userinfo, and a port (checked in `host_key`) if any.
+_PLAIN_NETLOC = re.compile(
+    r"(https?)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([1-9][0-9]{0,4}))?(?=[/?#]|$)"
+)
+
+
 def host_key(url: str) -> str:
     """host[:port] of a URL (the port only when it is not the scheme's default): the key the
     queue partitions work by, so politeness holds per host."""
+    m = _PLAIN_NETLOC.match(url)
+    if m is not None:  # most URLs, canonical ones among them: no urlsplit
+        scheme, host, port = m.groups()
+        if port is None:
+            return host
+        if int(port) <= 65_535:
+            return host if int(port) == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
+    return _host_key_split(url)
+
+
+def _host_key_split(url: str) -> str:
     parts = urlsplit(url)
     host = (parts.hostname or "").rstrip(".").lower()
     if ":" in host:
