@@ -21,14 +21,16 @@ __all__ = ["TrapLimits", "canonicalize", "host_key", "is_trap", "link_resolver"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _UNRESERVED = r"[A-Za-z0-9._~-]"
-# A URL that is canonical already, but for a fragment or an empty path: lower-case scheme and
-# host name (ASCII, no trailing dot), no userinfo, a port without leading zeros, a path of
+# Scheme, host name and port of a URL that writes them plainly: lower-case scheme and host
+# (ASCII, no trailing dot), no userinfo, a port without leading zeros (its range and the
+# scheme's default are checked by the code that matches it).
+_PLAIN_ORIGIN = r"(https?)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([1-9][0-9]{0,4}))?"
+# A URL that is canonical already, but for a fragment or an empty path: a plain origin, a path of
 # characters w3lib leaves alone (no percent escapes, no ";" parameters), a query of
 # key=value pairs of unreserved characters. Dot segments, the default port and the order of
 # the query's pairs are checked in `_canonical_as_is`. (w3lib keeps "//" in a path.)
 _AS_IS = re.compile(
-    r"(https?)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([1-9][0-9]{0,4}))?"
-    r"(/[A-Za-z0-9!$&'()*+,.:=@_~/-]*)?"
+    _PLAIN_ORIGIN + r"(/[A-Za-z0-9!$&'()*+,.:=@_~/-]*)?"
     rf"(?:\?({_UNRESERVED}+={_UNRESERVED}*(?:&{_UNRESERVED}+={_UNRESERVED}*)*))?"
     r"(?:#.*)?"
 )
@@ -131,11 +133,7 @@ def link_resolver(base: str) -> Callable[[str], str]:
     return resolve
 
 
-# The scheme and host[:port] of a URL whose host key is written in it as it is: a lower-case
-# name without a trailing dot or userinfo, and a port (checked in `host_key`) if any.
-_PLAIN_NETLOC = re.compile(
-    r"(https?)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([1-9][0-9]{0,4}))?(?=[/?#]|$)"
-)
+_PLAIN_NETLOC = re.compile(_PLAIN_ORIGIN + r"(?=[/?#]|$)")
 
 
 def host_key(url: str) -> str:
