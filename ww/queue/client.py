@@ -421,7 +421,7 @@ class QueueClient:
             root = link.root
         else:
             root = await self._host.root()
-        ref = await _load(root, f"/{peer}/{self.group}/{name}")
+        ref = await load_at(root, f"/{peer}/{self.group}/{name}")
         if name == "request":
             self._replicas[peer] = ref
             if self._direct and link is None and self._home not in (None, peer):
@@ -441,7 +441,7 @@ class QueueClient:
                 link.scope.deadline = trio.current_time() + DIAL_TIMEOUT
                 async with dial(self._host, peer) as far:
                     root = await far.root()
-                    ref = await _load(root, f"/{peer}/{self.group}/request")
+                    ref = await load_at(root, f"/{peer}/{self.group}/request")
                     link.scope.deadline = math.inf
                     link.root, link.connection = root, far.connection
                     if peer in self._replicas:
@@ -463,7 +463,8 @@ class QueueClient:
             self._leader = None
 
 
-async def _load(root: Any, path: str) -> Any:
+async def load_at(root: Any, path: str) -> Any:
+    """The capability stored at `path` below `root`; CapabilityError when none is."""
     anchor = await root.walk(path)
     ref = await anchor.load()
     if ref is None or isinstance(ref, bytes):

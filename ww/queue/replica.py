@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from ww.queue.client import load_at
 from ww.queue.commands import GROUP, OPS, QUERIES, Command, CommandError, decode, one_line, stamp
 from ww.queue.snapshots import Marker, SnapshotFileError, SnapshotFiles
 from ww.queue.transport import RaftRpc, WwTransport, node_id_of
@@ -372,27 +373,28 @@ class QueueReplica:
         """The first voter of a new group campaigns as soon as a quorum of the voters serve,
         rather than after an election timeout. Campaigning is always safe in Raft; if this
         one fails, the election timeouts elect a leader as they would have."""
-        assert self.driver is not None
+        driver = self.driver
+        assert driver is not None
         others = [p for p in self.voters if p != self.peer]
         needed = len(self.voters) // 2  # besides this one
         root = await self.host.root()
 
         async def serves(peer: str) -> bool:
             try:
-                anchor = await root.walk(f"/{peer}/{self.group}/rpc")
-                return await anchor.load() is not None
+                await load_at(root, f"/{peer}/{self.group}/rpc")
             except Exception:  # its host or the way there is not up yet
                 return False
+            return True
 
         def bootstrapped() -> bool:  # the voters' entries of a new log are applied
-            status = self.driver.status()  # type: ignore[union-attr]
+            status = driver.status()
             return status.applied >= status.hard_state.commit
 
         with trio.move_on_after(self.options.tick_interval * self.options.election_tick):
             while not bootstrapped() or sum([await serves(p) for p in others]) < needed:
                 await trio.sleep(0.02)
-            if not self.driver.replica.leader:  # none elected meanwhile
-                await self.driver.campaign()
+            if not driver.replica.leader:  # none elected meanwhile
+                await driver.campaign()
 
     async def _refresh_peers(self) -> None:
         hosts = await (await self.host.view()).hosts()

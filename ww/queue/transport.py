@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from ww.dial import dial
+from ww.queue.client import load_at
 from ww.queue.snapshots import Marker, Receiver, SnapshotFileError, SnapshotFiles, read_chunks
 from ww.raft.driver import FrameAssembler, split_frame
 from ww.raft.types import Message, MessageDecodeError, MessageType
@@ -305,9 +306,9 @@ class WwTransport:
         path = f"/{peer_id}/{self._group}/rpc"
         if self._direct:
             async with dial(self._host, peer_id) as far:
-                yield await _load(await far.root(), path)
+                yield await load_at(await far.root(), path)
         else:
-            yield await _load(await self._host.root(), path)
+            yield await load_at(await self._host.root(), path)
 
     async def _push_messages(self, peer: _Peer, rpc: Any) -> None:
         async with rpc.sink("messages", self.node_id, window=self._window) as tx:
@@ -389,11 +390,3 @@ def _next(chunks: Generator[bytes, None, tuple[int, bytes]]) -> bytes | tuple[in
     except StopIteration as end:
         result: tuple[int, bytes] = end.value
         return result
-
-
-async def _load(root: Any, path: str) -> Any:
-    anchor = await root.walk(path)
-    ref = await anchor.load()
-    if ref is None or isinstance(ref, bytes):
-        raise LookupError(f"no raft replica at {path}")
-    return ref
