@@ -699,3 +699,16 @@ def test_another_sqlite_database_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(QueueStateError):
         QueueState(path)
+
+
+def test_the_seen_set_places_the_links_of_one_directory_together() -> None:
+    digest = state_module._key_digest
+    siblings = [digest(f"http://a.example/f/1/{j}/") for j in range(50)]
+    siblings.append(digest("http://a.example/f/1/page.html"))
+    assert len({d[:8] for d in siblings}) == 1  # one place: host and directory
+    assert len({d[8:] for d in siblings}) == len(siblings)  # each its own 16-byte digest
+    elsewhere = digest("http://a.example/f/2/0/")
+    assert elsewhere[:4] == siblings[0][:4] and elsewhere[4:8] != siblings[0][4:8]
+    assert digest("http://b.example/f/1/0/")[:4] != siblings[0][:4]
+    assert digest("http://a.example")[:8] == digest("http://a.example/")[:8]
+    assert digest("job-000017")[:10] == b"job-000017" and len(digest("job-000017")) == 26

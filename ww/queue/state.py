@@ -54,7 +54,7 @@ __all__ = ["SESSION_IDLE", "SESSION_LIMIT", "QueueState", "QueueStateError"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SESSION_IDLE = 3600.0  # seconds of log time after which an idle client session is forgotten
 SESSION_LIMIT = 10_000  # client sessions remembered at most (the least recently used goes)
 ANSWER_WINDOW = 10_000  # answers a session keeps: seq n acknowledges those below n - 9,999
@@ -1283,17 +1283,26 @@ def _key_digest(key: str) -> bytes:
     """What the seen-set stores of a key: where it sits in the index, then 16 bytes of BLAKE2b
     of the whole key (a false duplicate needs a 128-bit collision; at most 32 bytes a key).
 
-    Where it sits: for a URL (a key with "://"), a 4-byte hash of its scheme and host; for
-    any other key, its first SEEN_PREFIX bytes. So the keys a batch puts together (the URLs
-    of a few hosts, numbered keys) share leaf pages of the index rather than each landing on a
-    random one, which a commit would write and a large seen-set would have to read."""
+    Where it sits: for a URL (a key with "://"), a 4-byte hash of its scheme and host and a
+    4-byte hash of its directory (the URL up to its last "/" but a trailing one); for any
+    other key, its first SEEN_PREFIX bytes. So the keys a batch puts together (the links of a
+    page, which mostly share its host and often its directory; numbered keys) share leaf pages
+    of the index rather than each landing on a random one, which a commit would write and a
+    large seen-set would have to read."""
     b = key.encode("utf-8", "surrogatepass")
     digest = hashlib.blake2b(b, digest_size=16).digest()
     scheme = b.find(b"://")
     if scheme < 0:
         return b[:SEEN_PREFIX] + digest
     end = b.find(b"/", scheme + 3)
-    return hashlib.blake2b(b if end < 0 else b[:end], digest_size=4).digest() + digest
+    origin = b if end < 0 else b[:end]
+    cut = b.rfind(b"/", end, len(b) - 1) if end >= 0 else -1
+    directory = b[:cut] if cut > end else origin
+    return (
+        hashlib.blake2b(origin, digest_size=4).digest()
+        + hashlib.blake2b(directory, digest_size=4).digest()
+        + digest
+    )
 
 
 def _pieces(values: list[Any]) -> Iterable[list[Any]]:
