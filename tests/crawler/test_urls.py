@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 from hypothesis import example, given, settings
@@ -13,6 +13,7 @@ from ww.crawler.urls import (
     _canonical_as_is,
     _canonicalize_w3lib,
     _host_key_split,
+    _path_and_query,
     canonicalize,
     host_key,
     is_trap,
@@ -315,6 +316,27 @@ def test_a_path_segment_repeated_too_often_is_a_trap() -> None:
     url = "http://example.com/cal/2024/cal/2024/cal/2024/cal/2024/"
     assert "repeated 4 times" in (is_trap(url) or "")
     assert is_trap(url, TrapLimits(max_repeated_segments=4)) is None
+
+
+@settings(max_examples=2000)
+@given(url=_edge_urls())
+@example("http://a:8080/x\ty/?q=1")
+@example("http://a/p?x#y?z")
+def test_path_and_query_without_urlsplit_agree_with_urlsplit(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _path_and_query(url)
+        return
+    assert _path_and_query(url) == (parts.path, parts.query)
+
+
+def test_a_segment_repeated_among_few_segments_or_params_among_few_ampersands_is_counted() -> None:
+    limits = TrapLimits(max_repeated_segments=1, max_query_params=2)
+    assert "'a' repeated 2 times" in (is_trap("http://e.com/a/a", limits) or "")
+    assert is_trap("http://e.com/a/b?x=1&&y=2", limits) is None
+    assert "3 query parameters" in (is_trap("http://e.com/?x=1&y=2&z", limits) or "")
 
 
 def test_too_many_query_parameters_is_a_trap() -> None:

@@ -173,19 +173,31 @@ def is_trap(url: str, limits: TrapLimits = TrapLimits()) -> str | None:
     """Why `url` looks like a crawler trap, or None when it does not."""
     if len(url) > limits.max_url_length:
         return f"URL longer than {limits.max_url_length} characters"
-    parts = urlsplit(url)
-    counts: dict[str, int] = {}
-    for segment in parts.path.split("/"):
-        if segment:
+    path, query = _path_and_query(url)
+    segments = [segment for segment in path.split("/") if segment]
+    if len(segments) > limits.max_repeated_segments:  # else none can repeat too often
+        counts: dict[str, int] = {}
+        for segment in segments:
             counts[segment] = counts.get(segment, 0) + 1
-    for segment, n in counts.items():
-        if n > limits.max_repeated_segments:
-            return (
-                f"path segment {segment!r} repeated {n} times "
-                f"(more than {limits.max_repeated_segments})"
-            )
-    if parts.query:
-        n_params = len([p for p in parts.query.split("&") if p])
+        for segment, n in counts.items():
+            if n > limits.max_repeated_segments:
+                return (
+                    f"path segment {segment!r} repeated {n} times "
+                    f"(more than {limits.max_repeated_segments})"
+                )
+    if query.count("&") >= limits.max_query_params:  # else there are too few to count
+        n_params = len([p for p in query.split("&") if p])
         if n_params > limits.max_query_params:
             return f"{n_params} query parameters (more than {limits.max_query_params})"
     return None
+
+
+def _path_and_query(url: str) -> tuple[str, str]:
+    """`urlsplit(url)`'s path and query; without urlsplit when the URL writes its origin
+    plainly and has no tab or line break (which urlsplit would remove)."""
+    m = _PLAIN_NETLOC.match(url)
+    if m is None or "\t" in url or "\n" in url or "\r" in url:
+        parts = urlsplit(url)
+        return parts.path, parts.query
+    path, _, query = url[m.end() :].partition("#")[0].partition("?")
+    return path, query
