@@ -8,11 +8,12 @@ replica commits once per Ready). The workloads are those of queue_throughput.py:
 entries of 500 items of 100 bytes with unique numbered keys (k1, k2, ...) and no partition;
 `cycleB` — claim B items and complete them in one command with a 2 KB result each (appended
 to a log topic) and 10 new items each. `frontier` (a crawl's frontier, as in
-`crawl.py --frontier-scale`): claim 16 URLs and complete them with an 8 KB result each and 50
-new URLs each, the children of the claimed URL, over 3 hosts. `--fill N` first puts N more keys into the put
-workload's topic (as `--scale` does). Prints the median CPU time (time.process_time) per put
-item, per cycle (one item claimed and completed) or per new frontier URL of --runs runs, and each run's: on a shared
-machine the CPU time is far steadier than a rate.
+`crawl.py --frontier-scale`): claim 16 URLs and complete them with an 8 KB result each and
+50 new URLs each, the children of the claimed URL, over 3 hosts. `--fill N` first puts N
+more keys into the put workload's topic (as `--scale` does). Prints the median CPU time
+(time.process_time) per put item, per cycle (one item claimed and completed) or per new
+frontier URL of --runs runs, and each run's: on a shared machine the CPU time is far
+steadier than a rate.
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class Bench:
                 self.apply(Command.complete("worker", ids, append=results, put={"work": new}))
 
         return run_cycles
-
 
     def frontier_items(self, parent: str) -> list[Item]:
         """The children of `parent` as a crawl worker puts them (payload, key, host)."""

@@ -77,13 +77,14 @@ class Scope:
         """True when the canonical `url`, found `depth` link hops from a seed, is in scope."""
         return self.reason(url, depth) is None
 
-    def reason(self, url: str, depth: int = 0) -> str | None:
-        """Why `url` at `depth` is out of scope, or None when it is in scope."""
+    def reason(self, url: str, depth: int = 0, host: str | None = None) -> str | None:
+        """Why `url` at `depth` is out of scope, or None when it is in scope (`host`: the
+        URL's `host_key`, when the caller has it already)."""
         if self.max_depth is not None and depth > self.max_depth:
             return f"deeper than --max-depth {self.max_depth}"
         if not url[:8].lower().startswith(("http://", "https://")):
             return "not an http(s) URL"
-        if self.mode == "same-host" and host_key(url) not in self._hosts:
+        if self.mode == "same-host" and (host or host_key(url)) not in self._hosts:
             return "on another host than the seeds"
         if (
             self.mode == "same-domain"

@@ -175,7 +175,7 @@ def is_trap(url: str, limits: TrapLimits = TrapLimits()) -> str | None:
         return f"URL longer than {limits.max_url_length} characters"
     path, query = _path_and_query(url)
     segments = [segment for segment in path.split("/") if segment]
-    if len(segments) > limits.max_repeated_segments:  # else none can repeat too often
+    if len(segments) > limits.max_repeated_segments and len(set(segments)) < len(segments):
         counts: dict[str, int] = {}
         for segment in segments:
             counts[segment] = counts.get(segment, 0) + 1

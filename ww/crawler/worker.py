@@ -31,6 +31,8 @@ import httpx2
 import msgpack
 import trio
 
+from ww.queue.commands import Item
+
 from .fetch import FetchResult, fetch, fetch_robots, new_client
 from .parse import is_html, parse_html
 from .record import make_record
@@ -52,6 +54,7 @@ __all__ = [
     "Worker",
     "WorkerStats",
     "frontier_item",
+    "read_item",
     "retry_item",
     "robots_item",
     "wait_until_set_up",
@@ -104,31 +107,37 @@ async def wait_until_set_up(client: QueueLike, poll: float = 0.05) -> None:
         await trio.sleep(poll)
 
 
-def frontier_item(url: str, depth: int, referrer: str | None) -> Any:
-    """The frontier item of a canonical page URL: keyed by it, partitioned by its host."""
-    from ww.queue.commands import Item
+def frontier_item(url: str, depth: int, referrer: str | None, host: str | None = None) -> Item:
+    """The frontier item of a canonical page URL: keyed by it, partitioned by its host
+    (`host`: its `host_key`, when the caller has it). The payload leaves out the URL, which
+    is the key (a million-URL frontier stores and replicates it once, not twice)."""
+    payload = msgpack.packb({"depth": depth, "referrer": referrer})
+    return Item(payload=payload, key=url, partition=host_key(url) if host is None else host)
 
-    payload = msgpack.packb({"url": url, "depth": depth, "referrer": referrer, "kind": "page"})
-    return Item(payload=payload, key=url, partition=host_key(url))
 
-
-def retry_item(url: str, depth: int, referrer: str | None, generation: int) -> Any:
+def retry_item(url: str, depth: int, referrer: str | None, generation: int) -> Item:
     """A failed page put back by --retry-failed: a new key, since the seen-set keeps the old."""
-    from ww.queue.commands import Item
-
     payload = msgpack.packb({"url": url, "depth": depth, "referrer": referrer, "kind": "page"})
     return Item(payload=payload, key=f"{url} retry {generation}", partition=host_key(url))
 
 
-def robots_item(url: str) -> Any:
+def robots_item(url: str) -> Item:
     """The item that has robots.txt fetched for the host of `url` (once: its key is unique)."""
-    from ww.queue.commands import Item
-
     host = host_key(url)
     payload = msgpack.packb(
         {"url": robots_url(url), "depth": 0, "referrer": None, "kind": "robots"}
     )
     return Item(payload=payload, key=f"robots:{host}", partition=host)
+
+
+def read_item(key: str | None, payload: bytes) -> tuple[str, str, int, str | None]:
+    """(kind, url, depth, referrer) of a frontier item made by the functions above; an
+    exception for anything else. A page's item has its URL as its key."""
+    fields = msgpack.unpackb(payload)
+    url = fields.get("url", key)
+    if type(url) is not str:
+        raise TypeError(f"a frontier item without a URL: {fields!r}")
+    return fields.get("kind", "page"), url, int(fields["depth"]), fields.get("referrer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,9 +404,7 @@ class Worker:
 
     async def _handle(self, item: Any) -> _Outcome:
         try:
-            payload = msgpack.unpackb(item.payload)
-            url, depth, referrer = payload["url"], int(payload["depth"]), payload.get("referrer")
-            kind = payload.get("kind", "page")
+            kind, url, depth, referrer = read_item(item.key, item.payload)
         except Exception:
             log.warning("dropping a malformed frontier item %r", item.key)
             return _Outcome(item.id)
@@ -622,13 +629,13 @@ class Worker:
         for link in links:
             if link in self._put_keys:
                 continue
-            if not self.scope.allows(link, depth + 1) or is_trap(link, self.traps):
-                continue
             host = host_key(link)
+            if self.scope.reason(link, depth + 1, host) is not None or is_trap(link, self.traps):
+                continue
             if not self.settings.ignore_robots and host not in self._robots_put:
                 self._robots_put.add(host)
                 items.append(robots_item(link))
-            pages.append(frontier_item(link, depth + 1, url))
+            pages.append(frontier_item(link, depth + 1, url, host))
         return items + pages
 
     async def _run_handler(
