@@ -68,8 +68,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 WW_CRAWL_ENV = "WW_CRAWL"
 """An environment variable naming the ww-crawl command to run (default: `ww-crawl` on PATH)."""
 
-WW_CRAWL_IN_FLIGHT = 48
-"""Fetches ww-crawl keeps in flight with its defaults: 3 workers (one per embedded host) x 16.
+WW_CRAWL_IN_FLIGHT = 96
+"""Fetches ww-crawl keeps in flight with its defaults: 3 workers (one per embedded host) x 32.
 Scrapy and the bare loop are also compared at this concurrency ("the same setting")."""
 
 WW_CRAWL_FLAGS = [

@@ -67,8 +67,8 @@ class CrawlSettings:
     max_query_params: int = 20
     handler: bool = False  # a handler ROM is given to the workers beside the settings
     warc: bool = False  # results carry their raw responses for the WARC file
-    batch: int = 16  # URLs claimed at once by a worker
-    concurrency: int = 16  # fetches in flight per worker
+    batch: int = 32  # URLs claimed at once by a worker
+    concurrency: int = 32  # fetches in flight per worker
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

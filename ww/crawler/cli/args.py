@@ -163,7 +163,7 @@ def add_crawl_options(p: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=positive,
         metavar="N",
-        help="fetches in flight per worker (default: 16)",
+        help="fetches in flight per worker (default: 32)",
     )
     g.add_argument(
         "--handler",
