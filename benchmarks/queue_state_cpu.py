@@ -93,7 +93,7 @@ class Bench:
         out = []
         for j in range(FANOUT):
             url = f"{parent}{j}/"
-            payload = msgpack.packb({"url": url, "depth": 3, "referrer": parent, "kind": "page"})
+            payload = msgpack.packb({"depth": 3, "referrer": parent})
             out.append(Item(payload, key=url, partition=url.split("/")[2]))
         return out
 

@@ -29,6 +29,8 @@ import logging
 import math
 import os
 import sqlite3
+import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1279,12 +1281,15 @@ class QueueState:
         return h.digest()
 
 
+_PLACE = struct.Struct(">II").pack  # a URL's place in the seen-set: two CRC-32s
+
+
 def _key_digest(key: str) -> bytes:
     """What the seen-set stores of a key: where it sits in the index, then 16 bytes of BLAKE2b
     of the whole key (a false duplicate needs a 128-bit collision; at most 32 bytes a key).
 
-    Where it sits: for a URL (a key with "://"), a 4-byte hash of its scheme and host and a
-    4-byte hash of its directory (the URL up to its last "/" but a trailing one); for any
+    Where it sits: for a URL (a key with "://"), the CRC-32 of its scheme and host and that
+    of its directory (the URL up to its last "/" but a trailing one); for any
     other key, its first SEEN_PREFIX bytes. So the keys a batch puts together (the links of a
     page, which mostly share its host and often its directory; numbered keys) share leaf pages
     of the index rather than each landing on a random one, which a commit would write and a
@@ -1298,11 +1303,7 @@ def _key_digest(key: str) -> bytes:
     origin = b if end < 0 else b[:end]
     cut = b.rfind(b"/", end, len(b) - 1) if end >= 0 else -1
     directory = b[:cut] if cut > end else origin
-    return (
-        hashlib.blake2b(origin, digest_size=4).digest()
-        + hashlib.blake2b(directory, digest_size=4).digest()
-        + digest
-    )
+    return _PLACE(zlib.crc32(origin), zlib.crc32(directory)) + digest
 
 
 def _pieces(values: list[Any]) -> Iterable[list[Any]]:
