@@ -117,7 +117,8 @@ def _canonicalize_w3lib(url: str) -> str:
 def link_resolver(base: str) -> Callable[[str], str]:
     """A function from a link's reference (stripped) on a page at `base` to its canonical URL:
     `canonicalize(urljoin(base, ref))`, ValueError alike. For a canonical `base`, plain
-    relative references are joined by appending them, without `urljoin`."""
+    relative references are joined by appending them, without `urljoin` (and, without a
+    query, without canonicalizing the result, which is canonical already)."""
     if _canonical_as_is(base) != base or "//" in base[base.index("//") + 2 :]:
         return lambda ref: canonicalize(urljoin(base, ref))
     directory = base[: base.rindex("/") + 1]
@@ -125,7 +126,10 @@ def link_resolver(base: str) -> Callable[[str], str]:
 
     def resolve(ref: str) -> str:
         if _PLAIN_REF.fullmatch(ref) is not None and _DOT_SEGMENT.search(ref) is None:
-            return _canonicalize((origin if ref[0] == "/" else directory) + ref)
+            url = (origin if ref[0] == "/" else directory) + ref
+            if "?" in ref:
+                return _canonicalize(url)  # the query's pairs may need sorting
+            return url.partition("#")[0]  # plain segments after a canonical path: canonical
         if ref.startswith(("http://", "https://")) and _canonical_as_is(ref) is not None:
             return _canonicalize(ref)
         return canonicalize(urljoin(base, ref))
