@@ -1288,12 +1288,12 @@ def _key_digest(key: str) -> bytes:
     """What the seen-set stores of a key: where it sits in the index, then 16 bytes of BLAKE2b
     of the whole key (a false duplicate needs a 128-bit collision; at most 32 bytes a key).
 
-    Where it sits: for a URL (a key with "://"), the CRC-32 of its scheme and host and that
-    of its directory (the URL up to its last "/" but a trailing one); for any
-    other key, its first SEEN_PREFIX bytes. So the keys a batch puts together (the links of a
-    page, which mostly share its host and often its directory; numbered keys) share leaf pages
-    of the index rather than each landing on a random one, which a commit would write and a
-    large seen-set would have to read."""
+    Where it sits: for a URL (a key with "://"), the CRC-32 of its scheme and host and that of
+    its directory (the URL up to its last "/" but a trailing one); for any other key, its
+    first SEEN_PREFIX bytes. So the keys a batch puts together (the links of a page, which
+    mostly share its host and often its directory; numbered keys) share leaf pages of the
+    index rather than each landing on a random one, which a commit would write and a large
+    seen-set would have to read."""
     b = key.encode("utf-8", "surrogatepass")
     digest = hashlib.blake2b(b, digest_size=16).digest()
     scheme = b.find(b"://")
