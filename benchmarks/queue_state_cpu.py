@@ -1,4 +1,4 @@
-"""CPU per item of the queue state machine alone, on the workloads of queue_throughput.py.
+"""CPU per item of the queue state machine alone: the workloads of queue_throughput.py, a frontier.
 
     PYTHONPATH=$PWD python benchmarks/queue_state_cpu.py [put cycle16 cycle1 frontier]
         [--fill 1000000] [--group 16] [--runs 5]
