@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from ww.cli import unwrap
 from ww.crawler.settings import SettingsError
 
 from .args import build_demo_parser, build_export_parser, build_parser, build_status_parser
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as group:
-        exc = _unwrap(group)
+        exc = unwrap(group)
         if isinstance(exc, KeyboardInterrupt):
             return EXIT_INTERRUPTED
         if isinstance(exc, SystemExit):
@@ -102,12 +103,6 @@ async def _until_interrupted(command: Any, args: argparse.Namespace) -> int:
                 nursery.cancel_scope.cancel()
                 break
     return code
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
